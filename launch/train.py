@@ -1,0 +1,51 @@
+"""Prune and fine-tune a language model with PST on DeepSpeed.
+
+    deepspeed launch/train.py --ds_config configs/zero3.json [--config EXPERIMENT.yaml] [key=value ...]
+
+With no --config, runs the embedded default (SmolLM2-135M on Jane Austen's novels).
+Overrides address any field of the experiment YAML, e.g. ``train.max_steps=20``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Nothing is ever fetched from a hub: models and data are local or shipped by packages.
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_EXPERIMENT = "configs/experiments/default.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ds_config", default="configs/zero3.json", help="DeepSpeed JSON config")
+    parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML config")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override a field of the experiment config, e.g. train.max_steps=20")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pst_ds.config import ConfigError, load_experiment
+    from pst_ds.trainer import Trainer, load_ds_config
+
+    try:
+        config = load_experiment(args.config, args.overrides)
+        trainer = Trainer(config, load_ds_config(args.ds_config))
+        trainer.setup()
+    except ConfigError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pst-ds: error: {err}", file=sys.stderr)
+        return 2
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

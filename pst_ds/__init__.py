@@ -1,0 +1,18 @@
+"""pst-ds: parameter-efficient sparse training (PST) of language models on DeepSpeed."""
+
+from .config import ConfigError, ExperimentConfig, PSTConfig, load_experiment
+from .inject import inject_pst, iter_pst_layers, set_sparsity
+from .layer import PSTLinear
+from .schedule import cubic_sparsity
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "PSTConfig",
+    "PSTLinear",
+    "cubic_sparsity",
+    "inject_pst",
+    "iter_pst_layers",
+    "load_experiment",
+    "set_sparsity",
+]

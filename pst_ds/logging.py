@@ -1,0 +1,62 @@
+"""Run output on rank 0: a progress bar, TensorBoard events and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+class RunLogger:
+    """Writes nothing on ranks other than 0, so callers need not branch."""
+
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = (output_dir / "metrics.jsonl").open("a")
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, desc="pst", unit="step", dynamic_ncols=True)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}" if key != "eval_ppl" else "eval/ppl",
+                                       value, record["step"])
+
+    def log_step(self, step: int, loss: float, lr: float, sparsity: float,
+                 tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        self._record({"step": step, "loss": loss, "lr": lr, "sparsity": sparsity,
+                      "tokens_per_s": tokens_per_s})
+        self.bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}",
+                             tok_s=f"{tokens_per_s:.0f}")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(steps)
+
+    def log_eval(self, step: int, loss: float, sparsity: float) -> float:
+        ppl = math.exp(loss)
+        if self.enabled:
+            self._record({"step": step, "eval_loss": loss, "eval_ppl": ppl, "sparsity": sparsity})
+            self.info(f"step {step}: validation perplexity {ppl:.3f} at sparsity {sparsity:.3f}")
+        return ppl
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.metrics.close()

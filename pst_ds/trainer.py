@@ -1,0 +1,278 @@
+"""The training loop over a DeepSpeed engine: step, sparsity schedule, evaluation, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers.integrations import HfDeepSpeedConfig
+
+from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
+from .data import collate_blocks, load_text_blocks
+from .inject import inject_pst, iter_pst_layers, set_sparsity
+from .logging import RunLogger
+from .models import load_causal_lm, load_tokenizer
+from .schedule import cubic_sparsity
+
+DIST_TIMEOUT = timedelta(minutes=30)
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {path}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
+    """Complete a DeepSpeed config from the experiment config; reject what would conflict.
+
+    The DeepSpeed JSON owns the engine (ZeRO stage, precision, offload, clipping); batch
+    sizes, the optimizer and the LR schedule come from the experiment config alone.
+    """
+    config = copy.deepcopy(ds_config)
+    for key, ours in (("optimizer", "train.lr / train.weight_decay"),
+                      ("scheduler", "train.warmup_steps"),
+                      ("train_batch_size", "train.micro_batch_size"),
+                      ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+                      ("gradient_accumulation_steps", "train.gradient_accumulation_steps")):
+        if key in config:
+            raise ConfigError(f"the DeepSpeed config sets {key!r}; pst-ds takes it from {ours}")
+    if config.get("fp16", {}).get("enabled") and on_cpu():
+        raise ConfigError("fp16 needs a GPU and none was found: use a bf16 or fp32 config on CPU")
+    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    config.setdefault("steps_per_print", 10**9)  # the progress bar reports progress
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device") == "cpu":
+        # Our torch AdamW steps the factors' state on the CPU; DeepSpeedCPUAdam would need a
+        # JIT compile for parameters this small.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a one-process group for plain `python`."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+    if on_cpu():
+        # Skip the one-time JIT build of the shared-memory op, which only inference uses.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(timeout=DIST_TIMEOUT)
+
+
+def linear_warmup_decay(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def partitioned_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters this rank stores (its ZeRO-3 partition where one exists)."""
+    total = 0
+    for param in model.parameters():
+        stored = getattr(param, "ds_tensor", param)
+        total += stored.numel() * stored.element_size()
+    return total
+
+
+class Trainer:
+    """Builds the run (model, PST layers, data, engine) and trains it.
+
+    ``setup`` validates and loads everything before the output directory is created, so a
+    bad configuration fails without leaving a half-written run behind.
+    """
+
+    def __init__(self, config: ExperimentConfig, ds_config: dict[str, Any]) -> None:
+        self.config = config
+        self.ds_config = prepare_ds_config(ds_config, config.train)
+        self.output_dir = resolve_output_dir(config.train.output_dir)
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        cfg = self.config
+        torch.manual_seed(cfg.train.seed)  # identical factor init on every rank
+        if self.ds_config.get("zero_optimization", {}).get("stage") == 3:
+            # Kept alive so that from_pretrained builds the backbone already partitioned.
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        with self._rank_zero_first():  # the first rank converts/caches, the others reuse
+            tokenizer = load_tokenizer(cfg.model)
+            self.data = load_text_blocks(cfg.data, tokenizer)
+        model = load_causal_lm(cfg.model, tokenizer)  # collective under ZeRO-3: all ranks at once
+        self.layer_names = inject_pst(model, cfg.pst)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.pst_layers = dict(iter_pst_layers(model))
+        self.sparsified_numel = sum(m.in_features * m.out_features for m in self.pst_layers.values())
+
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.lr,
+                                      weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.max_steps))
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.sampler = DistributedSampler(self.data.train, num_replicas=self.world_size,
+                                          rank=self.rank, shuffle=True, seed=cfg.train.seed,
+                                          drop_last=True)
+        self.loader = DataLoader(self.data.train, batch_size=cfg.train.micro_batch_size,
+                                 sampler=self.sampler, collate_fn=collate_blocks, drop_last=True)
+        if len(self.loader) == 0:
+            raise ConfigError(f"too little training data for {self.world_size} rank(s) × "
+                              f"train.micro_batch_size={cfg.train.micro_batch_size}")
+        self.step = 0
+        set_sparsity(self.engine.module, self.sparsity_at(0))
+        self.logger = RunLogger(self.output_dir, cfg.train.max_steps, enabled=self.rank == 0)
+        if self.rank == 0:
+            (self.output_dir / "config.json").write_text(json.dumps(
+                {"experiment": cfg.to_dict(), "deepspeed": self.ds_config}, indent=2))
+        self.logger.info(
+            f"pst-ds: {len(self.layer_names)} PST layers, {self.num_trainable():,} trainable "
+            f"parameters ({100 * self.num_trainable() / self.sparsified_numel:.2f}% of the "
+            f"{self.sparsified_numel:,} sparsified weights), world size {self.world_size}")
+
+    @contextlib.contextmanager
+    def _rank_zero_first(self) -> Iterator[None]:
+        if self.rank != 0:
+            dist.barrier()
+        yield
+        if self.rank == 0:
+            dist.barrier()
+
+    def num_trainable(self) -> int:
+        # ds_numel: ZeRO-3 has replaced the data of partitioned parameters by their shards.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
+
+    def sparsity_at(self, step: int) -> float:
+        pst, total = self.config.pst, self.config.train.max_steps
+        return cubic_sparsity(step, total, pst.initial_sparsity, pst.final_sparsity,
+                              pst.initial_warmup, pst.final_warmup)
+
+    # ----------------------------------------------------------------- train
+    def _batches(self) -> Iterator[torch.Tensor]:
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from self.loader
+            epoch += 1
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(tensor)
+        return (tensor / self.world_size).tolist()
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.config.train
+        tokens_per_step = (cfg.micro_batch_size * cfg.gradient_accumulation_steps
+                           * self.world_size * self.config.data.block_size)
+        start = time.time()
+        ppl_before = self.evaluate()
+        batches = self._batches()
+        self.engine.train()
+        while self.step < cfg.max_steps:
+            step_start, losses = time.time(), []
+            for _ in range(cfg.gradient_accumulation_steps):
+                input_ids = next(batches).to(self.engine.device)
+                loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+                self.engine.backward(loss)
+                lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
+                self.engine.step()
+                losses.append(loss.item())
+            sparsity = self.pst_sparsity()
+            self.step += 1
+            # The schedule moves after each optimizer step, as in the release.
+            set_sparsity(self.engine.module, self.sparsity_at(self.step))
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
+                self.logger.log_step(self.step, mean_loss, lr, sparsity,
+                                     tokens_per_step / (time.time() - step_start))
+            self.logger.advance()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self.evaluate()
+        ppl_after = self.evaluate()
+        summary = {
+            "steps": self.step,
+            "world_size": self.world_size,
+            "pst_layers": len(self.layer_names),
+            "trainable_params": self.num_trainable(),
+            "sparsified_params": self.sparsified_numel,
+            "trainable_percent_of_sparsified": 100 * self.num_trainable() / self.sparsified_numel,
+            "param_bytes_rank0": partitioned_param_bytes(self.engine.module),
+            "final_sparsity": self.pst_sparsity(),
+            "eval_ppl_before": ppl_before,
+            "eval_ppl_after": ppl_after,
+            "wall_time_s": time.time() - start,
+        }
+        if self.rank == 0:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.logger.info(f"pst-ds: done in {summary['wall_time_s']:.1f} s; validation "
+                         f"perplexity {ppl_before:.3f} -> {ppl_after:.3f}; output in {self.output_dir}")
+        self.logger.close()
+        return summary
+
+    def pst_sparsity(self) -> float:
+        return next(iter(self.pst_layers.values())).sparsity
+
+    # -------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation perplexity of the model as it stands, over all ranks.
+
+        Every rank runs the same number of forwards (ZeRO-3 gathers are collective); a rank
+        whose share has run out repeats a block with weight 0.
+        """
+        validation = self.data.validation
+        batch = self.config.train.micro_batch_size
+        mine = list(range(self.rank, len(validation), self.world_size))
+        rounds = math.ceil(math.ceil(len(validation) / self.world_size) / batch)
+        was_training = self.engine.module.training
+        self.engine.eval()
+        loss_sum, count = 0.0, 0
+        for i in range(rounds):
+            indices = mine[i * batch:(i + 1) * batch]
+            input_ids = collate_blocks([validation[j] for j in indices or [0]])
+            input_ids = input_ids.to(self.engine.device)
+            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+            loss_sum += loss.item() * len(indices)
+            count += len(indices)
+        self.engine.train(was_training)
+        totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(totals)
+        return self.logger.log_eval(self.step, (totals[0] / totals[1]).item(), self.pst_sparsity())
+
+
+def resolve_output_dir(name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else Path.cwd() / path

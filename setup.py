@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pst-ds",
+    version="0.1.0",
+    description="Parameter-efficient sparse training (PST) of language models on DeepSpeed",
+    packages=find_packages(include=["pst_ds", "pst_ds.*"]),
+    python_requires=">=3.10",
+    # Pinned to versions seen working together; torch 2.13.0 is installed first (CPU build).
+    install_requires=[
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "transformers==5.23.0",
+        "accelerate==1.15.0",  # transformers needs it to read GGUF files
+        "gguf==0.19.0",
+        "datasets==5.2.0",
+        "sentencepiece==0.2.3",
+        "tensorboard==2.21.0",
+        "pyyaml==6.0.3",
+        "tqdm>=4.66",
+        "filelock>=3.12",
+    ],
+    extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.6"]},
+)
