@@ -25,8 +25,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ds_config", default="configs/zero3.json", help="DeepSpeed JSON config")
     parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML config")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override a field of the experiment config, e.g. train.max_steps=20")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override a field of the experiment config, e.g. train.max_steps=20",
+    )
     return parser.parse_args(argv)
 
 

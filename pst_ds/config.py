@@ -126,9 +126,7 @@ class DataConfig:
         if self.block_size < 8:
             raise ConfigError(f"data.block_size must be >= 8, got {self.block_size}")
         if not 0.0 < self.validation_fraction < 0.5:
-            raise ConfigError(
-                f"data.validation_fraction must be in (0, 0.5), got {self.validation_fraction}"
-            )
+            raise ConfigError(f"data.validation_fraction must be in (0, 0.5), got {self.validation_fraction}")
         if self.max_validation_blocks < 1 or self.max_train_tokens < 0:
             raise ConfigError("data.max_validation_blocks must be >= 1, max_train_tokens >= 0")
 
@@ -193,6 +191,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads 1e-4 as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
     return value

@@ -27,7 +27,10 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
     """
     files = [str(resolve_path(name)) for name in config.train_files]
     lines = load_dataset(
-        "text", data_files=files, split="train", keep_linebreaks=True,
+        "text",
+        data_files=files,
+        split="train",
+        keep_linebreaks=True,
         cache_dir=str(CACHE_DIR / "datasets"),
     )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -40,7 +43,10 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
         return {"input_ids": [bos + stream[i : i + body] for i in range(0, usable, body)]}
 
     blocks = lines.map(
-        tokenize_and_pack, batched=True, batch_size=20_000, remove_columns=["text"],
+        tokenize_and_pack,
+        batched=True,
+        batch_size=20_000,
+        remove_columns=["text"],
         desc="tokenising",
     )
     total = len(blocks)

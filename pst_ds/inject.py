@@ -24,9 +24,7 @@ def _matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Modul
 def _check_every_pattern_matches(model: nn.Module, patterns: list[str], what: str) -> None:
     for pattern in patterns:
         if not _matching(model, [pattern]):
-            raise ConfigError(
-                f"{what} pattern {pattern!r} matches no module of {type(model).__name__}"
-            )
+            raise ConfigError(f"{what} pattern {pattern!r} matches no module of {type(model).__name__}")
 
 
 def inject_pst(model: nn.Module, config: PSTConfig) -> list[str]:
@@ -46,9 +44,7 @@ def inject_pst(model: nn.Module, config: PSTConfig) -> list[str]:
         if isinstance(module, (nn.Linear, Conv1D))
     ]
     if not targets:
-        raise ConfigError(
-            f"pst.target_modules matches no Linear/Conv1D layer of {type(model).__name__}"
-        )
+        raise ConfigError(f"pst.target_modules matches no Linear/Conv1D layer of {type(model).__name__}")
 
     model.requires_grad_(False)
     for name, module in targets:

@@ -32,17 +32,17 @@ class RunLogger:
         self.metrics.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"train/{key}" if key != "eval_ppl" else "eval/ppl",
-                                       value, record["step"])
+                self.writer.add_scalar(
+                    f"train/{key}" if key != "eval_ppl" else "eval/ppl", value, record["step"]
+                )
 
-    def log_step(self, step: int, loss: float, lr: float, sparsity: float,
-                 tokens_per_s: float) -> None:
+    def log_step(self, step: int, loss: float, lr: float, sparsity: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
-        self._record({"step": step, "loss": loss, "lr": lr, "sparsity": sparsity,
-                      "tokens_per_s": tokens_per_s})
-        self.bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}",
-                             tok_s=f"{tokens_per_s:.0f}")
+        self._record(
+            {"step": step, "loss": loss, "lr": lr, "sparsity": sparsity, "tokens_per_s": tokens_per_s}
+        )
+        self.bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}", tok_s=f"{tokens_per_s:.0f}")
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:

@@ -53,11 +53,13 @@ def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str
     sizes, the optimizer and the LR schedule come from the experiment config alone.
     """
     config = copy.deepcopy(ds_config)
-    for key, ours in (("optimizer", "train.lr / train.weight_decay"),
-                      ("scheduler", "train.warmup_steps"),
-                      ("train_batch_size", "train.micro_batch_size"),
-                      ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
-                      ("gradient_accumulation_steps", "train.gradient_accumulation_steps")):
+    for key, ours in (
+        ("optimizer", "train.lr / train.weight_decay"),
+        ("scheduler", "train.warmup_steps"),
+        ("train_batch_size", "train.micro_batch_size"),
+        ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+        ("gradient_accumulation_steps", "train.gradient_accumulation_steps"),
+    ):
         if key in config:
             raise ConfigError(f"the DeepSpeed config sets {key!r}; pst-ds takes it from {ours}")
     if config.get("fp16", {}).get("enabled") and on_cpu():
@@ -79,8 +81,13 @@ def init_distributed() -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        defaults = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         for key, value in defaults.items():
             os.environ.setdefault(key, value)
     if on_cpu():
@@ -138,30 +145,45 @@ class Trainer:
         self.pst_layers = dict(iter_pst_layers(model))
         self.sparsified_numel = sum(m.in_features * m.out_features for m in self.pst_layers.values())
 
-        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.lr,
-                                      weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.max_steps))
+            optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.max_steps)
+        )
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        self.sampler = DistributedSampler(self.data.train, num_replicas=self.world_size,
-                                          rank=self.rank, shuffle=True, seed=cfg.train.seed,
-                                          drop_last=True)
-        self.loader = DataLoader(self.data.train, batch_size=cfg.train.micro_batch_size,
-                                 sampler=self.sampler, collate_fn=collate_blocks, drop_last=True)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.sampler = DistributedSampler(
+            self.data.train,
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=cfg.train.seed,
+            drop_last=True,
+        )
+        self.loader = DataLoader(
+            self.data.train,
+            batch_size=cfg.train.micro_batch_size,
+            sampler=self.sampler,
+            collate_fn=collate_blocks,
+            drop_last=True,
+        )
         if len(self.loader) == 0:
-            raise ConfigError(f"too little training data for {self.world_size} rank(s) × "
-                              f"train.micro_batch_size={cfg.train.micro_batch_size}")
+            raise ConfigError(
+                f"too little training data for {self.world_size} rank(s) × "
+                f"train.micro_batch_size={cfg.train.micro_batch_size}"
+            )
         self.step = 0
         set_sparsity(self.engine.module, self.sparsity_at(0))
         self.logger = RunLogger(self.output_dir, cfg.train.max_steps, enabled=self.rank == 0)
         if self.rank == 0:
-            (self.output_dir / "config.json").write_text(json.dumps(
-                {"experiment": cfg.to_dict(), "deepspeed": self.ds_config}, indent=2))
+            (self.output_dir / "config.json").write_text(
+                json.dumps({"experiment": cfg.to_dict(), "deepspeed": self.ds_config}, indent=2)
+            )
         self.logger.info(
             f"pst-ds: {len(self.layer_names)} PST layers, {self.num_trainable():,} trainable "
             f"parameters ({100 * self.num_trainable() / self.sparsified_numel:.2f}% of the "
-            f"{self.sparsified_numel:,} sparsified weights), world size {self.world_size}")
+            f"{self.sparsified_numel:,} sparsified weights), world size {self.world_size}"
+        )
 
     @contextlib.contextmanager
     def _rank_zero_first(self) -> Iterator[None]:
@@ -177,8 +199,9 @@ class Trainer:
 
     def sparsity_at(self, step: int) -> float:
         pst, total = self.config.pst, self.config.train.max_steps
-        return cubic_sparsity(step, total, pst.initial_sparsity, pst.final_sparsity,
-                              pst.initial_warmup, pst.final_warmup)
+        return cubic_sparsity(
+            step, total, pst.initial_sparsity, pst.final_sparsity, pst.initial_warmup, pst.final_warmup
+        )
 
     # ----------------------------------------------------------------- train
     def _batches(self) -> Iterator[torch.Tensor]:
@@ -195,8 +218,12 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.config.train
-        tokens_per_step = (cfg.micro_batch_size * cfg.gradient_accumulation_steps
-                           * self.world_size * self.config.data.block_size)
+        tokens_per_step = (
+            cfg.micro_batch_size
+            * cfg.gradient_accumulation_steps
+            * self.world_size
+            * self.config.data.block_size
+        )
         start = time.time()
         ppl_before = self.evaluate()
         batches = self._batches()
@@ -216,8 +243,9 @@ class Trainer:
             set_sparsity(self.engine.module, self.sparsity_at(self.step))
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
-                self.logger.log_step(self.step, mean_loss, lr, sparsity,
-                                     tokens_per_step / (time.time() - step_start))
+                self.logger.log_step(
+                    self.step, mean_loss, lr, sparsity, tokens_per_step / (time.time() - step_start)
+                )
             self.logger.advance()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
@@ -237,8 +265,10 @@ class Trainer:
         }
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.logger.info(f"pst-ds: done in {summary['wall_time_s']:.1f} s; validation "
-                         f"perplexity {ppl_before:.3f} -> {ppl_after:.3f}; output in {self.output_dir}")
+        self.logger.info(
+            f"pst-ds: done in {summary['wall_time_s']:.1f} s; validation "
+            f"perplexity {ppl_before:.3f} -> {ppl_after:.3f}; output in {self.output_dir}"
+        )
         self.logger.close()
         return summary
 
@@ -261,7 +291,7 @@ class Trainer:
         self.engine.eval()
         loss_sum, count = 0.0, 0
         for i in range(rounds):
-            indices = mine[i * batch:(i + 1) * batch]
+            indices = mine[i * batch : (i + 1) * batch]
             input_ids = collate_blocks([validation[j] for j in indices or [0]])
             input_ids = input_ids.to(self.engine.device)
             loss = self.engine(input_ids=input_ids, labels=input_ids).loss

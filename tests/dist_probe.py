@@ -1,0 +1,72 @@
+"""Run under the deepspeed launcher by test_distributed.py: train, then report what each rank holds.
+
+deepspeed --num_gpus 2 tests/dist_probe.py --ds_config X --config Y --report DIR [key=value ...]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launch.train import parse_args  # noqa: E402
+from pst_ds.config import load_experiment  # noqa: E402
+from pst_ds.masks import num_pruned  # noqa: E402
+from pst_ds.trainer import Trainer, load_ds_config  # noqa: E402
+
+
+def optimizer_state_numel(engine) -> int:
+    """Elements of the exp_avg buffers the torch optimizer behind the engine holds."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sum(state["exp_avg"].numel() for state in inner.state.values())
+
+
+def main() -> None:
+    probe = argparse.ArgumentParser()
+    probe.add_argument("--report", required=True)
+    own, rest = probe.parse_known_args()
+    args = parse_args(rest)
+    trainer = Trainer(load_experiment(args.config, args.overrides), load_ds_config(args.ds_config))
+    trainer.setup()
+    trainer.train()
+    engine, rank = trainer.engine, dist.get_rank()
+
+    layers = {}
+    for name, layer in trainer.pst_layers.items():
+        weight = layer.weight
+        params = list(layer.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params):
+            mask = layer.mask()
+        layers[name] = {
+            "mask_sha256": hashlib.sha256(mask.numpy().tobytes()).hexdigest(),
+            "zeros": int((~mask).sum()),
+            "expected_zeros": num_pruned(mask.numel(), layer.sparsity),
+            "weight_full_numel": int(getattr(weight, "ds_numel", weight.numel())),
+            "weight_local_numel": int(weight.ds_tensor.numel()) if hasattr(weight, "ds_tensor") else None,
+            "weight_data_numel": int(weight.data.numel()),
+            "weight_has_grad": weight.grad is not None,
+        }
+    report = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "trainable_numel": trainer.num_trainable(),
+        "total_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()),
+        "optimizer_state_numel": optimizer_state_numel(engine),
+        "frozen_with_grad": [
+            n for n, p in engine.module.named_parameters() if not p.requires_grad and p.grad is not None
+        ],
+        "layers": layers,
+    }
+    Path(own.report).mkdir(parents=True, exist_ok=True)
+    (Path(own.report) / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

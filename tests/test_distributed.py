@@ -1,0 +1,148 @@
+"""Real ranks through the deepspeed launcher on CPU: ZeRO-3 and ZeRO-2 in bf16, two nodes in fp32."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ds_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+
+
+def write_ds_config(path: Path, stage: int, bf16: bool) -> Path:
+    zero = {"stage": stage, "overlap_comm": False}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # so that every weight is really sharded
+    path.write_text(
+        json.dumps({"zero_optimization": zero, "bf16": {"enabled": bf16}, "gradient_clipping": 1.0})
+    )
+    return path
+
+
+def tiny_overrides(tmp_path: Path, text: Path, steps: int) -> list[str]:
+    return [
+        f"train.output_dir={tmp_path / 'run'}",
+        f"train.max_steps={steps}",
+        f"data.train_files=[{text}]",
+        "train.micro_batch_size=2",
+        "data.block_size=32",
+        "data.max_validation_blocks=8",
+        "data.validation_fraction=0.05",
+    ]
+
+
+def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "eval_ppl" in r]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_two_ranks_bf16(tmp_path, small_text, stage):
+    ds_config = write_ds_config(tmp_path / "ds.json", stage, bf16=True)
+    report = tmp_path / "report"
+    run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/dist_probe.py",
+            "--report",
+            str(report),
+            "--ds_config",
+            str(ds_config),
+            "--config",
+            "configs/experiments/tiny_llama.yaml",
+            *tiny_overrides(tmp_path, small_text, steps=12),
+            "train.lr=0.02",
+        ]
+    )
+
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert evals[-1]["eval_ppl"] < evals[0]["eval_ppl"]  # loss falls
+    assert sum(r["loss"] for r in steps[-3:]) < sum(r["loss"] for r in steps[:3])
+    assert steps[-1]["sparsity"] == pytest.approx(0.5)
+
+    ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for name, layer in ranks[0]["layers"].items():
+        assert layer["mask_sha256"] == ranks[1]["layers"][name]["mask_sha256"], name
+        assert layer["zeros"] == layer["expected_zeros"] > 0
+    # Optimizer state exists for the trainable factors only (the two ranks' shards sum to them).
+    trainable, total = ranks[0]["trainable_numel"], ranks[0]["total_numel"]
+    state = sum(r["optimizer_state_numel"] for r in ranks)
+    assert trainable <= state <= trainable + 2 * 1024  # ZeRO pads partitions a little
+    assert state < total / 2
+    for r in ranks:
+        assert r["frozen_with_grad"] == []
+        for layer in r["layers"].values():
+            if stage == 3:  # the frozen weight is sharded: each rank holds half, none whole
+                assert layer["weight_local_numel"] == (layer["weight_full_numel"] + 1) // 2
+                assert layer["weight_data_numel"] == 0
+            else:
+                assert layer["weight_data_numel"] == layer["weight_full_numel"]
+
+
+def test_two_nodes_with_hostfile(tmp_path, small_text):
+    """Two 'nodes' on this machine: a two-host hostfile and one launch per node."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                DEEPSPEED,
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "launch/train.py",
+                "--ds_config",
+                str(ds_config),
+                "--config",
+                "configs/experiments/tiny_gpt2.yaml",
+                *tiny_overrides(tmp_path, small_text, steps=6),
+            ],
+            cwd=ROOT,
+            env=ds_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    steps, evals = read_metrics(tmp_path / "run")
+    assert len(steps) == 6 and len(evals) == 2

