@@ -27,20 +27,20 @@ class RunLogger:
         if self.enabled:
             self.bar.write(message)
 
-    def _record(self, record: dict[str, Any]) -> None:
+    def _record(self, section: str, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl; its numbers also go to TensorBoard under ``section/``."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(
-                    f"train/{key}" if key != "eval_ppl" else "eval/ppl", value, record["step"]
-                )
+            if key != "step":
+                self.writer.add_scalar(f"{section}/{key.removeprefix('eval_')}", value, record["step"])
 
     def log_step(self, step: int, loss: float, lr: float, sparsity: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
         self._record(
-            {"step": step, "loss": loss, "lr": lr, "sparsity": sparsity, "tokens_per_s": tokens_per_s}
+            "train",
+            {"step": step, "loss": loss, "lr": lr, "sparsity": sparsity, "tokens_per_s": tokens_per_s},
         )
         self.bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}", tok_s=f"{tokens_per_s:.0f}")
 
@@ -51,7 +51,7 @@ class RunLogger:
     def log_eval(self, step: int, loss: float, sparsity: float) -> float:
         ppl = math.exp(loss)
         if self.enabled:
-            self._record({"step": step, "eval_loss": loss, "eval_ppl": ppl, "sparsity": sparsity})
+            self._record("eval", {"step": step, "eval_loss": loss, "eval_ppl": ppl, "sparsity": sparsity})
             self.info(f"step {step}: validation perplexity {ppl:.3f} at sparsity {sparsity:.3f}")
         return ppl
 
