@@ -24,6 +24,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ds_config", default="configs/zero3.json", help="DeepSpeed JSON config")
     parser.add_argument("--config", default=DEFAULT_EXPERIMENT, help="experiment YAML config")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint (same as train.resume=auto)",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument(
         "overrides",
@@ -40,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from pst_ds.trainer import Trainer, load_ds_config
 
     try:
-        config = load_experiment(args.config, args.overrides)
+        overrides = args.overrides + (["train.resume=auto"] if args.resume else [])
+        config = load_experiment(args.config, overrides)
         trainer = Trainer(config, load_ds_config(args.ds_config))
         trainer.setup()
     except ConfigError as err:

@@ -143,6 +143,12 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only before and after training
+    save_every: int = 0  # checkpoint every N steps and at the end; 0: never
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str = "auto"  # auto: continue from the latest complete checkpoint if any; never
+
+    # Fields that may change between a checkpoint and its resumption.
+    RESUMABLE_CHANGES = ("output_dir", "save_every", "keep_last", "resume", "log_every", "eval_every")
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every")
@@ -153,6 +159,10 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("train.warmup_steps and train.eval_every must be >= 0")
+        if self.save_every < 0 or self.keep_last < 1:
+            raise ConfigError("train.save_every must be >= 0 and train.keep_last >= 1")
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"train.resume must be 'auto' or 'never', got {self.resume!r}")
 
 
 @dataclass
@@ -201,7 +211,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build a config dataclass from a dict, refusing unknown keys and mistyped values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -214,7 +225,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
             raise ConfigError(f"unknown config key {where}{hint}")
         if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value or {}, f"{where}.")
+            kwargs[key] = build_section(hints[key], value or {}, f"{where}.")
         else:
             kwargs[key] = _check_type(value, hints[key], where)
     return cls(**kwargs)
@@ -247,10 +258,10 @@ def load_experiment(path: str | None = None, overrides: list[str] = ()) -> Exper
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
     for override in overrides:
         apply_override(data, override)
-    return _build(ExperimentConfig, data, "")
+    return build_section(ExperimentConfig, data, "")
 
 
 def pst_config_from_yaml(path: str) -> PSTConfig:
     """Load a bare PSTConfig from a YAML file holding its fields (or a ``pst:`` section)."""
     data = yaml.safe_load(resolve_path(path).read_text()) or {}
-    return _build(PSTConfig, data.get("pst", data), "pst.")
+    return build_section(PSTConfig, data.get("pst", data), "pst.")

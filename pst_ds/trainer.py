@@ -22,6 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers.integrations import HfDeepSpeedConfig
 
+from . import checkpoint
 from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
 from .data import collate_blocks, load_text_blocks
 from .inject import inject_pst, iter_pst_layers, set_sparsity
@@ -166,15 +167,20 @@ class Trainer:
             sampler=self.sampler,
             collate_fn=collate_blocks,
             drop_last=True,
+            # Its own generator: each iter() would otherwise draw from the global RNG, which a
+            # resumed run restores at a different point than an uninterrupted one.
+            generator=torch.Generator().manual_seed(cfg.train.seed),
         )
         if len(self.loader) == 0:
             raise ConfigError(
                 f"too little training data for {self.world_size} rank(s) × "
                 f"train.micro_batch_size={cfg.train.micro_batch_size}"
             )
-        self.step = 0
-        set_sparsity(self.engine.module, self.sparsity_at(0))
+        self.checkpoints = self.output_dir / "checkpoints"
+        self.step = self._resume() if cfg.train.resume == "auto" else 0
+        set_sparsity(self.engine.module, self.sparsity_at(self.step))
         self.logger = RunLogger(self.output_dir, cfg.train.max_steps, enabled=self.rank == 0)
+        self.logger.advance(self.step)
         if self.rank == 0:
             (self.output_dir / "config.json").write_text(
                 json.dumps({"experiment": cfg.to_dict(), "deepspeed": self.ds_config}, indent=2)
@@ -204,11 +210,50 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- train
-    def _batches(self) -> Iterator[torch.Tensor]:
-        epoch = 0
+    def manifest(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed: the config and the world size."""
+        experiment = self.config.to_dict()
+        for key in TrainConfig.RESUMABLE_CHANGES:
+            experiment["train"].pop(key)
+        return {"experiment": experiment, "world_size": self.world_size}
+
+    def _resume(self) -> int:
+        """Load the latest complete checkpoint if there is one; return the step it holds."""
+        tag = checkpoint.latest_tag(self.checkpoints)
+        if tag is None:
+            return 0
+        saved = checkpoint.read_manifest(self.checkpoints, tag)
+        differences = checkpoint.config_differences(
+            {k: saved[k] for k in ("experiment", "world_size")}, self.manifest()
+        )
+        if differences:
+            raise ConfigError(
+                f"cannot resume {self.checkpoints / tag}: "
+                + "; ".join(differences)
+                + " (set train.resume=never or another train.output_dir to start afresh)"
+            )
+        checkpoint.load(self.engine, self.checkpoints, tag)
+        if self.rank == 0:
+            print(f"pst-ds: resumed from {self.checkpoints / tag}", flush=True)
+        return saved["step"]
+
+    def save_checkpoint(self) -> None:
+        start = time.time()
+        tag = checkpoint.save(
+            self.engine, self.checkpoints, self.step, self.manifest(), self.config.train.keep_last
+        )
+        self.logger.info(f"step {self.step}: saved {tag} in {time.time() - start:.1f} s")
+
+    def _batches(self, skip: int) -> Iterator[torch.Tensor]:
+        """Training batches from micro-batch ``skip`` on: epochs reshuffle deterministically."""
+        epoch, skip = divmod(skip, len(self.loader))
         while True:
             self.sampler.set_epoch(epoch)
-            yield from self.loader
+            batches = iter(self.loader)
+            for _ in range(skip):  # only on resume: fast-forward to the saved data position
+                next(batches)
+            skip = 0
+            yield from batches
             epoch += 1
 
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
@@ -226,7 +271,7 @@ class Trainer:
         )
         start = time.time()
         ppl_before = self.evaluate()
-        batches = self._batches()
+        batches = self._batches(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
         while self.step < cfg.max_steps:
             step_start, losses = time.time(), []
@@ -247,6 +292,8 @@ class Trainer:
                     self.step, mean_loss, lr, sparsity, tokens_per_step / (time.time() - step_start)
                 )
             self.logger.advance()
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
+                self.save_checkpoint()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
         ppl_after = self.evaluate()

@@ -1,0 +1,131 @@
+"""Checkpoints: atomic `latest`, exact resume after a killed rank, refusal of a changed config."""
+
+import json
+import subprocess
+import time
+
+import psutil
+import pytest
+from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
+
+from conftest import ROOT
+from pst_ds import checkpoint
+
+
+def make_tag(root, step, complete=True):
+    tag = root / checkpoint.tag_for(step)
+    tag.mkdir(parents=True)
+    (tag / "model_states.pt").write_bytes(b"x")
+    if complete:
+        (tag / checkpoint.COMPLETE).write_text(json.dumps({"step": step}))
+    return tag.name
+
+
+def test_latest_names_only_complete_checkpoints(tmp_path):
+    assert checkpoint.latest_tag(tmp_path) is None
+    make_tag(tmp_path, 4)
+    (tmp_path / "latest").write_text(checkpoint.tag_for(4))
+    make_tag(tmp_path, 8, complete=False)  # a save that died part-way
+    assert checkpoint.latest_tag(tmp_path) == checkpoint.tag_for(4)
+    (tmp_path / "latest").write_text(checkpoint.tag_for(8))  # even if pointed at, it is not used
+    assert checkpoint.latest_tag(tmp_path) is None
+
+
+def test_prune_keeps_the_newest_complete_ones(tmp_path):
+    for step in (2, 4, 6):
+        make_tag(tmp_path, step)
+    make_tag(tmp_path, 5, complete=False)  # left over by a crash
+    checkpoint._prune(tmp_path, keep=2, newest=checkpoint.tag_for(6))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [checkpoint.tag_for(4), checkpoint.tag_for(6)]
+
+
+def test_config_differences_are_named():
+    saved = {"experiment": {"pst": {"final_sparsity": 0.5, "beta": 1.0}}, "world_size": 2}
+    now = {"experiment": {"pst": {"final_sparsity": 0.6, "beta": 1.0}}, "world_size": 2}
+    assert checkpoint.config_differences(saved, now) == [
+        "experiment.pst.final_sparsity: checkpoint 0.5, now 0.6"
+    ]
+
+
+def train_cmd(tmp_path, out, text, port):
+    ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
+    return [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "launch/train.py",
+        "--ds_config",
+        str(ds_config),
+        "--config",
+        "configs/experiments/tiny_gpt2.yaml",
+        f"train.output_dir={out}",
+        f"data.train_files=[{text}]",
+        "train.max_steps=16",
+        "train.save_every=2",
+        "train.micro_batch_size=2",
+        "data.block_size=32",
+        "data.max_validation_blocks=4",
+        "data.validation_fraction=0.05",
+    ]
+
+
+def losses_by_step(run):
+    steps, _ = read_metrics(run)
+    return {r["step"]: r["loss"] for r in steps}  # the last record of a step wins
+
+
+def test_killed_rank_then_rerun_resumes_with_identical_losses(tmp_path, small_text):
+    # The reference: uninterrupted. GPT-2 has dropout, so the RNG state must be restored too.
+    reference = tmp_path / "reference"
+    subprocess.run(
+        train_cmd(tmp_path, reference, small_text, free_port()),
+        cwd=ROOT,
+        env=ds_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    expected = losses_by_step(reference)
+    assert sorted(expected) == list(range(1, 17))
+
+    # Kill rank 1 as soon as a first checkpoint is complete.
+    run = tmp_path / "run"
+    cmd = train_cmd(tmp_path, run, small_text, free_port())
+    launcher = subprocess.Popen(
+        cmd, cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 300
+    while checkpoint.latest_tag(run / "checkpoints") is None and time.time() < deadline:
+        assert launcher.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victims = [
+        p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()
+    ]
+    assert victims, "rank 1 not found"
+    victims[0].kill()
+    output = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode != 0
+    assert "exits with return code = -9" in output  # the launcher names the killed rank
+    resumed_from = checkpoint.read_manifest(run / "checkpoints", checkpoint.latest_tag(run / "checkpoints"))[
+        "step"
+    ]
+    assert resumed_from < 16
+    make_tag(run / "checkpoints", 15, complete=False)  # and a save interrupted part-way
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout + rerun.stderr
+    got = losses_by_step(run)
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+    # Resuming with another config is refused, naming what differs.
+    changed = subprocess.run(
+        cmd + ["pst.final_sparsity=0.6"], cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600
+    )
+    assert changed.returncode != 0
+    assert "experiment.pst.final_sparsity: checkpoint 0.5, now 0.6" in changed.stderr + changed.stdout
