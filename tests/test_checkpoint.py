@@ -6,9 +6,9 @@ import time
 
 import psutil
 import pytest
+from conftest import ROOT
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
-from conftest import ROOT
 from pst_ds import checkpoint
 
 
