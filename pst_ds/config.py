@@ -146,9 +146,18 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps and at the end; 0: never
     keep_last: int = 2  # complete checkpoints kept
     resume: str = "auto"  # auto: continue from the latest complete checkpoint if any; never
+    export: bool = False  # at the end: save a checkpoint and export it to <output_dir>/export
 
     # Fields that may change between a checkpoint and its resumption.
-    RESUMABLE_CHANGES = ("output_dir", "save_every", "keep_last", "resume", "log_every", "eval_every")
+    RESUMABLE_CHANGES = (
+        "output_dir",
+        "save_every",
+        "keep_last",
+        "resume",
+        "log_every",
+        "eval_every",
+        "export",
+    )
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every")

@@ -25,6 +25,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from . import checkpoint
 from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
 from .data import collate_blocks, load_text_blocks
+from .export import export_checkpoint
 from .inject import inject_pst, iter_pst_layers, set_sparsity
 from .logging import RunLogger
 from .models import load_causal_lm, load_tokenizer
@@ -244,6 +245,16 @@ class Trainer:
         )
         self.logger.info(f"step {self.step}: saved {tag} in {time.time() - start:.1f} s")
 
+    def export(self) -> None:
+        """Export the final state: checkpoint it (if not yet), then rank 0 consolidates it."""
+        if checkpoint.latest_tag(self.checkpoints) != checkpoint.tag_for(self.step):
+            self.save_checkpoint()
+        if self.rank == 0:
+            start = time.time()
+            export_checkpoint(self.output_dir, self.output_dir / "export")
+            self.logger.info(f"exported to {self.output_dir / 'export'} in {time.time() - start:.1f} s")
+        dist.barrier()
+
     def _batches(self, skip: int) -> Iterator[torch.Tensor]:
         """Training batches from micro-batch ``skip`` on: epochs reshuffle deterministically."""
         epoch, skip = divmod(skip, len(self.loader))
@@ -310,6 +321,8 @@ class Trainer:
             "eval_ppl_after": ppl_after,
             "wall_time_s": time.time() - start,
         }
+        if cfg.export:
+            self.export()
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.info(

@@ -1,0 +1,100 @@
+"""Export: a PST checkpoint -> a plain Hugging Face folder holding the pruned weights.
+
+Every PST layer becomes the plain layer it wrapped, with weight M * (W + beta U V) under
+the original name and layout; the factors are dropped. Works from a ZeRO checkpoint of
+any world size: DeepSpeed consolidates it on one process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from torch import nn
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.pytorch_utils import Conv1D
+
+from . import checkpoint
+from .config import ConfigError, ModelConfig, PSTConfig, TrainConfig, build_section
+from .inject import inject_pst, iter_pst_layers, set_sparsity
+from .layer import PSTLinear
+from .models import load_causal_lm, load_tokenizer
+from .schedule import cubic_sparsity
+
+SPARSITY_REPORT = "pst_sparsity.json"
+
+
+def _plain_layer(layer: PSTLinear) -> nn.Module:
+    """The base layer type again, holding the merged, masked weight."""
+    has_bias = layer.bias is not None
+    if layer.transposed:
+        plain = Conv1D(layer.out_features, layer.in_features)
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias)
+    plain.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
+    if has_bias:
+        plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return plain
+
+
+def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Replace every PST layer by its plain merged layer; return per-layer sparsity figures."""
+    report = {}
+    for name, layer in list(iter_pst_layers(model)):
+        plain = _plain_layer(layer)
+        zeros = int((plain.weight == 0).sum())
+        report[name] = {
+            "shape": list(plain.weight.shape),
+            "zeros": zeros,
+            "sparsity": zeros / plain.weight.numel(),
+        }
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, plain)
+    return report
+
+
+def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> dict[str, Any]:
+    """Export checkpoint ``tag`` (default: the latest complete one) of a training run."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    root = run_dir / "checkpoints"
+    tag = tag or checkpoint.latest_tag(root)
+    if tag is None or not checkpoint.is_complete(root, tag):
+        raise ConfigError(f"no complete checkpoint {tag or ''} under {root}")
+    # Only the sections export needs: the training data may be gone by now.
+    saved = json.loads((run_dir / "config.json").read_text())["experiment"]
+    model_config = build_section(ModelConfig, saved["model"], "model.")
+    pst = build_section(PSTConfig, saved["pst"], "pst.")
+    train = build_section(TrainConfig, saved["train"], "train.")
+    step = checkpoint.read_manifest(root, tag)["step"]
+
+    # One process builds the whole model: a live HfDeepSpeedConfig (end of a ZeRO-3 run)
+    # would make from_pretrained partition it collectively and wait for the other ranks.
+    unset_hf_deepspeed_config()
+    tokenizer = load_tokenizer(model_config)
+    model = load_causal_lm(model_config, tokenizer)
+    inject_pst(model, pst)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    model.load_state_dict(state, strict=True)
+    sparsity = cubic_sparsity(
+        step, train.max_steps, pst.initial_sparsity, pst.final_sparsity, pst.initial_warmup, pst.final_warmup
+    )
+    set_sparsity(model, sparsity)
+    with torch.no_grad():
+        layers = merge_pst_layers(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    zeros = sum(v["zeros"] for v in layers.values())
+    numel = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
+    report = {
+        "checkpoint": str(root / tag),
+        "step": step,
+        "scheduled_sparsity": sparsity,
+        "total": {"layers": len(layers), "params": numel, "zeros": zeros, "sparsity": zeros / numel},
+        "layers": layers,
+        "config": saved,
+    }
+    (out_dir / SPARSITY_REPORT).write_text(json.dumps(report, indent=1))
+    return report
