@@ -19,6 +19,7 @@ setup(
         "pyyaml==6.0.3",
         "tqdm>=4.66",
         "filelock>=3.12",
+        "matplotlib==3.11.2",  # tools/sparsity_report.py figures
     ],
     extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.6"]},
 )

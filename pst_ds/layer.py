@@ -43,6 +43,10 @@ class PSTLinear(nn.Module):
         self.alpha1, self.alpha2, self.beta = config.alpha1, config.alpha2, config.beta
         self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
         self.sparsity = config.initial_sparsity
+        # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
+        self.track_mask = False
+        self.mask_changes: int | None = None  # entries changed since the previous noted mask
+        self._noted_mask: torch.Tensor | None = None
 
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.U = nn.Parameter(torch.randn(out_features, config.weight_rank, **factory))
@@ -68,7 +72,13 @@ class PSTLinear(nn.Module):
         """M * W', (out, in), fp32, differentiable (straight-through to S)."""
         updated = self.updated_weight()
         mask = StraightThroughTopK.apply(self.importance(updated), self.sparsity)
+        if self.track_mask:
+            self._note_mask(mask.detach() > 0)
         return mask * updated
+
+    def _note_mask(self, mask: torch.Tensor) -> None:
+        previous, self._noted_mask, self.track_mask = self._noted_mask, mask.cpu(), False
+        self.mask_changes = None if previous is None else int((self._noted_mask != previous).sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight().to(x.dtype), self.bias)

@@ -35,13 +35,21 @@ class RunLogger:
             if key != "step":
                 self.writer.add_scalar(f"{section}/{key.removeprefix('eval_')}", value, record["step"])
 
-    def log_step(self, step: int, loss: float, lr: float, sparsity: float, tokens_per_s: float) -> None:
+    def log_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        sparsity: float,
+        tokens_per_s: float,
+        mask_changed: float | None = None,
+    ) -> None:
         if not self.enabled:
             return
-        self._record(
-            "train",
-            {"step": step, "loss": loss, "lr": lr, "sparsity": sparsity, "tokens_per_s": tokens_per_s},
-        )
+        record = {"step": step, "loss": loss, "lr": lr, "sparsity": sparsity, "tokens_per_s": tokens_per_s}
+        if mask_changed is not None:  # share of mask entries changed since the previous log
+            record["mask_changed"] = mask_changed
+        self._record("train", record)
         self.bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}", tok_s=f"{tokens_per_s:.0f}")
 
     def advance(self, steps: int = 1) -> None:

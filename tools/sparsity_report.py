@@ -1,0 +1,98 @@
+"""Sparsity report of an exported PST model: a markdown table per layer and a PNG figure.
+
+    python tools/sparsity_report.py runs/default/export [--layer NAME] [--out DIR]
+
+Counts the zeros in the exported weights themselves (not in pst_sparsity.json), so it
+also checks the export. The figure shows the sparsity of every pruned matrix and, for
+one matrix (--layer, default the first), its mask and the share kept per row and column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+
+def layer_table(folder: Path) -> list[dict]:
+    report = json.loads((folder / "pst_sparsity.json").read_text())
+    rows = []
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
+        for name in report["layers"]:
+            weight = tensors.get_tensor(f"{name}.weight")
+            zeros = int((weight == 0).sum())
+            rows.append(
+                {
+                    "layer": name,
+                    "shape": list(weight.shape),
+                    "zeros": zeros,
+                    "sparsity": zeros / weight.numel(),
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| layer | shape | zeros | sparsity |", "|---|---|---:|---:|"]
+    lines += [
+        f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['zeros']:,} | {r['sparsity']:.4f} |"
+        for r in rows
+    ]
+    zeros = sum(r["zeros"] for r in rows)
+    numel = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    lines.append(f"| **total** ({len(rows)} matrices) | | {zeros:,} | {zeros / numel:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(folder: Path, rows: list[dict], layer: str, path: Path) -> None:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
+        kept = (tensors.get_tensor(f"{layer}.weight") != 0).float()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [2, 1.2, 1]})
+    axes[0].bar(range(len(rows)), [r["sparsity"] for r in rows], color="tab:blue")
+    axes[0].set(
+        title="sparsity per pruned matrix", xlabel="matrix (model order)", ylabel="sparsity", ylim=(0, 1)
+    )
+    axes[1].imshow(kept.numpy(), aspect="auto", cmap="gray_r", interpolation="nearest")
+    axes[1].set(title=f"mask of {layer}\n(black: kept)", xlabel="stored column", ylabel="stored row")
+    axes[2].plot(kept.mean(1).numpy(), label="per row")
+    axes[2].plot(kept.mean(0).numpy(), label="per column", alpha=0.7)
+    axes[2].set(title="share kept", xlabel="index", ylim=(0, 1))
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="an exported folder (with pst_sparsity.json)")
+    parser.add_argument("--layer", default=None, help="matrix to draw (default: the first)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the export)")
+    args = parser.parse_args(argv)
+    if not (args.folder / "pst_sparsity.json").is_file():
+        print(f"pst-ds: error: {args.folder} has no pst_sparsity.json: not a PST export", file=sys.stderr)
+        return 2
+    rows = layer_table(args.folder)
+    names = [r["layer"] for r in rows]
+    layer = args.layer or names[0]
+    if layer not in names:
+        print(f"pst-ds: error: --layer {layer!r} is not a pruned matrix of this export", file=sys.stderr)
+        return 2
+    out = args.out or args.folder
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (out / "sparsity_report.md").write_text(table)
+    figure(args.folder, rows, layer, out / "sparsity_report.png")
+    print(table + f"\nwrote {out / 'sparsity_report.md'} and {out / 'sparsity_report.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
