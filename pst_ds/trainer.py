@@ -24,11 +24,11 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from . import checkpoint
 from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
-from .data import collate_blocks, load_text_blocks
+from .data import collate_for, load_splits
 from .export import export_checkpoint
 from .inject import inject_pst, iter_pst_layers, set_sparsity
 from .logging import RunLogger
-from .models import load_causal_lm, load_tokenizer
+from .models import load_model, load_tokenizer
 from .schedule import cubic_sparsity
 
 DIST_TIMEOUT = timedelta(minutes=30)
@@ -140,14 +140,27 @@ class Trainer:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         with self._rank_zero_first():  # the first rank converts/caches, the others reuse
             tokenizer = load_tokenizer(cfg.model)
-            self.data = load_text_blocks(cfg.data, tokenizer)
-        model = load_causal_lm(cfg.model, tokenizer)  # collective under ZeRO-3: all ranks at once
+            self.data = load_splits(cfg.data, cfg.model.task, tokenizer)
+        # Collective under ZeRO-3: every rank at once.
+        model = load_model(cfg.model, tokenizer, self.data.labels)
+        self.collate = collate_for(cfg.model.task)
+        self.metric = "ppl" if self.data.labels is None else "accuracy"
         self.layer_names = inject_pst(model, cfg.pst)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.pst_layers = dict(iter_pst_layers(model))
         self.sparsified_numel = sum(m.in_features * m.out_features for m in self.pst_layers.values())
 
-        optimizer = torch.optim.AdamW(self.trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        factors = {
+            id(p)
+            for layer in self.pst_layers.values()
+            for p in layer.parameters(recurse=False)
+            if p.requires_grad
+        }
+        groups = [{"params": [p for p in self.trainable if id(p) in factors], "lr": cfg.train.lr}]
+        extras = [p for p in self.trainable if id(p) not in factors]
+        if extras:  # e.g. a new task head, which learns at its own rate
+            groups.append({"params": extras, "lr": cfg.train.head_lr or cfg.train.lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.max_steps)
         )
@@ -166,7 +179,7 @@ class Trainer:
             self.data.train,
             batch_size=cfg.train.micro_batch_size,
             sampler=self.sampler,
-            collate_fn=collate_blocks,
+            collate_fn=self.collate,
             drop_last=True,
             # Its own generator: each iter() would otherwise draw from the global RNG, which a
             # resumed run restores at a different point than an uninterrupted one.
@@ -184,7 +197,10 @@ class Trainer:
         self.logger.advance(self.step)
         if self.rank == 0:
             (self.output_dir / "config.json").write_text(
-                json.dumps({"experiment": cfg.to_dict(), "deepspeed": self.ds_config}, indent=2)
+                json.dumps(
+                    {"experiment": cfg.to_dict(), "deepspeed": self.ds_config, "labels": self.data.labels},
+                    indent=2,
+                )
             )
         self.logger.info(
             f"pst-ds: {len(self.layer_names)} PST layers, {self.num_trainable():,} trainable "
@@ -281,7 +297,7 @@ class Trainer:
             * self.config.data.block_size
         )
         start = time.time()
-        ppl_before = self.evaluate()
+        before = self.evaluate()
         batches = self._batches(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
         while self.step < cfg.max_steps:
@@ -290,8 +306,7 @@ class Trainer:
             for layer in self.pst_layers.values():
                 layer.track_mask = logged  # noted in the forward that follows
             for _ in range(cfg.gradient_accumulation_steps):
-                input_ids = next(batches).to(self.engine.device)
-                loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+                loss = self.engine(**self._to_device(next(batches))).loss
                 self.engine.backward(loss)
                 lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
                 self.engine.step()
@@ -315,7 +330,7 @@ class Trainer:
                 self.save_checkpoint()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
-        ppl_after = self.evaluate()
+        after = self.evaluate()
         summary = {
             "steps": self.step,
             "world_size": self.world_size,
@@ -325,8 +340,8 @@ class Trainer:
             "trainable_percent_of_sparsified": 100 * self.num_trainable() / self.sparsified_numel,
             "param_bytes_rank0": partitioned_param_bytes(self.engine.module),
             "final_sparsity": self.pst_sparsity(),
-            "eval_ppl_before": ppl_before,
-            "eval_ppl_after": ppl_after,
+            f"eval_{self.metric}_before": before,
+            f"eval_{self.metric}_after": after,
             "wall_time_s": time.time() - start,
         }
         if cfg.export:
@@ -335,7 +350,7 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.logger.info(
             f"pst-ds: done in {summary['wall_time_s']:.1f} s; validation "
-            f"perplexity {ppl_before:.3f} -> {ppl_after:.3f}; output in {self.output_dir}"
+            f"{self.metric} {before:.4f} -> {after:.4f}; output in {self.output_dir}"
         )
         self.logger.close()
         return summary
@@ -349,12 +364,16 @@ class Trainer:
         return next(iter(self.pst_layers.values())).sparsity
 
     # -------------------------------------------------------------- evaluate
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.engine.device) for key, value in batch.items()}
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Validation perplexity of the model as it stands, over all ranks.
+        """Validation loss (and accuracy, for classification) of the model as it stands, over all ranks.
 
-        Every rank runs the same number of forwards (ZeRO-3 gathers are collective); a rank
-        whose share has run out repeats a block with weight 0.
+        Returns the perplexity for a causal LM, the accuracy for a classifier. Every rank runs
+        the same number of forwards (ZeRO-3 gathers are collective); a rank whose share has
+        run out repeats an example with weight 0.
         """
         validation = self.data.validation
         batch = self.config.train.micro_batch_size
@@ -362,18 +381,22 @@ class Trainer:
         rounds = math.ceil(math.ceil(len(validation) / self.world_size) / batch)
         was_training = self.engine.module.training
         self.engine.eval()
-        loss_sum, count = 0.0, 0
+        loss_sum, correct, count = 0.0, 0, 0
         for i in range(rounds):
             indices = mine[i * batch : (i + 1) * batch]
-            input_ids = collate_blocks([validation[j] for j in indices or [0]])
-            input_ids = input_ids.to(self.engine.device)
-            loss = self.engine(input_ids=input_ids, labels=input_ids).loss
-            loss_sum += loss.item() * len(indices)
+            inputs = self._to_device(self.collate([validation[j] for j in indices or [0]]))
+            output = self.engine(**inputs)
+            loss_sum += output.loss.item() * len(indices)
             count += len(indices)
+            if self.data.labels is not None and indices:
+                correct += int((output.logits.argmax(-1) == inputs["labels"]).sum())
         self.engine.train(was_training)
-        totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=self.engine.device)
+        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(totals)
-        return self.logger.log_eval(self.step, (totals[0] / totals[1]).item(), self.pst_sparsity())
+        loss_sum, correct, count = totals.tolist()
+        accuracy = correct / count if self.data.labels is not None else None
+        ppl = self.logger.log_eval(self.step, loss_sum / count, self.pst_sparsity(), accuracy)
+        return ppl if accuracy is None else accuracy
 
 
 def resolve_output_dir(name: str) -> Path:

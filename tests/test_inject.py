@@ -7,13 +7,13 @@ from transformers import BertConfig, BertForSequenceClassification
 from pst_ds import ConfigError, PSTConfig, PSTLinear, inject_pst, iter_pst_layers, set_sparsity
 from pst_ds.config import load_experiment
 from pst_ds.inject import FACTOR_NAMES
-from pst_ds.models import load_causal_lm, load_tokenizer
+from pst_ds.models import load_model, load_tokenizer
 
 
 def tiny(name):
     config = load_experiment(f"configs/experiments/{name}.yaml")
     torch.manual_seed(0)
-    return load_causal_lm(config.model, load_tokenizer(config.model)).eval()  # no dropout
+    return load_model(config.model, load_tokenizer(config.model)).eval()  # no dropout
 
 
 EXPECTED = {
