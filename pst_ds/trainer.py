@@ -193,7 +193,9 @@ class Trainer:
         self.checkpoints = self.output_dir / "checkpoints"
         self.step = self._resume() if cfg.train.resume == "auto" else 0
         set_sparsity(self.engine.module, self.sparsity_at(self.step))
-        self.logger = RunLogger(self.output_dir, cfg.train.max_steps, enabled=self.rank == 0)
+        self.logger = RunLogger(
+            self.output_dir, cfg.train.max_steps, enabled=self.rank == 0, resumed=self.step > 0
+        )
         self.logger.advance(self.step)
         if self.rank == 0:
             (self.output_dir / "config.json").write_text(
