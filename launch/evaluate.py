@@ -14,8 +14,7 @@ import json
 import os
 import sys
 
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
+import pst_ds  # noqa: F401  (first: it sets the offline defaults transformers reads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = auto.from_pretrained(args.model, dtype=torch.float32)
     splits = load_splits(config.data, task, tokenizer)
-    data = {"validation": splits.validation, "test": splits.test}.get(args.split) or concatenate_datasets(
-        [splits.train, splits.validation] + ([splits.test] if splits.test is not None else [])
-    )
+    if args.split == "all":
+        parts = [splits.train, splits.validation] + ([splits.test] if splits.test is not None else [])
+        data = concatenate_datasets(parts)
+    else:
+        data = getattr(splits, args.split)
     result = {"model": args.model, "split": args.split, **evaluate_model(model, data, task, args.batch_size)}
     metric = "accuracy" if task == "sequence_classification" else "perplexity"
     print(

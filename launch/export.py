@@ -10,13 +10,9 @@ factors, and writes safetensors, the tokenizer and pst_sparsity.json.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
-
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
 
 
 def main(argv: list[str] | None = None) -> int:

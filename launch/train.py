@@ -12,9 +12,6 @@ import argparse
 import os
 import sys
 
-# Nothing is ever fetched from a hub: models and data are local or shipped by packages.
-for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_EXPERIMENT = "configs/experiments/default.yaml"
