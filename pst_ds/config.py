@@ -56,6 +56,7 @@ class PSTConfig:
     final_sparsity: float = 0.9
     initial_warmup: float = 0.1  # fraction of steps held at initial_sparsity
     final_warmup: float = 0.3  # fraction of steps held at final_sparsity
+    compile: bool = True  # fuse the layer's element-wise work with torch.compile (same math)
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     trainable_modules: list[str] = field(default_factory=list)  # e.g. a task head: "classifier"
 

@@ -9,7 +9,8 @@ For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
 
 Init U, A ~ N(0, 1) and V, B, R, C = 0, so training starts as magnitude pruning (S = |W|).
 S and the masked weight are computed in fp32 whatever the model's dtype, so ties from a
-low-precision W cannot make the sparsity inexact.
+low-precision W cannot make the sparsity inexact. The forward and backward themselves live
+in pst_function.py, which keeps nothing weight-sized between them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import PSTConfig
-from .masks import StraightThroughTopK, topk_mask
+from .masks import keep_mask, select_threshold
+from .pst_function import PSTLinearFunction, extended_importance_factors, updated_and_scores
 
 
 class PSTLinear(nn.Module):
@@ -43,6 +45,7 @@ class PSTLinear(nn.Module):
         self.alpha1, self.alpha2, self.beta = config.alpha1, config.alpha2, config.beta
         self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
         self.sparsity = config.initial_sparsity
+        self.compiled = config.compile
         # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
         self.track_mask = False
         self.mask_changes: int | None = None  # entries changed since the previous noted mask
@@ -56,42 +59,31 @@ class PSTLinear(nn.Module):
         self.R = nn.Parameter(torch.zeros(out_features, **factory))
         self.C = nn.Parameter(torch.zeros(in_features, **factory))
 
-    def updated_weight(self) -> torch.Tensor:
-        """W' = W + beta U V, (out, in), fp32."""
-        w = self.weight.float()
-        w = w.t() if self.transposed else w
-        return w + self.beta * (self.U.float() @ self.V.float())
+    def updated_and_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', S), (out, in), fp32, without autograd (needs the whole weight gathered)."""
+        with torch.no_grad():
+            Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, self.alpha1, self.alpha2)
+            return updated_and_scores(self.weight, self.U, self.V, Ae, Be, self.beta, self.transposed)
 
-    def importance(self, updated: torch.Tensor) -> torch.Tensor:
-        """S = |W'| + alpha1 A B + alpha2 (R 1^T + 1 C^T), fp32."""
-        low_rank = self.A.float() @ self.B.float()
-        rows_cols = self.R.float()[:, None] + self.C.float()[None, :]
-        return updated.abs() + self.alpha1 * low_rank + self.alpha2 * rows_cols
-
-    def masked_weight(self) -> torch.Tensor:
-        """M * W', (out, in), fp32, differentiable (straight-through to S)."""
-        updated = self.updated_weight()
-        mask = StraightThroughTopK.apply(self.importance(updated), self.sparsity)
-        if self.track_mask:
-            self._note_mask(mask.detach() > 0)
-        return mask * updated
-
-    def _note_mask(self, mask: torch.Tensor) -> None:
+    def note_mask(self, mask: torch.Tensor) -> None:
+        """Count the entries that changed since the previously noted mask (for logging)."""
         previous, self._noted_mask, self.track_mask = self._noted_mask, mask.cpu(), False
         self.mask_changes = None if previous is None else int((self._noted_mask != previous).sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.masked_weight().to(x.dtype), self.bias)
+        return PSTLinearFunction.apply(x, self.weight, self.bias, self.U, self.V, self.A, self.B, self.R, self.C, self)
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
         """The bool (out, in) mask at the sparsity in force (needs the whole weight gathered)."""
-        return topk_mask(self.importance(self.updated_weight()), self.sparsity)
+        _, scores = self.updated_and_scores()
+        return keep_mask(scores, select_threshold(scores, self.sparsity))
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """M * (W + beta U V) in the base layer's own layout and dtype (for export)."""
-        merged = self.masked_weight()
+        updated, scores = self.updated_and_scores()
+        merged = updated * keep_mask(scores, select_threshold(scores, self.sparsity))
         merged = merged.t() if self.transposed else merged
         return merged.to(self.weight.dtype).contiguous()
 

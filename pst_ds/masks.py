@@ -1,8 +1,30 @@
-"""Mask selection: the exact per-matrix top-k of an importance score, with a straight-through gradient."""
+"""Mask selection: the exact per-matrix top-k of an importance score, as a threshold.
+
+A mask is stored as a ``Threshold`` (one value, plus the flat indices of the few entries
+equal to it that are kept), never as a weight-sized tensor, so a layer can recompute it in
+backward from the scores. Entries above the value are kept, entries below it pruned; ties
+at the value are broken by flat index, lower index pruned first. The mask is therefore a
+deterministic function of the scores: every rank holding the same scores gets the same mask.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+# Above this many entries, selection brackets the k-th value from a fixed random sample and
+# finishes on the few entries inside the bracket; below it, kthvalue on everything is as fast.
+_BRACKET_MIN_NUMEL = 1 << 18
+_SAMPLE_SIZE = 1 << 16
+_CHUNK = 1 << 20  # entries per pass on CPU: the comparisons stay in cache
+_sample_index_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: torch.Tensor  # 0-dim, the scores' dtype and device
+    kept_ties: torch.Tensor  # flat indices (int64) of the entries equal to ``value`` that are kept
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -10,23 +32,76 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return int(numel * sparsity)
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool mask that drops exactly ``int(numel * sparsity)`` entries with the smallest scores.
+def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
+    key = (numel, str(device))
+    if key not in _sample_index_cache:  # fixed seed: the same sample on every rank and step
+        generator = torch.Generator().manual_seed(numel)
+        index = torch.randint(0, numel, (_SAMPLE_SIZE,), generator=generator)
+        _sample_index_cache[key] = index.to(device)
+    return _sample_index_cache[key]
 
-    Found by selection (``kthvalue``), not a sort. Ties at the threshold are broken by flat
-    index, lower index pruned first, so the mask is a deterministic function of ``scores``:
-    every rank that holds the same scores computes the same mask.
+
+def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int] | None:
+    """(k-th smallest, #entries below it, #entries equal to it), or None if the bracket missed."""
+    n = flat.numel()
+    sample = flat[_sample_index(n, flat.device)]
+    # The sample's quantile has a standard error of sqrt(p(1-p)/m) in rank; 6 of them is ample.
+    centre = k / n * _SAMPLE_SIZE
+    half = 6.0 * (k / n * (1 - k / n) * _SAMPLE_SIZE) ** 0.5 + 2
+    lo = sample.kthvalue(max(int(centre - half), 1)).values
+    hi = sample.kthvalue(min(int(centre + half) + 1, _SAMPLE_SIZE)).values
+    below, band = 0, []
+    chunk = _CHUNK if flat.device.type == "cpu" else n
+    for part in flat.split(chunk):
+        below += int(torch.count_nonzero(part < lo))
+        band.append(part[(part >= lo) & (part <= hi)])
+    inside = torch.cat(band)
+    rank = k - below
+    if not 1 <= rank <= inside.numel():
+        return None
+    value = inside.kthvalue(rank).values
+    return value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value))
+
+
+def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
+    """The threshold that prunes exactly ``int(numel * sparsity)`` entries with the smallest scores.
+
+    Found by selection, not a sort: on large matrices one read of the scores brackets the
+    k-th value (from a fixed sample) and kthvalue runs on the bracket only.
     """
-    k = num_pruned(scores.numel(), sparsity)
+    flat = scores.detach().reshape(-1)
+    n, k = flat.numel(), num_pruned(flat.numel(), sparsity)
+    no_ties = torch.empty(0, dtype=torch.long, device=flat.device)
     if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    flat = scores.reshape(-1)
-    threshold = flat.kthvalue(k).values
-    below = flat < threshold
-    tied = flat == threshold
-    # Of the entries equal to the threshold, prune just enough (the first ones) to reach k.
-    prune_tied = tied & (tied.cumsum(0) <= k - below.sum())
-    return ~(below | prune_tied).reshape(scores.shape)
+        return Threshold(torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device), no_ties)
+    found = _bracketed_kth(flat, k) if n >= _BRACKET_MIN_NUMEL else None
+    if found is None:
+        value = flat.kthvalue(k).values
+        found = value, int(torch.count_nonzero(flat < value)), int(torch.count_nonzero(flat == value))
+    value, below, tied = found
+    ties_to_prune = k - below
+    if ties_to_prune == tied:
+        return Threshold(value, no_ties)
+    # Only some ties go: keep the ones after the first ``ties_to_prune`` in flat order.
+    return Threshold(value, torch.nonzero(flat == value).reshape(-1)[ties_to_prune:])
+
+
+def keep_from(scores: torch.Tensor, value: torch.Tensor, kept_ties: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the entries above ``value``, plus the kept ties (flat indices)."""
+    keep = scores > value
+    if kept_ties.numel():
+        keep = keep.reshape(-1).index_fill(0, kept_ties, True).reshape(scores.shape)
+    return keep
+
+
+def keep_mask(scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
+    """Bool mask of the entries ``threshold`` keeps."""
+    return keep_from(scores, threshold.value, threshold.kept_ties)
+
+
+def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask that drops exactly ``int(numel * sparsity)`` entries with the smallest scores."""
+    return keep_mask(scores, select_threshold(scores, sparsity))
 
 
 class StraightThroughTopK(torch.autograd.Function):

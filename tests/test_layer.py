@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
-from pst_ds.masks import topk_mask
+from pst_ds.masks import StraightThroughTopK, topk_mask
 
 
 def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
@@ -36,11 +36,13 @@ def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
     return y, M, grads
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75])
-def test_forward_and_factor_gradients_match_reference(kind, sparsity):
+def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled):
     torch.manual_seed(0)
-    out_f, in_f, cfg = 24, 40, PSTConfig(weight_rank=4, mask_rank=3, alpha1=0.7, alpha2=1.3, beta=0.5)
+    cfg = PSTConfig(weight_rank=4, mask_rank=3, alpha1=0.7, alpha2=1.3, beta=0.5, compile=compiled)
+    out_f, in_f = 24, 40
     base = nn.Linear(in_f, out_f, bias=False) if kind == "linear" else Conv1D(out_f, in_f)
     if kind == "conv1d":
         nn.init.zeros_(base.bias)
@@ -96,13 +98,19 @@ def test_ties_pruned_lowest_index_first():
     assert mask.tolist() == [[True, False, False], [False, True, True]]
 
 
-def test_selection_matches_full_sort_on_random_scores():
+@pytest.mark.parametrize("shape", [(300, 170), (700, 600)], ids=["kthvalue", "bracketed"])
+@pytest.mark.parametrize("distinct_values", [None, 5000])
+def test_selection_matches_full_stable_sort(shape, distinct_values):
+    """Both selection routes (whole-matrix kthvalue; sample bracket above 2^18 entries),
+    with and without ties, against a stable argsort (ties pruned lowest index first)."""
     torch.manual_seed(2)
-    scores = torch.randn(300, 170)
-    for sparsity in (0.0, 0.01, 0.5, 0.99):
+    scores = torch.randn(*shape)
+    if distinct_values:  # heavy ties: every value repeats about numel / 5000 times
+        scores = torch.randint(0, distinct_values, shape).float() / distinct_values
+    for sparsity in (0.0, 0.01, 0.5, 0.9, 0.99):
         k = int(scores.numel() * sparsity)
         expected = torch.ones(scores.numel(), dtype=torch.bool)
-        expected[scores.reshape(-1).argsort()[:k]] = False
+        expected[scores.reshape(-1).argsort(stable=True)[:k]] = False
         assert torch.equal(topk_mask(scores, sparsity), expected.reshape(scores.shape))
 
 
@@ -144,3 +152,37 @@ def test_mask_changes_are_counted_between_noted_forwards():
     layer.track_mask = True
     layer(x)
     assert layer.mask_changes == int((layer.mask() != first).sum()) == 40
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_backward_keeps_only_the_input_and_small_tensors(compiled):
+    """Saved-tensor accounting: besides the layer's own parameters, PST saves the input and
+    O(out + in) numbers for backward; the autograd formulation saves weight-sized tensors."""
+    torch.manual_seed(5)
+    out_f, in_f, tokens = 96, 80, 7
+    layer = PSTLinear(nn.Linear(in_f, out_f), PSTConfig(compile=compiled))
+    layer.sparsity = 0.5
+    x = torch.randn(tokens, in_f)
+    params = {p.data_ptr() for p in layer.parameters()}
+
+    def saved_bytes(forward):
+        seen = []
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                seen.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward().sum().backward()
+        return sum(seen)
+
+    budget = x.numel() * 4 + 8 * (out_f + in_f) * 4  # the input, plus a few O(out + in) vectors
+    assert saved_bytes(lambda: layer(x)) <= budget
+
+    def autograd_formulation():  # the release's: W', S and the mask kept by autograd
+        updated = layer.weight + layer.beta * layer.U @ layer.V
+        scores = updated.abs() + layer.A @ layer.B + layer.R[:, None] + layer.C[None, :]
+        return nn.functional.linear(x, StraightThroughTopK.apply(scores, 0.5) * updated, layer.bias)
+
+    assert saved_bytes(autograd_formulation) > 2 * out_f * in_f * 4
