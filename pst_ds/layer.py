@@ -16,7 +16,6 @@ in pst_function.py, which keeps nothing weight-sized between them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -71,7 +70,9 @@ class PSTLinear(nn.Module):
         self.mask_changes = None if previous is None else int((self._noted_mask != previous).sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return PSTLinearFunction.apply(x, self.weight, self.bias, self.U, self.V, self.A, self.B, self.R, self.C, self)
+        return PSTLinearFunction.apply(
+            x, self.weight, self.bias, self.U, self.V, self.A, self.B, self.R, self.C, self
+        )
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:

@@ -46,8 +46,13 @@ def extended_importance_factors(
 
 
 def updated_and_scores(
-    weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, Ae: torch.Tensor, Be: torch.Tensor,
-    beta: float, transposed: bool,
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    Ae: torch.Tensor,
+    Be: torch.Tensor,
+    beta: float,
+    transposed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', S), both (out, in) fp32."""
     w = weight.t() if transposed else weight
@@ -55,14 +60,24 @@ def updated_and_scores(
     return updated, torch.addmm(updated.abs(), Ae, Be)
 
 
-def apply_mask(updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, kept_ties: torch.Tensor) -> torch.Tensor:
+def apply_mask(
+    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, kept_ties: torch.Tensor
+) -> torch.Tensor:
     """M * W' (fp32), written over ``updated``."""
     return updated.mul_(keep_from(scores, value, kept_ties))
 
 
 def backward_terms(
-    grad_masked: torch.Tensor, weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-    Ae: torch.Tensor, Be: torch.Tensor, beta: float, transposed: bool, value: torch.Tensor, kept_ties: torch.Tensor,
+    grad_masked: torch.Tensor,
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    Ae: torch.Tensor,
+    Be: torch.Tensor,
+    beta: float,
+    transposed: bool,
+    value: torch.Tensor,
+    kept_ties: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M * W', dS, dW') from G = dL/d(M * W') and the recomputed W', S."""
     updated, scores = updated_and_scores(weight, U, V, Ae, Be, beta, transposed)
@@ -79,7 +94,11 @@ def _apply_mask_functional(
     return updated * keep_from(scores, value, kept_ties)
 
 
-_EAGER = {"updated_and_scores": updated_and_scores, "apply_mask": apply_mask, "backward_terms": backward_terms}
+_EAGER = {
+    "updated_and_scores": updated_and_scores,
+    "apply_mask": apply_mask,
+    "backward_terms": backward_terms,
+}
 # Compiled, the mask is applied out of place: in-place writes to an input break fusion.
 _COMPILABLE = {**_EAGER, "apply_mask": _apply_mask_functional}
 _compiled: dict = {}
@@ -134,7 +153,9 @@ class PSTLinearFunction(torch.autograd.Function):
         del grad_updated
         ones_in = torch.ones_like(grad_scores[:1])
         rows = grad_scores.mm(torch.cat([B.float(), ones_in]).t())  # (out, r_m + 1)
-        cols = torch.cat([A.float(), torch.ones_like(rows[:, :1])], dim=1).t().mm(grad_scores)  # (r_m + 1, in)
+        cols = (
+            torch.cat([A.float(), torch.ones_like(rows[:, :1])], dim=1).t().mm(grad_scores)
+        )  # (r_m + 1, in)
         a1, a2 = layer.alpha1, layer.alpha2
         grad_A, grad_R = (a1 * rows[:, :r_m]).to(A.dtype), (a2 * rows[:, r_m]).to(R.dtype)
         grad_B, grad_C = (a1 * cols[:r_m]).to(B.dtype), (a2 * cols[r_m]).to(C.dtype)
