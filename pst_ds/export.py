@@ -18,16 +18,17 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 
 from . import checkpoint
-from .config import ConfigError, ModelConfig, PSTConfig, TrainConfig, build_section
-from .inject import inject_pst, iter_pst_layers, set_sparsity
-from .layer import PSTLinear
+from .baselines import LoRALinear
+from .config import ConfigError, LoRAConfig, ModelConfig, PSTConfig, TrainConfig, build_section
+from .inject import inject_pst, set_sparsity
+from .layer import SparseLinear
 from .models import load_model, load_tokenizer
-from .schedule import cubic_sparsity
+from .schedule import scheduled_sparsity
 
 SPARSITY_REPORT = "pst_sparsity.json"
 
 
-def _plain_layer(layer: PSTLinear) -> nn.Module:
+def _plain_layer(layer: SparseLinear | LoRALinear) -> nn.Module:
     """The base layer type again, holding the merged, masked weight."""
     has_bias = layer.bias is not None
     if layer.transposed:
@@ -40,17 +41,19 @@ def _plain_layer(layer: PSTLinear) -> nn.Module:
     return plain
 
 
+def _zeros(weight: torch.Tensor) -> dict[str, Any]:
+    zeros = int((weight == 0).sum())
+    return {"shape": list(weight.shape), "zeros": zeros, "sparsity": zeros / weight.numel()}
+
+
 def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Replace every PST layer by its plain merged layer; return per-layer sparsity figures."""
+    """Replace every injected layer (PST or a baseline's) by its plain merged layer; return
+    per-layer sparsity figures."""
     report = {}
-    for name, layer in list(iter_pst_layers(model)):
+    injected = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, LoRALinear))]
+    for name, layer in injected:
         plain = _plain_layer(layer)
-        zeros = int((plain.weight == 0).sum())
-        report[name] = {
-            "shape": list(plain.weight.shape),
-            "zeros": zeros,
-            "sparsity": zeros / plain.weight.numel(),
-        }
+        report[name] = _zeros(plain.weight)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, plain)
     return report
@@ -67,6 +70,8 @@ def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> d
     saved = json.loads((run_dir / "config.json").read_text())["experiment"]
     model_config = build_section(ModelConfig, saved["model"], "model.")
     pst = build_section(PSTConfig, saved["pst"], "pst.")
+    method = saved.get("method", "pst")
+    lora = build_section(LoRAConfig, saved.get("lora", {}), "lora.")
     train = build_section(TrainConfig, saved["train"], "train.")
     step = checkpoint.read_manifest(root, tag)["step"]
 
@@ -76,15 +81,15 @@ def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> d
     tokenizer = load_tokenizer(model_config)
     labels = json.loads((run_dir / "config.json").read_text()).get("labels")
     model = load_model(model_config, tokenizer, labels)
-    inject_pst(model, pst)
+    layer_names = inject_pst(model, pst, method, lora)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     model.load_state_dict(state, strict=True)
-    sparsity = cubic_sparsity(
-        step, train.max_steps, pst.initial_sparsity, pst.final_sparsity, pst.initial_warmup, pst.final_warmup
-    )
+    sparsity = scheduled_sparsity(method, pst, step, train.max_steps)
     set_sparsity(model, sparsity)
     with torch.no_grad():
         layers = merge_pst_layers(model)
+        for name in layer_names if method == "dense" else ():  # nothing injected: report as is
+            layers[name] = _zeros(model.get_submodule(name).weight)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     zeros = sum(v["zeros"] for v in layers.values())
@@ -92,6 +97,7 @@ def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> d
     report = {
         "checkpoint": str(root / tag),
         "step": step,
+        "method": method,
         "scheduled_sparsity": sparsity,
         "total": {"layers": len(layers), "params": numel, "zeros": zeros, "sparsity": zeros / numel},
         "layers": layers,

@@ -1,4 +1,4 @@
-"""Module injection: replace the targeted linears of a loaded model by PSTLinear layers.
+"""Module injection: replace the targeted linears of a loaded model by PST (or baseline) layers.
 
 Works on a model whose weights ZeRO-3 has already partitioned (shapes come from
 ``ds_shape``); the factors it creates become ZeRO parameters at ``deepspeed.initialize``.
@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import DEFAULT_TARGET_MODULES, ConfigError, PSTConfig, name_matches
-from .layer import PSTLinear
+from .baselines import LoRALinear, MagnitudeLinear, MovementLinear
+from .config import DEFAULT_TARGET_MODULES, ConfigError, LoRAConfig, PSTConfig, name_matches
+from .layer import PSTLinear, SparseLinear
 
 FACTOR_NAMES = ("U", "V", "A", "B", "R", "C")
 
@@ -27,11 +28,25 @@ def _check_every_pattern_matches(model: nn.Module, patterns: list[str], what: st
             raise ConfigError(f"{what} pattern {pattern!r} matches no module of {type(model).__name__}")
 
 
-def inject_pst(model: nn.Module, config: PSTConfig) -> list[str]:
-    """Replace every Linear/Conv1D whose name matches ``config.target_modules`` by a PSTLinear.
+def _layer_factory(method: str, config: PSTConfig, lora: LoRAConfig):
+    return {
+        "pst": lambda base: PSTLinear(base, config),
+        "magnitude": lambda base: MagnitudeLinear(base, config),
+        "movement": lambda base: MovementLinear(base, config, train_weight=True),
+        "smp": lambda base: MovementLinear(base, config, train_weight=False),
+        "lora": lambda base: LoRALinear(base, lora),
+    }[method]
 
-    Freezes every other parameter, then makes the factors and the parameters of modules
-    matching ``config.trainable_modules`` trainable. Returns the replaced layers' names.
+
+def inject_pst(
+    model: nn.Module, config: PSTConfig, method: str = "pst", lora: LoRAConfig | None = None
+) -> list[str]:
+    """Replace every Linear/Conv1D whose name matches ``config.target_modules`` by ``method``'s layer.
+
+    Freezes every other parameter, then makes the method's own parameters (the factors, or a
+    baseline's weights and scores) and those of modules matching ``config.trainable_modules``
+    trainable. ``dense`` replaces nothing and trains the whole model. Returns the targeted
+    layers' names.
     """
     # The defaults cover several families, so only their union must match; a user's own
     # patterns must each match something, so that a typo cannot silently prune less.
@@ -45,24 +60,34 @@ def inject_pst(model: nn.Module, config: PSTConfig) -> list[str]:
     ]
     if not targets:
         raise ConfigError(f"pst.target_modules matches no Linear/Conv1D layer of {type(model).__name__}")
+    if method == "dense":
+        model.requires_grad_(True)
+        return [name for name, _ in targets]
 
     model.requires_grad_(False)
+    make = _layer_factory(method, config, lora or LoRAConfig())
     for name, module in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, PSTLinear(module, config))
+        setattr(model.get_submodule(parent_name), attr, make(module))
     for _, module in _matching(model, config.trainable_modules):
         module.requires_grad_(True)
     return [name for name, _ in targets]
 
 
-def iter_pst_layers(model: nn.Module) -> Iterator[tuple[str, PSTLinear]]:
+def head_parameters(model: nn.Module, config: PSTConfig) -> list[nn.Parameter]:
+    """The parameters of the modules matching ``config.trainable_modules`` (e.g. a task head)."""
+    return [p for _, module in _matching(model, config.trainable_modules) for p in module.parameters()]
+
+
+def iter_pst_layers(model: nn.Module) -> Iterator[tuple[str, SparseLinear]]:
+    """Every pruned layer (PST or a pruning baseline) with its qualified name."""
     for name, module in model.named_modules():
-        if isinstance(module, PSTLinear):
+        if isinstance(module, SparseLinear):
             yield name, module
 
 
 def set_sparsity(model: nn.Module, sparsity: float) -> None:
-    """Set the sparsity in force in every PST layer of ``model``."""
+    """Set the sparsity in force in every pruned layer of ``model``."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     for _, layer in iter_pst_layers(model):

@@ -1,5 +1,7 @@
 """PSTLinear: a frozen linear layer pruned by PST (Li et al., IJCAI 2022), trained through tiny factors.
 
+Also SparseLinear, the base every pruned layer (PST and the baselines) shares.
+
 For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
 
     W' = W + beta * U @ V                                         (low-rank weight update)
@@ -24,12 +26,10 @@ from .masks import keep_mask, select_threshold
 from .pst_function import PSTLinearFunction, extended_importance_factors, updated_and_scores
 
 
-class PSTLinear(nn.Module):
-    """Wraps an ``nn.Linear`` or a GPT-2 ``Conv1D``, keeping its weight and bias Parameter objects.
-
-    The factors are shaped for the (out, in) orientation whatever the base layout; the base
-    weight keeps its own name and layout, so checkpoints and ZeRO-3 hooks still see it.
-    """
+class SparseLinear(nn.Module):
+    """What every pruned layer shares: the wrapped layer's own weight and bias Parameter
+    objects (so checkpoints and ZeRO-3 hooks still see them), its (out, in) orientation, the
+    sparsity in force and the mask-settling bookkeeping. Subclasses give the scores."""
 
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
         super().__init__()
@@ -39,17 +39,53 @@ class PSTLinear(nn.Module):
         self.bias = base.bias
         # Under ZeRO-3 the weight may already be partitioned: its real shape is ds_shape.
         shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
-        out_features, in_features = (shape[1], shape[0]) if self.transposed else shape
-        self.out_features, self.in_features = out_features, in_features
-        self.alpha1, self.alpha2, self.beta = config.alpha1, config.alpha2, config.beta
-        self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
+        self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
         self.sparsity = config.initial_sparsity
-        self.compiled = config.compile
         # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
         self.track_mask = False
         self.mask_changes: int | None = None  # entries changed since the previous noted mask
         self._noted_mask: torch.Tensor | None = None
 
+    def oriented_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), in its own dtype (a view)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def note_mask(self, mask: torch.Tensor) -> None:
+        """Count the entries that changed since the previously noted mask (for logging)."""
+        previous, self._noted_mask, self.track_mask = self._noted_mask, mask.cpu(), False
+        self.mask_changes = None if previous is None else int((self._noted_mask != previous).sum())
+
+    def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, the weight the mask applies to), both (out, in) fp32, without autograd."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        """The bool (out, in) mask at the sparsity in force (needs the whole weight gathered)."""
+        scores, _ = self.scores_and_weight()
+        return keep_mask(scores, select_threshold(scores, self.sparsity))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The masked weight in the base layer's own layout and dtype (for export)."""
+        scores, weight = self.scores_and_weight()
+        merged = weight * keep_mask(scores, select_threshold(scores, self.sparsity))
+        merged = merged.t() if self.transposed else merged
+        return merged.to(self.weight.dtype).contiguous()
+
+
+class PSTLinear(SparseLinear):
+    """PST on an ``nn.Linear`` or a GPT-2 ``Conv1D``: the weight frozen, six small factors trained.
+
+    The factors are shaped for the (out, in) orientation whatever the base layout.
+    """
+
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
+        super().__init__(base, config)
+        out_features, in_features = self.out_features, self.in_features
+        self.alpha1, self.alpha2, self.beta = config.alpha1, config.alpha2, config.beta
+        self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
+        self.compiled = config.compile
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.U = nn.Parameter(torch.randn(out_features, config.weight_rank, **factory))
         self.V = nn.Parameter(torch.zeros(config.weight_rank, in_features, **factory))
@@ -64,29 +100,14 @@ class PSTLinear(nn.Module):
             Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, self.alpha1, self.alpha2)
             return updated_and_scores(self.weight, self.U, self.V, Ae, Be, self.beta, self.transposed)
 
-    def note_mask(self, mask: torch.Tensor) -> None:
-        """Count the entries that changed since the previously noted mask (for logging)."""
-        previous, self._noted_mask, self.track_mask = self._noted_mask, mask.cpu(), False
-        self.mask_changes = None if previous is None else int((self._noted_mask != previous).sum())
+    def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        updated, scores = self.updated_and_scores()
+        return scores, updated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return PSTLinearFunction.apply(
             x, self.weight, self.bias, self.U, self.V, self.A, self.B, self.R, self.C, self
         )
-
-    @torch.no_grad()
-    def mask(self) -> torch.Tensor:
-        """The bool (out, in) mask at the sparsity in force (needs the whole weight gathered)."""
-        _, scores = self.updated_and_scores()
-        return keep_mask(scores, select_threshold(scores, self.sparsity))
-
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """M * (W + beta U V) in the base layer's own layout and dtype (for export)."""
-        updated, scores = self.updated_and_scores()
-        merged = updated * keep_mask(scores, select_threshold(scores, self.sparsity))
-        merged = merged.t() if self.transposed else merged
-        return merged.to(self.weight.dtype).contiguous()
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .config import PRUNING_METHODS, PSTConfig
+
 
 def cubic_sparsity(
     step: int,
@@ -25,3 +27,17 @@ def cubic_sparsity(
         return final
     progress = (step - warm_start) / (ramp_end - warm_start)
     return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def scheduled_sparsity(method: str, config: PSTConfig, step: int, total_steps: int) -> float:
+    """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune."""
+    if method not in PRUNING_METHODS:
+        return 0.0
+    return cubic_sparsity(
+        step,
+        total_steps,
+        config.initial_sparsity,
+        config.final_sparsity,
+        config.initial_warmup,
+        config.final_warmup,
+    )

@@ -26,10 +26,10 @@ from . import checkpoint
 from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
 from .data import collate_for, load_splits
 from .export import export_checkpoint
-from .inject import inject_pst, iter_pst_layers, set_sparsity
+from .inject import head_parameters, inject_pst, iter_pst_layers, set_sparsity
 from .logging import RunLogger
 from .models import load_model, load_tokenizer
-from .schedule import cubic_sparsity
+from .schedule import scheduled_sparsity
 
 DIST_TIMEOUT = timedelta(minutes=30)
 
@@ -116,6 +116,39 @@ def partitioned_param_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state this rank holds (Adam moments, and ZeRO's fp32 master
+    partitions where the engine keeps them), read from the wrapped torch optimizer."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(tensor: Any) -> None:
+        nonlocal total
+        if torch.is_tensor(tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    for state in inner.state.values():
+        for value in state.values():
+            add(value)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        for tensor in getattr(optimizer, name, []) or []:
+            add(tensor)
+    return total
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak accelerator memory, or its peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 class Trainer:
     """Builds the run (model, PST layers, data, engine) and trains it.
 
@@ -145,21 +178,18 @@ class Trainer:
         model = load_model(cfg.model, tokenizer, self.data.labels)
         self.collate = collate_for(cfg.model.task)
         self.metric = "ppl" if self.data.labels is None else "accuracy"
-        self.layer_names = inject_pst(model, cfg.pst)
+        self.layer_names = inject_pst(model, cfg.pst, cfg.method, cfg.lora)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.pst_layers = dict(iter_pst_layers(model))
-        self.sparsified_numel = sum(m.in_features * m.out_features for m in self.pst_layers.values())
-
-        factors = {
-            id(p)
-            for layer in self.pst_layers.values()
-            for p in layer.parameters(recurse=False)
-            if p.requires_grad
-        }
-        groups = [{"params": [p for p in self.trainable if id(p) in factors], "lr": cfg.train.lr}]
-        extras = [p for p in self.trainable if id(p) not in factors]
-        if extras:  # e.g. a new task head, which learns at its own rate
-            groups.append({"params": extras, "lr": cfg.train.head_lr or cfg.train.lr})
+        weights = [model.get_submodule(name).weight for name in self.layer_names]
+        self.sparsified_numel = sum(getattr(w, "ds_numel", w.numel()) for w in weights)
+        self.trainable_by_group = self._parameter_groups(model)
+        lrs = {"method": cfg.train.lr, "scores": cfg.train.score_lr, "head": cfg.train.head_lr}
+        groups = [
+            {"params": params, "lr": lrs[name] or cfg.train.lr}
+            for name, params in self.trainable_by_group.items()
+            if params
+        ]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.max_steps)
@@ -205,10 +235,19 @@ class Trainer:
                 )
             )
         self.logger.info(
-            f"pst-ds: {len(self.layer_names)} PST layers, {self.num_trainable():,} trainable "
+            f"pst-ds: {cfg.method} on {len(self.layer_names)} layers, {self.num_trainable():,} trainable "
             f"parameters ({100 * self.num_trainable() / self.sparsified_numel:.2f}% of the "
             f"{self.sparsified_numel:,} sparsified weights), world size {self.world_size}"
         )
+
+    def _parameter_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters by learning rate: task head, per-weight scores, the rest."""
+        head = {id(p) for p in head_parameters(model, self.config.pst)}
+        scores = {id(layer.scores) for layer in self.pst_layers.values() if hasattr(layer, "scores")}
+        groups: dict[str, list[torch.nn.Parameter]] = {"method": [], "scores": [], "head": []}
+        for p in self.trainable:
+            groups["head" if id(p) in head else "scores" if id(p) in scores else "method"].append(p)
+        return groups
 
     @contextlib.contextmanager
     def _rank_zero_first(self) -> Iterator[None]:
@@ -223,10 +262,7 @@ class Trainer:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
 
     def sparsity_at(self, step: int) -> float:
-        pst, total = self.config.pst, self.config.train.max_steps
-        return cubic_sparsity(
-            step, total, pst.initial_sparsity, pst.final_sparsity, pst.initial_warmup, pst.final_warmup
-        )
+        return scheduled_sparsity(self.config.method, self.config.pst, step, self.config.train.max_steps)
 
     # ----------------------------------------------------------------- train
     def manifest(self) -> dict[str, Any]:
@@ -302,6 +338,7 @@ class Trainer:
         before = self.evaluate()
         batches = self._batches(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
+        step_times = []
         while self.step < cfg.max_steps:
             step_start, losses = time.time(), []
             logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
@@ -314,6 +351,7 @@ class Trainer:
                 self.engine.step()
                 losses.append(loss.item())
             sparsity = self.pst_sparsity()
+            step_times.append(time.time() - step_start)
             self.step += 1
             # The schedule moves after each optimizer step, as in the release.
             set_sparsity(self.engine.module, self.sparsity_at(self.step))
@@ -334,6 +372,7 @@ class Trainer:
                 self.evaluate()
         after = self.evaluate()
         summary = {
+            "method": self.config.method,
             "steps": self.step,
             "world_size": self.world_size,
             "pst_layers": len(self.layer_names),
@@ -341,6 +380,10 @@ class Trainer:
             "sparsified_params": self.sparsified_numel,
             "trainable_percent_of_sparsified": 100 * self.num_trainable() / self.sparsified_numel,
             "param_bytes_rank0": partitioned_param_bytes(self.engine.module),
+            "optimizer_state_bytes_rank0": optimizer_state_bytes(self.optimizer),
+            "peak_memory_bytes_rank0": peak_memory_bytes(),
+            "step_times_s": step_times,  # this session's steps, rank 0
+            "tokens_per_step": tokens_per_step,
             "final_sparsity": self.pst_sparsity(),
             f"eval_{self.metric}_before": before,
             f"eval_{self.metric}_after": after,
@@ -360,10 +403,10 @@ class Trainer:
     def mask_changed_fraction(self) -> float | None:
         """Share of all mask entries that changed since the previous logged step (None at first)."""
         changes = [layer.mask_changes for layer in self.pst_layers.values()]
-        return None if None in changes else sum(changes) / self.sparsified_numel
+        return None if not changes or None in changes else sum(changes) / self.sparsified_numel
 
     def pst_sparsity(self) -> float:
-        return next(iter(self.pst_layers.values())).sparsity
+        return next((layer.sparsity for layer in self.pst_layers.values()), 0.0)
 
     # -------------------------------------------------------------- evaluate
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,95 @@
+"""The baselines PST is compared with, as layers for the same injection, engine and schedule.
+
+    magnitude  S = |W|; y = x (M * W)^T + b; W trained (gradient G * M: pruned weights rest)
+    movement   S = a score per weight (init 0, Sanh et al. 2020); M = top-k(S) with a
+               straight-through gradient dS = G * W; W trained (dW = G * M)
+    smp        as movement with W frozen: only the scores train (static model pruning)
+    lora       y = x W^T + b + (alpha / r) x A^T B^T; A ~ Kaiming, B = 0; no pruning
+    dense      no layer: every parameter of the model trains (handled by the injector)
+
+The masks come from the same exact selection as PST's (masks.py), so sparsities match.
+These layers use plain autograd: they train weight-sized tensors anyway.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LoRAConfig, PSTConfig
+from .layer import SparseLinear
+from .masks import StraightThroughTopK, keep_mask, select_threshold
+
+
+class MagnitudeLinear(SparseLinear):
+    """Gradual magnitude pruning: the mask keeps the largest |W|, the weight fine-tunes."""
+
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
+        super().__init__(base, config)
+        self.weight.requires_grad_(True)
+
+    def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.oriented_weight().detach().float()
+        return weight.abs(), weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.oriented_weight()
+        with torch.no_grad():
+            scores = weight.float().abs()
+            keep = keep_mask(scores, select_threshold(scores, self.sparsity))
+            if self.track_mask:
+                self.note_mask(keep)
+        return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
+
+
+class MovementLinear(SparseLinear):
+    """Movement pruning (``train_weight``) or static model pruning (weights frozen)."""
+
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, train_weight: bool) -> None:
+        super().__init__(base, config)
+        self.weight.requires_grad_(train_weight)
+        self.scores = nn.Parameter(
+            torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=base.weight.device)
+        )
+
+    def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scores.detach().float(), self.oriented_weight().detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = StraightThroughTopK.apply(self.scores, self.sparsity)
+        if self.track_mask:
+            self.note_mask(mask.detach() > 0)
+        weight = self.oriented_weight()
+        return F.linear(x, (mask * weight.float()).to(x.dtype), self.bias)
+
+
+class LoRALinear(nn.Module):
+    """A dense low-rank update beside the frozen weight (Hu et al. 2021)."""
+
+    def __init__(self, base: nn.Linear | Conv1D, config: LoRAConfig) -> None:
+        super().__init__()
+        self.transposed = isinstance(base, Conv1D)
+        self.weight, self.bias = base.weight, base.bias
+        shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
+        self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
+        self.scale = config.alpha / config.rank
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.t() if self.transposed else self.weight
+        return F.linear(x, weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A in the base layer's own layout and dtype (for export)."""
+        weight = self.weight.t() if self.transposed else self.weight
+        merged = weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
+        merged = merged.t() if self.transposed else merged
+        return merged.to(self.weight.dtype).contiguous()

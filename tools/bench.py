@@ -1,0 +1,221 @@
+"""Speed and memory of PST beside its baselines, measured in one run: per layer and end to end.
+
+    python tools/bench.py layers  [--shapes smollm2-mlp llama7b-mlp] [--repeats 5]
+    python tools/bench.py methods [--methods pst dense ...] [--num_gpus 2] [--steps 6] [overrides]
+
+``layers`` times one layer's forward+backward for each formulation in the same process,
+interleaved repeat by repeat so that machine noise hits all alike, and reports medians and
+ratios to dense fine-tuning of that layer. ``methods`` runs ``launch/train.py`` through the
+deepspeed launcher once per method on the same model, data and engine, and reads each run's
+summary.json: trainable parameters, optimizer-state bytes and peak memory per rank, median
+step time after warm-up, tokens/s, and ratios to PST. Both print a markdown table and write
+JSON + markdown under --out.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: see docs/results.md
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pst_ds import PSTConfig, PSTLinear  # noqa: E402
+from pst_ds.baselines import LoRALinear  # noqa: E402
+from pst_ds.config import METHODS, LoRAConfig  # noqa: E402
+
+# (out, in, tokens) per named shape: the SmolLM2-135M and LLaMA-7B block linears.
+SHAPES = {
+    "smollm2-attn": (576, 576, 1024),
+    "smollm2-mlp": (1536, 576, 1024),
+    "smollm2-down": (576, 1536, 1024),
+    "llama7b-attn": (4096, 4096, 512),
+    "llama7b-mlp": (11008, 4096, 512),
+    "llama7b-down": (4096, 11008, 512),
+}
+
+
+class SortEveryForward(nn.Module):
+    """The release's formulation: W', S and a float mask through autograd, a full argsort."""
+
+    def __init__(self, layer: PSTLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.layer
+        updated = p.weight + p.beta * p.U @ p.V
+        scores = updated.abs() + p.alpha1 * p.A @ p.B + p.alpha2 * (p.R[:, None] + p.C[None, :])
+        k = int(scores.numel() * p.sparsity)
+        mask = torch.ones_like(scores).reshape(-1)
+        mask[scores.detach().reshape(-1).argsort()[:k]] = 0
+        mask = mask.reshape(scores.shape) + scores - scores.detach()  # straight-through
+        return F.linear(x, mask * updated, p.bias)
+
+
+def layer_variants(out_f: int, in_f: int, sparsity: float) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    dense = nn.Linear(in_f, out_f, bias=False)
+    frozen = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+    pst = PSTLinear(frozen, PSTConfig())
+    pst_eager = PSTLinear(frozen, PSTConfig(compile=False))
+    for layer in (pst, pst_eager):
+        layer.sparsity = sparsity
+        with torch.no_grad():  # trained-looking factors, so no score ties by construction
+            for name in ("V", "B", "R", "C"):
+                getattr(layer, name).normal_(0, 0.01)
+    return {
+        "dense": dense,
+        "lora": LoRALinear(frozen, LoRAConfig()),
+        "pst": pst,
+        "pst_eager": pst_eager,
+        "pst_sort_autograd": SortEveryForward(pst),
+    }
+
+
+def bench_layers(args: argparse.Namespace) -> dict:
+    results = {}
+    for shape in args.shapes:
+        out_f, in_f, tokens = SHAPES[shape]
+        variants = layer_variants(out_f, in_f, args.sparsity)
+        x = torch.randn(tokens, in_f, requires_grad=True)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+
+        def step(module: nn.Module) -> float:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            start = time.perf_counter()
+            module(x).sum().backward()
+            return time.perf_counter() - start
+
+        for name, module in variants.items():  # warm-up: compilation, allocator
+            step(module)
+        for _ in range(args.repeats):
+            for name, module in variants.items():
+                times[name].append(step(module))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        results[shape] = {
+            "out": out_f,
+            "in": in_f,
+            "tokens": tokens,
+            "sparsity": args.sparsity,
+            "median_ms": {n: 1e3 * t for n, t in medians.items()},
+            "ratio_to_dense": {n: t / medians["dense"] for n, t in medians.items()},
+            "all_ms": {n: [1e3 * v for v in t] for n, t in times.items()},
+        }
+        print(f"bench: {shape} done", file=sys.stderr, flush=True)
+    names = list(next(iter(results.values()))["median_ms"])
+    lines = [
+        "| shape (out x in, tokens) | " + " | ".join(f"{n} ms (x dense)" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for shape, r in results.items():
+        cells = [f"{r['median_ms'][n]:.1f} ({r['ratio_to_dense'][n]:.2f}x)" for n in names]
+        lines.append(f"| {shape} ({r['out']}x{r['in']}, {r['tokens']}) | " + " | ".join(cells) + " |")
+    return {"kind": "layers", "threads": torch.get_num_threads(), "results": results, "table": lines}
+
+
+def bench_methods(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    results = {}
+    for method in args.methods:
+        run_dir = out / "runs" / method
+        command = [
+            str(Path(sys.executable).with_name("deepspeed")),
+            "--num_gpus",
+            str(args.num_gpus),
+            str(ROOT / "launch/train.py"),
+            "--ds_config",
+            args.ds_config,
+            "--config",
+            args.config,
+            f"method={method}",
+            f"train.max_steps={args.steps}",
+            f"train.output_dir={run_dir}",
+            "train.resume=never",
+            "train.save_every=0",
+            "data.max_validation_blocks=1",
+            *args.overrides,
+        ]
+        print("bench:", " ".join(command), file=sys.stderr, flush=True)
+        log = out / f"{method}.log"
+        with log.open("w") as handle:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if code != 0:
+            raise SystemExit(f"bench: {method} failed with exit code {code}; see {log}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        steady = summary["step_times_s"][args.warmup_steps :] or summary["step_times_s"]
+        step_s = statistics.median(steady)
+        results[method] = {
+            "trainable_params": summary["trainable_params"],
+            "optimizer_state_bytes_per_rank": summary["optimizer_state_bytes_rank0"],
+            "peak_memory_bytes_per_rank": summary["peak_memory_bytes_rank0"],
+            "param_bytes_per_rank": summary["param_bytes_rank0"],
+            "median_step_s": step_s,
+            "tokens_per_s": summary["tokens_per_step"] / step_s,
+        }
+    reference = results.get("pst") or next(iter(results.values()))
+    fields = list(next(iter(results.values())))
+    for r in results.values():
+        r["ratio_to_pst"] = {f: r[f] / reference[f] if reference[f] else None for f in fields}
+    lines = [
+        "| method | trainable params | optimizer state / rank | peak memory / rank | median step | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, r in results.items():
+        q = r["ratio_to_pst"]
+        lines.append(
+            f"| {method} | {r['trainable_params']:,} ({q['trainable_params']:.2f}x) "
+            f"| {r['optimizer_state_bytes_per_rank'] / 2**20:.1f} MiB "
+            f"({q['optimizer_state_bytes_per_rank']:.2f}x) "
+            f"| {r['peak_memory_bytes_per_rank'] / 2**20:.0f} MiB ({q['peak_memory_bytes_per_rank']:.2f}x) "
+            f"| {r['median_step_s']:.2f} s ({q['median_step_s']:.2f}x) "
+            f"| {r['tokens_per_s']:.0f} ({q['tokens_per_s']:.2f}x) |"
+        )
+    return {"kind": "methods", "command_args": vars(args), "results": results, "table": lines}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="kind", required=True)
+    layers = sub.add_parser("layers", help="one layer's forward+backward per formulation")
+    layers.add_argument("--shapes", nargs="+", default=["smollm2-mlp", "llama7b-mlp"], choices=SHAPES)
+    layers.add_argument("--repeats", type=int, default=5)
+    layers.add_argument("--sparsity", type=float, default=0.5)
+    methods = sub.add_parser("methods", help="whole training runs, one per method")
+    methods.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    methods.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU ranks without a GPU)")
+    methods.add_argument("--ds_config", default="configs/zero2.json")
+    methods.add_argument("--config", default="configs/experiments/default.yaml")
+    methods.add_argument("--steps", type=int, default=6)
+    methods.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the median")
+    methods.add_argument("overrides", nargs="*", help="experiment overrides, key=value")
+    for p in (layers, methods):
+        p.add_argument("--out", default="runs/bench")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = bench_layers(args) if args.kind == "layers" else bench_methods(args)
+    report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (out / f"{args.kind}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{args.kind}.md").write_text("\n".join(report["table"]) + "\n")
+    print("\n".join(report["table"]))
+
+
+if __name__ == "__main__":
+    main()
