@@ -1,0 +1,59 @@
+"""Smoke runs of tools/bench.py on tiny inputs: the JSON it writes has every field."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "tools/bench.py"), *args], check=True, cwd=ROOT)
+
+
+def test_layer_bench_reports_every_formulation(tmp_path):
+    run_bench("layers", "--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "layers.json").read_text())
+    tiny = report["results"]["tiny"]
+    names = {"dense", "lora", "pst", "pst_eager", "pst_sort_autograd"}
+    assert set(tiny["median_ms"]) == names and set(tiny["ratio_to_dense"]) == names
+    assert tiny["ratio_to_dense"]["dense"] == 1.0
+    assert all(len(v) == 2 for v in tiny["all_ms"].values())
+    assert "| tiny (64x48, 16) |" in (tmp_path / "layers.md").read_text()
+
+
+def test_method_bench_reads_each_run(tmp_path):
+    run_bench(
+        "methods",
+        "--methods",
+        "pst",
+        "dense",
+        "--num_gpus",
+        "1",
+        "--steps",
+        "3",
+        "--warmup_steps",
+        "1",
+        "--config",
+        "configs/experiments/tiny_llama.yaml",
+        "--out",
+        str(tmp_path),
+    )
+    results = json.loads((tmp_path / "methods.json").read_text())["results"]
+    fields = {
+        "trainable_params",
+        "optimizer_state_bytes_per_rank",
+        "peak_memory_bytes_per_rank",
+        "param_bytes_per_rank",
+        "median_step_s",
+        "tokens_per_s",
+        "ratio_to_pst",
+    }
+    assert set(results) == {"pst", "dense"} and all(set(r) == fields for r in results.values())
+    pst, dense = results["pst"], results["dense"]
+    assert pst["ratio_to_pst"]["median_step_s"] == 1.0
+    assert dense["trainable_params"] > pst["trainable_params"] > 0
+    # Adam keeps two moments (plus ZeRO's fp32 master copy) of every trainable parameter.
+    assert dense["optimizer_state_bytes_per_rank"] >= 8 * dense["trainable_params"]
+    assert dense["optimizer_state_bytes_per_rank"] > pst["optimizer_state_bytes_per_rank"]
