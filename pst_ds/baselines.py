@@ -21,8 +21,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoRAConfig, PSTConfig
-from .layer import SparseLinear
-from .masks import StraightThroughTopK, keep_mask, select_threshold
+from .layer import SparseLinear, WrappedLinear
+from .masks import StraightThroughTopK, topk_mask
 
 
 class MagnitudeLinear(SparseLinear):
@@ -39,8 +39,7 @@ class MagnitudeLinear(SparseLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.oriented_weight()
         with torch.no_grad():
-            scores = weight.float().abs()
-            keep = keep_mask(scores, select_threshold(scores, self.sparsity))
+            keep = topk_mask(self.scores_and_weight()[0], self.sparsity)
             if self.track_mask:
                 self.note_mask(keep)
         return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
@@ -67,15 +66,11 @@ class MovementLinear(SparseLinear):
         return F.linear(x, (mask * weight.float()).to(x.dtype), self.bias)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(WrappedLinear):
     """A dense low-rank update beside the frozen weight (Hu et al. 2021)."""
 
     def __init__(self, base: nn.Linear | Conv1D, config: LoRAConfig) -> None:
-        super().__init__()
-        self.transposed = isinstance(base, Conv1D)
-        self.weight, self.bias = base.weight, base.bias
-        shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
-        self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
+        super().__init__(base)
         self.scale = config.alpha / config.rank
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **factory))
@@ -83,13 +78,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.t() if self.transposed else self.weight
-        return F.linear(x, weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.oriented_weight(), self.bias) + self.scale * low_rank
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / r) B A in the base layer's own layout and dtype (for export)."""
-        weight = self.weight.t() if self.transposed else self.weight
-        merged = weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())
-        merged = merged.t() if self.transposed else merged
-        return merged.to(self.weight.dtype).contiguous()
+        update = self.scale * (self.lora_B.float() @ self.lora_A.float())
+        return self.to_base_layout(self.oriented_weight().float() + update)

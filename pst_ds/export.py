@@ -18,17 +18,16 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 
 from . import checkpoint
-from .baselines import LoRALinear
 from .config import ConfigError, LoRAConfig, ModelConfig, PSTConfig, TrainConfig, build_section
 from .inject import inject_pst, set_sparsity
-from .layer import SparseLinear
+from .layer import WrappedLinear
 from .models import load_model, load_tokenizer
 from .schedule import scheduled_sparsity
 
 SPARSITY_REPORT = "pst_sparsity.json"
 
 
-def _plain_layer(layer: SparseLinear | LoRALinear) -> nn.Module:
+def _plain_layer(layer: WrappedLinear) -> nn.Module:
     """The base layer type again, holding the merged, masked weight."""
     has_bias = layer.bias is not None
     if layer.transposed:
@@ -50,7 +49,7 @@ def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Replace every injected layer (PST or a baseline's) by its plain merged layer; return
     per-layer sparsity figures."""
     report = {}
-    injected = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, LoRALinear))]
+    injected = [(n, m) for n, m in model.named_modules() if isinstance(m, WrappedLinear)]
     for name, layer in injected:
         plain = _plain_layer(layer)
         report[name] = _zeros(plain.weight)

@@ -1,6 +1,6 @@
 """PSTLinear: a frozen linear layer pruned by PST (Li et al., IJCAI 2022), trained through tiny factors.
 
-Also SparseLinear, the base every pruned layer (PST and the baselines) shares.
+Also the bases the baselines share: WrappedLinear and SparseLinear.
 
 For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
 
@@ -22,16 +22,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import PSTConfig
-from .masks import keep_mask, select_threshold
+from .masks import topk_mask
 from .pst_function import PSTLinearFunction, extended_importance_factors, updated_and_scores
 
 
-class SparseLinear(nn.Module):
-    """What every pruned layer shares: the wrapped layer's own weight and bias Parameter
-    objects (so checkpoints and ZeRO-3 hooks still see them), its (out, in) orientation, the
-    sparsity in force and the mask-settling bookkeeping. Subclasses give the scores."""
+class WrappedLinear(nn.Module):
+    """A layer around an ``nn.Linear`` or GPT-2 ``Conv1D`` that keeps its weight and bias
+    Parameter objects (so checkpoints and ZeRO-3 hooks still see them) and knows its
+    (out, in) orientation."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
+    def __init__(self, base: nn.Linear | Conv1D) -> None:
         super().__init__()
         # Conv1D stores its weight as (in, out) and computes x @ W.
         self.transposed = isinstance(base, Conv1D)
@@ -40,15 +40,28 @@ class SparseLinear(nn.Module):
         # Under ZeRO-3 the weight may already be partitioned: its real shape is ds_shape.
         shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
         self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
+
+    def oriented_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), in its own dtype (a view)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the base layer's own layout and dtype (for export)."""
+        weight = weight.t() if self.transposed else weight
+        return weight.to(self.weight.dtype).contiguous()
+
+
+class SparseLinear(WrappedLinear):
+    """What every pruned layer shares: the sparsity in force and the mask-settling
+    bookkeeping. Subclasses give the scores."""
+
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
+        super().__init__(base)
         self.sparsity = config.initial_sparsity
         # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
         self.track_mask = False
         self.mask_changes: int | None = None  # entries changed since the previous noted mask
         self._noted_mask: torch.Tensor | None = None
-
-    def oriented_weight(self) -> torch.Tensor:
-        """The base weight as (out, in), in its own dtype (a view)."""
-        return self.weight.t() if self.transposed else self.weight
 
     def note_mask(self, mask: torch.Tensor) -> None:
         """Count the entries that changed since the previously noted mask (for logging)."""
@@ -63,15 +76,13 @@ class SparseLinear(nn.Module):
     def mask(self) -> torch.Tensor:
         """The bool (out, in) mask at the sparsity in force (needs the whole weight gathered)."""
         scores, _ = self.scores_and_weight()
-        return keep_mask(scores, select_threshold(scores, self.sparsity))
+        return topk_mask(scores, self.sparsity)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The masked weight in the base layer's own layout and dtype (for export)."""
         scores, weight = self.scores_and_weight()
-        merged = weight * keep_mask(scores, select_threshold(scores, self.sparsity))
-        merged = merged.t() if self.transposed else merged
-        return merged.to(self.weight.dtype).contiguous()
+        return self.to_base_layout(weight * topk_mask(scores, self.sparsity))
 
 
 class PSTLinear(SparseLinear):

@@ -183,11 +183,10 @@ class Trainer:
         self.pst_layers = dict(iter_pst_layers(model))
         weights = [model.get_submodule(name).weight for name in self.layer_names]
         self.sparsified_numel = sum(getattr(w, "ds_numel", w.numel()) for w in weights)
-        self.trainable_by_group = self._parameter_groups(model)
         lrs = {"method": cfg.train.lr, "scores": cfg.train.score_lr, "head": cfg.train.head_lr}
         groups = [
             {"params": params, "lr": lrs[name] or cfg.train.lr}
-            for name, params in self.trainable_by_group.items()
+            for name, params in self._parameter_groups(model).items()
             if params
         ]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)

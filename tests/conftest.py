@@ -3,6 +3,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from pst_ds.config import load_experiment
+from pst_ds.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,3 +25,15 @@ def small_text(tmp_path_factory) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def tiny_model():
+    """Build a project tiny model by config name (tiny_llama, tiny_gpt2), seeded, in eval mode."""
+
+    def build(name: str):
+        config = load_experiment(f"configs/experiments/{name}.yaml")
+        torch.manual_seed(0)
+        return load_model(config.model, load_tokenizer(config.model)).eval()  # no dropout
+
+    return build

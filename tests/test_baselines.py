@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig
@@ -108,19 +107,6 @@ def test_lora_matches_reference_and_merges(kind):
     torch.testing.assert_close(merged, expected.T if kind == "conv1d" else expected)
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize(
     "method, trainable_in_layer",
     [
@@ -131,10 +117,10 @@ def tiny_llama():
         ("lora", {"lora_A", "lora_B"}),
     ],
 )
-def test_each_method_trains_only_its_own_parameters(method, trainable_in_layer):
-    model = tiny_llama()
+def test_each_method_trains_only_its_own_parameters(method, trainable_in_layer, tiny_model):
+    model = tiny_model("tiny_llama")
     names = inject_pst(model, PSTConfig(trainable_modules=["lm_head"]), method, LoRAConfig())
-    assert len(names) == 7  # q, k, v, o, gate, up, down
+    assert len(names) == 14  # q, k, v, o, gate, up, down in each of the 2 blocks
     layer = model.get_submodule(names[0])
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == trainable_in_layer
     heads = {id(p) for p in head_parameters(model, PSTConfig(trainable_modules=["lm_head"]))}
@@ -144,11 +130,11 @@ def test_each_method_trains_only_its_own_parameters(method, trainable_in_layer):
         if p.requires_grad and id(p) not in heads and not any(n.startswith(t + ".") for t in names)
     ]
     assert outside == []
-    assert (len(dict(iter_pst_layers(model))) == 7) == (method != "lora")
+    assert (len(dict(iter_pst_layers(model))) == 14) == (method != "lora")
 
 
-def test_dense_trains_everything_and_unknown_method_is_refused():
-    model = tiny_llama()
+def test_dense_trains_everything_and_unknown_method_is_refused(tiny_model):
+    model = tiny_model("tiny_llama")
     inject_pst(model, PSTConfig(), "dense")
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="method must be one of"):

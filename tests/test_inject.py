@@ -5,16 +5,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from pst_ds import ConfigError, PSTConfig, PSTLinear, inject_pst, iter_pst_layers, set_sparsity
-from pst_ds.config import load_experiment
 from pst_ds.inject import FACTOR_NAMES
-from pst_ds.models import load_model, load_tokenizer
-
-
-def tiny(name):
-    config = load_experiment(f"configs/experiments/{name}.yaml")
-    torch.manual_seed(0)
-    return load_model(config.model, load_tokenizer(config.model)).eval()  # no dropout
-
 
 EXPECTED = {
     "tiny_gpt2": [
@@ -39,8 +30,8 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_injection_replaces_block_linears_only(name):
-    model = tiny(name)
+def test_injection_replaces_block_linears_only(name, tiny_model):
+    model = tiny_model(name)
     before = dict(model.named_parameters())
     input_ids = torch.randint(0, 200, (2, 16))
     dense_logits = model(input_ids).logits
@@ -85,17 +76,17 @@ def test_bert_defaults_skip_pooler_and_train_the_head():
     assert all(n.startswith("classifier.") or n.rsplit(".", 1)[1] in FACTOR_NAMES for n in trainable)
 
 
-def test_patterns_that_match_nothing_are_errors():
+def test_patterns_that_match_nothing_are_errors(tiny_model):
     with pytest.raises(ConfigError, match="q_projection"):
-        inject_pst(tiny("tiny_llama"), PSTConfig(target_modules=["q_proj", "q_projection"]))
+        inject_pst(tiny_model("tiny_llama"), PSTConfig(target_modules=["q_proj", "q_projection"]))
     with pytest.raises(ConfigError, match="matches no Linear"):
-        inject_pst(tiny("tiny_llama"), PSTConfig(target_modules=["embed_tokens"]))
+        inject_pst(tiny_model("tiny_llama"), PSTConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ConfigError, match="classifier"):
-        inject_pst(tiny("tiny_gpt2"), PSTConfig(trainable_modules=["classifier"]))
+        inject_pst(tiny_model("tiny_gpt2"), PSTConfig(trainable_modules=["classifier"]))
 
 
-def test_set_sparsity_rejects_out_of_range():
-    model = tiny("tiny_gpt2")
+def test_set_sparsity_rejects_out_of_range(tiny_model):
+    model = tiny_model("tiny_gpt2")
     inject_pst(model, PSTConfig())
     with pytest.raises(ValueError):
         set_sparsity(model, 1.0)

@@ -21,7 +21,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: se
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from train_runs import train_once  # noqa: E402
 
 from pst_ds import PSTConfig, PSTLinear  # noqa: E402
 from pst_ds.baselines import LoRALinear  # noqa: E402
@@ -135,31 +136,19 @@ def bench_methods(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     results = {}
     for method in args.methods:
-        run_dir = out / "runs" / method
-        command = [
-            str(Path(sys.executable).with_name("deepspeed")),
-            "--num_gpus",
-            str(args.num_gpus),
-            str(ROOT / "launch/train.py"),
-            "--ds_config",
+        summary, _ = train_once(
+            args.num_gpus,
             args.ds_config,
-            "--config",
             args.config,
-            f"method={method}",
-            f"train.max_steps={args.steps}",
-            f"train.output_dir={run_dir}",
-            "train.resume=never",
-            "train.save_every=0",
-            "data.max_validation_blocks=1",
-            *args.overrides,
-        ]
-        print("bench:", " ".join(command), file=sys.stderr, flush=True)
-        log = out / f"{method}.log"
-        with log.open("w") as handle:
-            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-        if code != 0:
-            raise SystemExit(f"bench: {method} failed with exit code {code}; see {log}")
-        summary = json.loads((run_dir / "summary.json").read_text())
+            out / "runs" / method,
+            [
+                f"method={method}",
+                f"train.max_steps={args.steps}",
+                "data.max_validation_blocks=1",
+                *args.overrides,
+            ],
+            out / f"{method}.log",
+        )
         steady = summary["step_times_s"][args.warmup_steps :] or summary["step_times_s"]
         step_s = statistics.median(steady)
         results[method] = {

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from train_runs import train_once
+
 TASKS = {
     "causal_lm": ("configs/experiments/default.yaml", "ppl"),
     "classification": ("configs/experiments/minilm_rotten_tomatoes.yaml", "accuracy"),
@@ -30,33 +29,13 @@ def run(method: str, sparsity: float, args: argparse.Namespace, out: Path) -> di
     config, metric = TASKS[args.task]
     run_dir = out / "runs" / f"{method}-{sparsity}"
     lr = {"pst": args.lr_pst, "lora": args.lr_lora, "smp": args.lr_scores}.get(method, args.lr_weights)
-    command = [
-        str(Path(sys.executable).with_name("deepspeed")),
-        "--num_gpus",
-        str(args.num_gpus),
-        str(ROOT / "launch/train.py"),
-        "--ds_config",
-        args.ds_config,
-        "--config",
-        config,
-        f"method={method}",
-        f"pst.final_sparsity={sparsity}",
-        f"train.max_steps={args.steps}",
-        f"train.lr={lr}",
-        f"train.score_lr={args.lr_scores}",
-        f"train.seed={args.seed}",
-        f"train.output_dir={run_dir}",
-        "train.resume=never",
-        "train.save_every=0",
-        *args.overrides,
-    ]
-    print("quality:", " ".join(command[3:]), file=sys.stderr, flush=True)
-    log = out / f"{method}-{sparsity}.log"
-    with log.open("w") as handle:
-        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if code != 0:
-        raise SystemExit(f"quality: {method} at {sparsity} failed (exit {code}); see {log}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    overrides = [
+        f"method={method}", f"pst.final_sparsity={sparsity}", f"train.max_steps={args.steps}",
+        f"train.lr={lr}", f"train.score_lr={args.lr_scores}", f"train.seed={args.seed}", *args.overrides,
+    ]  # fmt: skip
+    summary, arguments = train_once(
+        args.num_gpus, args.ds_config, config, run_dir, overrides, out / f"{method}-{sparsity}.log"
+    )
     return {
         "method": method,
         "sparsity": summary["final_sparsity"],
@@ -65,7 +44,7 @@ def run(method: str, sparsity: float, args: argparse.Namespace, out: Path) -> di
         "after": summary[f"eval_{metric}_after"],
         "trainable_params": summary["trainable_params"],
         "wall_s": summary["wall_time_s"],
-        "command": " ".join(command[3:]),
+        "command": "launch/train.py " + " ".join(arguments),
     }
 
 
