@@ -14,7 +14,9 @@ from tqdm import tqdm
 class RunLogger:
     """Writes nothing on ranks other than 0, so callers need not branch."""
 
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, resumed: bool = False) -> None:
+    def __init__(
+        self, output_dir: Path, total_steps: int, enabled: bool, resumed: bool = False, label: str = "pst"
+    ) -> None:
         self.enabled = enabled
         if not enabled:
             return
@@ -22,7 +24,7 @@ class RunLogger:
         # A resumed run continues its records; a fresh one replaces an earlier run's.
         self.metrics = (output_dir / "metrics.jsonl").open("a" if resumed else "w")
         self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, desc="pst", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, desc=label, unit="step", dynamic_ncols=True)
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -1,9 +1,10 @@
 """Mask selection: the exact per-matrix top-k of an importance score, as a threshold.
 
-A mask is stored as a ``Threshold`` (one value, plus the flat indices of the few entries
-equal to it that are kept), never as a weight-sized tensor, so a layer can recompute it in
+A mask is stored as a ``Threshold`` (one value, and the flat position from which entries
+equal to it are kept), never as a weight-sized tensor, so a layer can recompute it in
 backward from the scores. Entries above the value are kept, entries below it pruned; ties
-at the value are broken by flat index, lower index pruned first. The mask is therefore a
+at the value are broken by flat index, lower index pruned first (fp32 scores of a large
+matrix do tie: 45M entries share far fewer distinct values near the median). The mask is therefore a
 deterministic function of the scores: every rank holding the same scores gets the same mask.
 """
 
@@ -17,14 +18,13 @@ import torch
 # finishes on the few entries inside the bracket; below it, kthvalue on everything is as fast.
 _BRACKET_MIN_NUMEL = 1 << 18
 _SAMPLE_SIZE = 1 << 16
-_CHUNK = 1 << 20  # entries per pass on CPU: the comparisons stay in cache
 _sample_index_cache: dict[tuple[int, str], torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
 class Threshold:
     value: torch.Tensor  # 0-dim, the scores' dtype and device
-    kept_ties: torch.Tensor  # flat indices (int64) of the entries equal to ``value`` that are kept
+    first_kept_tie: int  # entries equal to ``value`` are kept from this flat index on (numel: none)
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -50,12 +50,10 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int] 
     half = 6.0 * (k / n * (1 - k / n) * _SAMPLE_SIZE) ** 0.5 + 2
     lo = sample.kthvalue(max(int(centre - half), 1)).values
     hi = sample.kthvalue(min(int(centre + half) + 1, _SAMPLE_SIZE)).values
-    below, band = 0, []
-    chunk = _CHUNK if flat.device.type == "cpu" else n
-    for part in flat.split(chunk):
-        below += int(torch.count_nonzero(part < lo))
-        band.append(part[(part >= lo) & (part <= hi)])
-    inside = torch.cat(band)
+    # Whole-tensor passes: a loop over cache-sized chunks was slower (many small parallel ops).
+    up_to_hi = flat <= hi
+    inside = flat[up_to_hi & (flat >= lo)]
+    below = int(torch.count_nonzero(up_to_hi)) - inside.numel()
     rank = k - below
     if not 1 <= rank <= inside.numel():
         return None
@@ -66,14 +64,13 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int] 
 def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
     """The threshold that prunes exactly ``int(numel * sparsity)`` entries with the smallest scores.
 
-    Found by selection, not a sort: on large matrices one read of the scores brackets the
+    Found by selection, not a sort: on large matrices a few passes over the scores bracket the
     k-th value (from a fixed sample) and kthvalue runs on the bracket only.
     """
     flat = scores.detach().reshape(-1)
     n, k = flat.numel(), num_pruned(flat.numel(), sparsity)
-    no_ties = torch.empty(0, dtype=torch.long, device=flat.device)
     if k == 0:
-        return Threshold(torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device), no_ties)
+        return Threshold(torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device), n)
     found = _bracketed_kth(flat, k) if n >= _BRACKET_MIN_NUMEL else None
     if found is None:
         value = flat.kthvalue(k).values
@@ -81,22 +78,31 @@ def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
     value, below, tied = found
     ties_to_prune = k - below
     if ties_to_prune == tied:
-        return Threshold(value, no_ties)
-    # Only some ties go: keep the ones after the first ``ties_to_prune`` in flat order.
-    return Threshold(value, torch.nonzero(flat == value).reshape(-1)[ties_to_prune:])
+        return Threshold(value, n)
+    # Only some ties go: the first ``ties_to_prune`` in flat order; the rest are kept.
+    return Threshold(value, int(torch.nonzero(flat == value)[ties_to_prune]))
 
 
-def keep_from(scores: torch.Tensor, value: torch.Tensor, kept_ties: torch.Tensor) -> torch.Tensor:
-    """Bool mask of the entries above ``value``, plus the kept ties (flat indices)."""
+def keep_from(scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int) -> torch.Tensor:
+    """Bool mask of the entries above ``value``, and of those equal to it from ``first_kept_tie`` on.
+
+    Written so that ``torch.compile`` fuses it into the pass around it: the flat position is
+    an index expression there, not a tensor.
+    """
     keep = scores > value
-    if kept_ties.numel():
-        keep = keep.reshape(-1).index_fill(0, kept_ties, True).reshape(scores.shape)
-    return keep
+    if first_kept_tie >= scores.numel():
+        return keep
+    if torch.compiler.is_compiling():  # fused: no position tensor is ever written
+        position = torch.arange(scores.numel(), device=scores.device).view(scores.shape)
+        return keep | ((scores == value) & (position >= first_kept_tie))
+    ties = scores == value
+    ties.view(-1)[:first_kept_tie] = False
+    return keep | ties
 
 
 def keep_mask(scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """Bool mask of the entries ``threshold`` keeps."""
-    return keep_from(scores, threshold.value, threshold.kept_ties)
+    return keep_from(scores, threshold.value, threshold.first_kept_tie)
 
 
 def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

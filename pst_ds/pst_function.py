@@ -23,6 +23,7 @@ large matrices, where each eager element-wise op is a full read and write of the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,18 @@ def extended_importance_factors(
     return Ae, Be
 
 
+def low_rank_product(a: torch.Tensor, b: torch.Tensor, unrolled: bool = False) -> torch.Tensor:
+    """a @ b for a thin inner dimension (a rank-r update), fp32.
+
+    Unrolled into r broadcast products, ``torch.compile`` fuses it into the element-wise pass
+    around it, so no weight-sized product is written and read back (and no bias copy as in addmm).
+    """
+    if not unrolled:
+        return a.float() @ b.float()
+    a, b = a.float(), b.float()
+    return sum(a[:, j, None] * b[j] for j in range(a.shape[1]))
+
+
 def updated_and_scores(
     weight: torch.Tensor,
     U: torch.Tensor,
@@ -53,54 +66,46 @@ def updated_and_scores(
     Be: torch.Tensor,
     beta: float,
     transposed: bool,
+    unrolled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', S), both (out, in) fp32."""
     w = weight.t() if transposed else weight
-    updated = torch.addmm(w.float(), U.float(), V.float(), alpha=beta)
-    return updated, torch.addmm(updated.abs(), Ae, Be)
+    updated = w.float() + beta * low_rank_product(U, V, unrolled)
+    return updated, updated.abs() + low_rank_product(Ae, Be, unrolled)
 
 
 def apply_mask(
-    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, kept_ties: torch.Tensor
+    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int
 ) -> torch.Tensor:
-    """M * W' (fp32), written over ``updated``."""
-    return updated.mul_(keep_from(scores, value, kept_ties))
+    """M * W' (fp32)."""
+    return updated * keep_from(scores, value, first_kept_tie)
+
+
+def _apply_mask_in_place(
+    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int
+) -> torch.Tensor:
+    return updated.mul_(keep_from(scores, value, first_kept_tie))  # eager: spares a weight-sized buffer
 
 
 def backward_terms(
     grad_masked: torch.Tensor,
-    weight: torch.Tensor,
-    U: torch.Tensor,
-    V: torch.Tensor,
-    Ae: torch.Tensor,
-    Be: torch.Tensor,
-    beta: float,
-    transposed: bool,
+    updated: torch.Tensor,
+    scores: torch.Tensor,
     value: torch.Tensor,
-    kept_ties: torch.Tensor,
+    first_kept_tie: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M * W', dS, dW') from G = dL/d(M * W') and the recomputed W', S."""
-    updated, scores = updated_and_scores(weight, U, V, Ae, Be, beta, transposed)
-    keep = keep_from(scores, value, kept_ties).float()
+    """(M * W', dS, dW') from G = dL/d(M * W') and W', S as recomputed by forward's own kernel
+    (the same kernel, so the same bits: the mask cannot differ between forward and backward)."""
+    keep = keep_from(scores, value, first_kept_tie).float()
     grad = grad_masked.float()
-    grad_scores = grad * updated
-    grad_updated = grad * (keep + updated.abs())
-    return updated * keep, grad_scores, grad_updated
-
-
-def _apply_mask_functional(
-    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, kept_ties: torch.Tensor
-) -> torch.Tensor:
-    return updated * keep_from(scores, value, kept_ties)
+    return updated * keep, grad * updated, grad * (keep + updated.abs())
 
 
 _EAGER = {
     "updated_and_scores": updated_and_scores,
-    "apply_mask": apply_mask,
+    "apply_mask": _apply_mask_in_place,
     "backward_terms": backward_terms,
 }
-# Compiled, the mask is applied out of place: in-place writes to an input break fusion.
-_COMPILABLE = {**_EAGER, "apply_mask": _apply_mask_functional}
 _compiled: dict = {}
 
 
@@ -109,7 +114,12 @@ def kernels(compiled: bool) -> dict:
     if not compiled:
         return _EAGER
     if not _compiled:  # dynamic shapes: one compilation serves every layer shape
-        _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in _COMPILABLE.items()})
+        fused = {  # in-place writes to an input break fusion: the mask is applied out of place
+            "updated_and_scores": partial(updated_and_scores, unrolled=True),
+            "apply_mask": apply_mask,
+            "backward_terms": backward_terms,
+        }
+        _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in fused.items()})
     return _compiled
 
 
@@ -123,25 +133,27 @@ class PSTLinearFunction(torch.autograd.Function):
         updated, scores = run["updated_and_scores"](weight, U, V, Ae, Be, layer.beta, layer.transposed)
         threshold = select_threshold(scores, layer.sparsity)
         if layer.track_mask:
-            layer.note_mask(keep_from(scores, threshold.value, threshold.kept_ties))
-        masked = run["apply_mask"](updated, scores, threshold.value, threshold.kept_ties)
+            layer.note_mask(keep_from(scores, threshold.value, threshold.first_kept_tie))
+        masked = run["apply_mask"](updated, scores, threshold.value, threshold.first_kept_tie)
         del scores
-        ctx.save_for_backward(x, weight, U, V, A, B, R, C, threshold.value, threshold.kept_ties)
-        ctx.layer, ctx.has_bias = layer, bias is not None
+        ctx.save_for_backward(x, weight, U, V, A, B, R, C, threshold.value)
+        ctx.layer, ctx.has_bias, ctx.first_kept_tie = layer, bias is not None, threshold.first_kept_tie
         return F.linear(x, masked.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, U, V, A, B, R, C, value, kept_ties = ctx.saved_tensors
+        x, weight, U, V, A, B, R, C, value = ctx.saved_tensors
         layer = ctx.layer
         Ae, Be = extended_importance_factors(A, B, R, C, layer.alpha1, layer.alpha2)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
         grad_masked = grad_2d.t().mm(x_2d)  # (out, in)
-        masked, grad_scores, grad_updated = kernels(layer.compiled)["backward_terms"](
-            grad_masked, weight, U, V, Ae, Be, layer.beta, layer.transposed, value, kept_ties
+        run = kernels(layer.compiled)
+        updated, scores = run["updated_and_scores"](weight, U, V, Ae, Be, layer.beta, layer.transposed)
+        masked, grad_scores, grad_updated = run["backward_terms"](
+            grad_masked, updated, scores, value, ctx.first_kept_tie
         )
-        del grad_masked
+        del updated, scores, grad_masked
         grad_x = grad_out.matmul(masked.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         del masked
         beta, r_m = layer.beta, A.shape[1]

@@ -223,7 +223,11 @@ class Trainer:
         self.step = self._resume() if cfg.train.resume == "auto" else 0
         set_sparsity(self.engine.module, self.sparsity_at(self.step))
         self.logger = RunLogger(
-            self.output_dir, cfg.train.max_steps, enabled=self.rank == 0, resumed=self.step > 0
+            self.output_dir,
+            cfg.train.max_steps,
+            enabled=self.rank == 0,
+            resumed=self.step > 0,
+            label=cfg.method,
         )
         self.logger.advance(self.step)
         if self.rank == 0:

@@ -12,14 +12,14 @@ from pst_ds.masks import StraightThroughTopK, topk_mask
 def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
     """Forward and closed-form STE gradients of PST, written out from method.md.
 
-    W is (out, in); the loss is L = sum(y * g). The mask comes from a full argsort, a
-    different route from the layer's selection.
+    W is (out, in); the loss is L = sum(y * g). The mask comes from a full stable argsort
+    (ties pruned lowest flat index first), a different route from the layer's selection.
     """
     Wp = W + beta * U @ V
     S = Wp.abs() + a1 * A @ B + a2 * (R[:, None] + C[None, :])
     k = int(S.numel() * s)
     M = torch.ones(S.numel())
-    M[torch.argsort(S.reshape(-1))[:k]] = 0
+    M[torch.argsort(S.reshape(-1), stable=True)[:k]] = 0
     M = M.reshape(S.shape)
     y = x @ (M * Wp).T
     G = g.T @ x  # dL/dW_hat
@@ -75,6 +75,32 @@ def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled):
     assert merged.shape == base.weight.shape
     expected_merged = m_ref * (W + cfg.beta * factors["U"] @ factors["V"])
     torch.testing.assert_close(merged, expected_merged.T if kind == "conv1d" else expected_merged)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("shape", [(40, 24), (512, 512)], ids=["kthvalue", "bracketed"])
+def test_tied_scores_give_the_reference_mask_and_gradients(shape, compiled):
+    """Scores that tie at the threshold: forward and backward must keep the same tied entries."""
+    torch.manual_seed(2)
+    out_f, in_f = shape
+    base = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():  # 33 distinct magnitudes, and V = B = R = C = 0: S = |W| ties everywhere
+        base.weight.copy_((base.weight * 32 / base.weight.abs().max()).round())
+    layer = PSTLinear(base, PSTConfig(weight_rank=4, mask_rank=3, compile=compiled))
+    layer.sparsity = 0.5
+    x, g = torch.randn(7, in_f), torch.randn(7, out_f)
+
+    y = layer(x)
+    (y * g).sum().backward()
+
+    factors = {n: getattr(layer, n).detach() for n in ("U", "V", "A", "B", "R", "C")}
+    y_ref, m_ref, grads = reference(
+        base.weight.detach(), **factors, x=x, g=g, s=0.5, a1=1.0, a2=1.0, beta=1.0
+    )
+    assert torch.equal(layer.mask(), m_ref.bool())
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    for name in ("U", "A", "R", "C"):  # V and B get gradients from U and A, which are random
+        torch.testing.assert_close(getattr(layer, name).grad, grads[name], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
