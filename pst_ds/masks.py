@@ -17,7 +17,6 @@ import torch
 # Above this many entries, selection brackets the k-th value from a fixed random sample and
 # finishes on the few entries inside the bracket; below it, kthvalue on everything is as fast.
 _BRACKET_MIN_NUMEL = 1 << 18
-_SAMPLE_SIZE = 1 << 16
 _sample_index_cache: dict[tuple[int, str], torch.Tensor] = {}
 
 
@@ -32,33 +31,42 @@ def num_pruned(numel: int, sparsity: float) -> int:
     return int(numel * sparsity)
 
 
+def _sample_size(numel: int) -> int:
+    """Sample size m that about minimises the work: two selections on m entries plus one on
+    the bracket, whose width falls as 1/sqrt(m): m ~ (1.5 numel)^(2/3), within [4096, 2^17]."""
+    return min(max(int((1.5 * numel) ** (2 / 3)), 1 << 12), 1 << 17)
+
+
 def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
     key = (numel, str(device))
     if key not in _sample_index_cache:  # fixed seed: the same sample on every rank and step
         generator = torch.Generator().manual_seed(numel)
-        index = torch.randint(0, numel, (_SAMPLE_SIZE,), generator=generator)
+        index = torch.randint(0, numel, (_sample_size(numel),), generator=generator)
         _sample_index_cache[key] = index.to(device)
     return _sample_index_cache[key]
 
 
-def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int] | None:
-    """(k-th smallest, #entries below it, #entries equal to it), or None if the bracket missed."""
+def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch.Tensor] | None:
+    """(k-th smallest, #entries below it, flat indices of the entries equal to it, ascending),
+    or None if the bracket missed."""
     n = flat.numel()
     sample = flat[_sample_index(n, flat.device)]
+    m = sample.numel()
     # The sample's quantile has a standard error of sqrt(p(1-p)/m) in rank; 6 of them is ample.
-    centre = k / n * _SAMPLE_SIZE
-    half = 6.0 * (k / n * (1 - k / n) * _SAMPLE_SIZE) ** 0.5 + 2
+    centre = k / n * m
+    half = 6.0 * (k / n * (1 - k / n) * m) ** 0.5 + 2
     lo = sample.kthvalue(max(int(centre - half), 1)).values
-    hi = sample.kthvalue(min(int(centre + half) + 1, _SAMPLE_SIZE)).values
+    hi = sample.kthvalue(min(int(centre + half) + 1, m)).values
     # Whole-tensor passes: a loop over cache-sized chunks was slower (many small parallel ops).
     up_to_hi = flat <= hi
-    inside = flat[up_to_hi & (flat >= lo)]
+    where = torch.nonzero(up_to_hi & (flat >= lo)).reshape(-1)  # ascending flat indices
+    inside = flat[where]
     below = int(torch.count_nonzero(up_to_hi)) - inside.numel()
     rank = k - below
     if not 1 <= rank <= inside.numel():
         return None
     value = inside.kthvalue(rank).values
-    return value, below + int(torch.count_nonzero(inside < value)), int(torch.count_nonzero(inside == value))
+    return value, below + int(torch.count_nonzero(inside < value)), where[inside == value]
 
 
 def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
@@ -74,13 +82,13 @@ def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
     found = _bracketed_kth(flat, k) if n >= _BRACKET_MIN_NUMEL else None
     if found is None:
         value = flat.kthvalue(k).values
-        found = value, int(torch.count_nonzero(flat < value)), int(torch.count_nonzero(flat == value))
+        found = value, int(torch.count_nonzero(flat < value)), torch.nonzero(flat == value).reshape(-1)
     value, below, tied = found
     ties_to_prune = k - below
-    if ties_to_prune == tied:
+    if ties_to_prune == tied.numel():
         return Threshold(value, n)
     # Only some ties go: the first ``ties_to_prune`` in flat order; the rest are kept.
-    return Threshold(value, int(torch.nonzero(flat == value)[ties_to_prune]))
+    return Threshold(value, int(tied[ties_to_prune]))
 
 
 def keep_from(scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int) -> torch.Tensor:
