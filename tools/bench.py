@@ -205,6 +205,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = bench_layers(args) if args.kind == "layers" else bench_methods(args)
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    # The CPU allocator changes the figures (see docs/results.md): say which one ran.
+    report["ld_preload"] = os.environ.get("LD_PRELOAD", "")
     (out / f"{args.kind}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.kind}.md").write_text("\n".join(report["table"]) + "\n")
     print("\n".join(report["table"]))
