@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,13 @@ def train_once(
         f"train.output_dir={run_dir}", "train.resume=never", "train.save_every=0", *overrides,
     ]  # fmt: skip
     launcher = str(Path(sys.executable).with_name("deepspeed"))
-    command = [launcher, "--num_gpus", str(num_gpus), str(ROOT / "launch/train.py"), *arguments]
+    with socket.socket() as probe:  # a free port: other jobs on this machine may hold the default
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        launcher, "--num_gpus", str(num_gpus), "--master_port", str(port),
+        str(ROOT / "launch/train.py"), *arguments,
+    ]  # fmt: skip
     print(f"{Path(sys.argv[0]).stem}:", " ".join(command), file=sys.stderr, flush=True)
     with log.open("w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
