@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import PSTConfig
 from .masks import topk_mask
-from .pst_function import PSTLinearFunction, extended_importance_factors, updated_and_scores
+from .pst_function import PSTLinearFunction, extended_importance_factors, kernels
 
 
 class WrappedLinear(nn.Module):
@@ -106,10 +106,15 @@ class PSTLinear(SparseLinear):
         self.C = nn.Parameter(torch.zeros(in_features, **factory))
 
     def updated_and_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W', S), (out, in), fp32, without autograd (needs the whole weight gathered)."""
+        """(W', S), (out, in), fp32, without autograd (needs the whole weight gathered).
+
+        Through the forward's own kernel, so the mask reported and exported is bit for bit
+        the one training used (the compiled and eager roundings of W' may differ).
+        """
         with torch.no_grad():
             Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, self.alpha1, self.alpha2)
-            return updated_and_scores(self.weight, self.U, self.V, Ae, Be, self.beta, self.transposed)
+            run = kernels(self.compiled)["updated_and_scores"]
+            return run(self.weight, self.U, self.V, Ae, Be, self.beta, self.transposed)
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         updated, scores = self.updated_and_scores()

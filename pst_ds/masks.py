@@ -4,8 +4,9 @@ A mask is stored as a ``Threshold`` (one value, and the flat position from which
 equal to it are kept), never as a weight-sized tensor, so a layer can recompute it in
 backward from the scores. Entries above the value are kept, entries below it pruned; ties
 at the value are broken by flat index, lower index pruned first (fp32 scores of a large
-matrix do tie: 45M entries share far fewer distinct values near the median). The mask is therefore a
-deterministic function of the scores: every rank holding the same scores gets the same mask.
+matrix do tie: 45M entries share far fewer distinct values near the median). The mask is
+therefore a deterministic function of the scores: every rank holding the same scores gets
+the same mask.
 """
 
 from __future__ import annotations

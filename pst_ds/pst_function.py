@@ -163,8 +163,7 @@ class PSTLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # W is frozen in PST; kept correct for anyone who unfreezes it
             grad_weight = (grad_updated.t() if layer.transposed else grad_updated).to(weight.dtype)
         del grad_updated
-        ones_in = torch.ones_like(grad_scores[:1])
-        rows = grad_scores.mm(torch.cat([B.float(), ones_in]).t())  # (out, r_m + 1)
+        rows = grad_scores.mm(Be[: r_m + 1].t())  # Be[:r_m + 1] = [B; 1^T]: (out, r_m + 1)
         cols = (
             torch.cat([A.float(), torch.ones_like(rows[:, :1])], dim=1).t().mm(grad_scores)
         )  # (r_m + 1, in)

@@ -76,7 +76,7 @@ def layer_variants(out_f: int, in_f: int, sparsity: float) -> dict[str, nn.Modul
     pst_eager = PSTLinear(frozen, PSTConfig(compile=False))
     for layer in (pst, pst_eager):
         layer.sparsity = sparsity
-        with torch.no_grad():  # trained-looking factors, so no score ties by construction
+        with torch.no_grad():  # trained-looking factors (fp32 scores of large matrices still tie)
             for name in ("V", "B", "R", "C"):
                 getattr(layer, name).normal_(0, 0.01)
     return {
