@@ -11,11 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Transparent huge pages for PyTorch's large CPU buffers (read by torch at import): fresh
 # weight-sized tensors then cost far fewer page faults. See docs/results.md for the figures.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# DeepSpeed 0.19 calls c10d functions that torch 2.13 deprecates, once per step: noise a user
+# cannot act on.
+warnings.filterwarnings(
+    "ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning
+)
 
 DEFAULT_EXPERIMENT = "configs/experiments/default.yaml"
 
@@ -42,19 +48,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pst_ds.config import ConfigError, load_experiment
-    from pst_ds.trainer import Trainer, load_ds_config
+    from pst_ds.trainer import Trainer, TrainingError, load_ds_config
 
+    rank_zero = os.environ.get("RANK", "0") == "0"
     try:
         overrides = args.overrides + (["train.resume=auto"] if args.resume else [])
         config = load_experiment(args.config, overrides)
         trainer = Trainer(config, load_ds_config(args.ds_config))
         trainer.setup()
-    except ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":
+    except ConfigError as err:  # bad input: found before anything is written
+        if rank_zero:
             print(f"pst-ds: error: {err}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        summary = trainer.train()
+    except TrainingError as err:
+        if rank_zero:
+            print(f"pst-ds: error: {err}", file=sys.stderr)
+        return 1
+    if rank_zero and "export" in summary:
+        print(how_to_use(summary["export"], args.config), flush=True)
     return 0
+
+
+def shown(path: str) -> str:
+    """A path as a user would type it here: relative below the current folder, else absolute."""
+    relative = os.path.relpath(path)
+    return os.path.abspath(path) if relative.startswith("..") else relative
+
+
+def how_to_use(export: dict, config: str) -> str:
+    """Where the pruned model is, and the command that evaluates it."""
+    data = "" if config == DEFAULT_EXPERIMENT else f" --config {config}"
+    return (
+        f"pst-ds: pruned model in {shown(export['dir'])}: {export['zeros']:,} of {export['params']:,} "
+        f"pruned weights are zero ({100 * export['sparsity']:.2f}%); it loads with plain transformers\n"
+        f"pst-ds: evaluate it: {shown(sys.executable)} launch/evaluate.py "
+        f"--model {shown(export['dir'])}{data}"
+    )
 
 
 if __name__ == "__main__":

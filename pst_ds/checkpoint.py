@@ -6,20 +6,26 @@ Layout under ``<output_dir>/checkpoints``::
     latest          the tag of the newest complete checkpoint (replaced atomically)
 
 A save that dies part-way leaves a tag without COMPLETE; ``latest`` still names the
-previous checkpoint, which is never deleted before a newer one is complete.
+previous checkpoint, which is never deleted before a newer one is complete. COMPLETE
+records the size and sha256 of every file, so a checkpoint damaged after it was written
+(a truncated copy, a full disk, a flipped bit) is detected before it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -42,8 +48,86 @@ def latest_tag(root: Path) -> str | None:
     return tag if is_complete(root, tag) else None
 
 
+def complete_tags(root: Path) -> list[str]:
+    """Every complete checkpoint's tag, newest first."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")]
+    return sorted((t for t in tags if is_complete(root, t)), reverse=True)
+
+
 def read_manifest(root: Path, tag: str) -> dict[str, Any]:
     return json.loads((root / tag / COMPLETE).read_text())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digests(directory: Path, names: list[str], shared: bool) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each named file; with ``shared``, the ranks split the hashing (a
+    collective: every rank must call it)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
+    mine = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in names[rank::world]
+    }
+    if world == 1:
+        return mine
+    parts: list[dict[str, Any]] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def damage(root: Path, tag: str, shared: bool = False) -> str | None:
+    """What is wrong with complete checkpoint ``tag`` (naming the file), or None if every file
+    COMPLETE recorded is there with its size and checksum. ``shared``: as in _file_digests."""
+    directory = root / tag
+    try:
+        recorded = read_manifest(root, tag).get("files")
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{directory / COMPLETE} cannot be read ({err})"
+    if recorded is None:  # written before checksums were recorded: nothing to check against
+        return None
+    for name, saved in sorted(recorded.items()):  # sizes first: cheap, and they catch truncation
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != saved["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, {saved['bytes']} when saved"
+    digests = _file_digests(directory, sorted(recorded), shared)
+    for name, saved in sorted(recorded.items()):
+        if digests[name]["sha256"] != saved["sha256"]:
+            return f"{directory / name} differs from the checksum recorded when it was saved"
+    return None
+
+
+def newest_sound(root: Path, shared: bool = False, warn: Callable[[str], None] = print) -> str | None:
+    """The newest complete checkpoint that is not damaged, or None when there is no complete one.
+
+    Each damaged one is reported through ``warn`` and the previous one tried; if every complete
+    checkpoint is damaged, ConfigError names the first problem. ``shared``: as in _file_digests.
+    """
+    tags = complete_tags(root)
+    problems = []
+    for tag in tags:
+        problem = damage(root, tag, shared)
+        if problem is None:
+            if problems:
+                warn(f"resuming from the older {root / tag} instead")
+            return tag
+        problems.append(problem)
+        warn(f"checkpoint {root / tag} is damaged: {problem}")
+    if problems:
+        raise ConfigError(
+            f"every checkpoint under {root} is damaged (the newest: {problems[0]}); "
+            "set train.resume=never or another train.output_dir to start afresh"
+        )
+    return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -69,11 +153,17 @@ def _restore_rng(state: dict[str, Any]) -> None:
 def save(engine: Any, root: Path, step: int, manifest: dict[str, Any], keep_last: int) -> str:
     """Save on all ranks; mark complete and move ``latest`` only once every rank is done."""
     tag, rank = tag_for(step), dist.get_rank()
+    directory = root / tag
+    if rank == 0:  # saving over an earlier save of this step: it stops counting as complete first
+        (directory / COMPLETE).unlink(missing_ok=True)
+    dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    files = _file_digests(directory, names, shared=True)
     if rank == 0:
-        _write_atomic(root / tag / COMPLETE, json.dumps({**manifest, "step": step}, indent=1))
+        _write_atomic(directory / COMPLETE, json.dumps({**manifest, "step": step, "files": files}, indent=1))
         _write_atomic(root / LATEST, tag)
         _prune(root, keep=keep_last, newest=tag)
     dist.barrier()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset
 from torch.utils.data import default_collate
 from transformers import PreTrainedTokenizerBase
 
+from .cache import cache_dir
 from .config import ConfigError, DataConfig, resolve_path
-from .models import CACHE_DIR
 
 
 @dataclass
@@ -22,7 +24,35 @@ class Splits:
     labels: list[str] | None = None  # class names, classification only
 
 
+def check_text_file(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a file that is empty (or only white space) or not UTF-8 text, naming where.
+
+    One streaming pass with an incremental decoder: datasets would otherwise fail deep
+    inside its reader with a traceback that names neither the file nor the byte.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False  # offset: bytes read before this chunk
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            pending = decoder.getstate()[0]  # an incomplete character held from the last chunk
+            try:
+                has_text = bool(decoder.decode(chunk, final=not chunk).strip()) or has_text
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    f"data file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                    f"offset {offset - len(pending) + err.start}); convert it, e.g. with iconv -t UTF-8"
+                ) from None
+            if not chunk:
+                break
+            offset += len(chunk)
+    if not has_text:
+        raise ConfigError(f"data file {path} is empty (no text to train on)")
+
+
 def load_splits(config: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> Splits:
+    for name in config.train_files:
+        check_text_file(resolve_path(name))
     if task == "sequence_classification":
         return load_classification(config, tokenizer)
     return load_text_blocks(config, tokenizer)
@@ -33,7 +63,7 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
 
     Each block starts with the tokenizer's BOS token when it has one. The validation split
     is the tail of the stream (not a random sample), so no text leaks from training into it.
-    Results are cached by ``datasets`` under .cache/datasets.
+    Results are cached by ``datasets`` under ``<cache>/datasets`` (see pst_ds.cache).
     """
     files = [str(resolve_path(name)) for name in config.train_files]
     lines = load_dataset(
@@ -41,7 +71,7 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
         data_files=files,
         split="train",
         keep_linebreaks=True,
-        cache_dir=str(CACHE_DIR / "datasets"),
+        cache_dir=str(cache_dir() / "datasets"),
     )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     body = config.block_size - len(bos)
@@ -65,7 +95,10 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
     if config.max_train_tokens:
         n_train = min(n_train, max(1, config.max_train_tokens // config.block_size))
     if n_train < 1:
-        raise ValueError(f"{files} hold only {total} blocks of {config.block_size} tokens")
+        raise ConfigError(
+            f"data.train_files ({', '.join(config.train_files)}) hold {total} block(s) of "
+            f"{config.block_size} tokens, all needed for validation: add text or lower data.block_size"
+        )
     return Splits(
         train=blocks.select(range(n_train)).with_format("torch"),
         validation=blocks.select(range(total - n_val, total)).with_format("torch"),
@@ -78,7 +111,7 @@ def load_classification(config: DataConfig, tokenizer: PreTrainedTokenizerBase) 
     Class ids follow the sorted label names, so they do not depend on the row order.
     """
     files = [str(resolve_path(name)) for name in config.train_files]
-    rows = load_dataset("csv", data_files=files, split="train", cache_dir=str(CACHE_DIR / "datasets"))
+    rows = load_dataset("csv", data_files=files, split="train", cache_dir=str(cache_dir() / "datasets"))
     for column in (config.text_column, config.label_column):
         if column not in rows.column_names:
             raise ConfigError(f"{files} have no column {column!r} (columns: {rows.column_names})")

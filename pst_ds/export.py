@@ -16,6 +16,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from . import checkpoint
 from .config import ConfigError, LoRAConfig, ModelConfig, PSTConfig, TrainConfig, build_section
@@ -60,11 +61,23 @@ def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> dict[str, Any]:
     """Export checkpoint ``tag`` (default: the latest complete one) of a training run."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load and save step says nothing useful here
+    try:
+        return _export(Path(run_dir), Path(out_dir), tag)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
     root = run_dir / "checkpoints"
     tag = tag or checkpoint.latest_tag(root)
     if tag is None or not checkpoint.is_complete(root, tag):
         raise ConfigError(f"no complete checkpoint {tag or ''} under {root}")
+    problem = checkpoint.damage(root, tag)
+    if problem is not None:
+        raise ConfigError(f"checkpoint {root / tag} is damaged: {problem}")
     # Only the sections export needs: the training data may be gone by now.
     saved = json.loads((run_dir / "config.json").read_text())["experiment"]
     model_config = build_section(ModelConfig, saved["model"], "model.")

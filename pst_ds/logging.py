@@ -72,7 +72,13 @@ class RunLogger:
             self.info(f"step {step}: validation {shown} at sparsity {sparsity:.3f}")
         return ppl
 
+    def end_progress(self) -> None:
+        """Close the progress bar, so that what follows prints below it (idempotent)."""
+        if self.enabled:
+            self.bar.close()
+
     def close(self) -> None:
+        """Flush and close everything (idempotent)."""
         if self.enabled:
             self.bar.close()
             self.writer.close()

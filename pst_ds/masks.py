@@ -21,6 +21,27 @@ _BRACKET_MIN_NUMEL = 1 << 18
 _sample_index_cache: dict[tuple[int, str], torch.Tensor] = {}
 
 
+class NonFiniteScoresError(ValueError):
+    """Importance scores hold NaN or infinite values: no top-k of them means anything."""
+
+
+def check_finite(flat: torch.Tensor) -> None:
+    """Raise NonFiniteScoresError if ``flat`` holds NaN or inf.
+
+    A sum is one cheap pass (a bool ``isfinite`` pass costs more than the whole selection) and
+    is non-finite whenever an entry is; only then are the entries counted, so an overflowing
+    sum of finite scores raises nothing.
+    """
+    if torch.isfinite(flat.sum()):
+        return
+    nan, finite = int(torch.isnan(flat).sum()), int(torch.isfinite(flat).sum())
+    if finite < flat.numel():
+        raise NonFiniteScoresError(
+            f"{nan:,} NaN and {flat.numel() - finite - nan:,} infinite values among {flat.numel():,} "
+            "importance scores"
+        )
+
+
 @dataclass(frozen=True)
 class Threshold:
     value: torch.Tensor  # 0-dim, the scores' dtype and device
@@ -74,9 +95,11 @@ def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
     """The threshold that prunes exactly ``int(numel * sparsity)`` entries with the smallest scores.
 
     Found by selection, not a sort: on large matrices a few passes over the scores bracket the
-    k-th value (from a fixed sample) and kthvalue runs on the bracket only.
+    k-th value (from a fixed sample) and kthvalue runs on the bracket only. Raises
+    NonFiniteScoresError on NaN or infinite scores.
     """
     flat = scores.detach().reshape(-1)
+    check_finite(flat)  # NaN would break the selection's counting (and means training diverged)
     n, k = flat.numel(), num_pruned(flat.numel(), sparsity)
     if k == 0:
         return Threshold(torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device), n)

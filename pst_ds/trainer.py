@@ -8,30 +8,31 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers.integrations import HfDeepSpeedConfig
 
 from . import checkpoint
 from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
 from .data import collate_for, load_splits
+from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
 from .export import export_checkpoint
 from .inject import head_parameters, inject_pst, iter_pst_layers, set_sparsity
 from .logging import RunLogger
+from .masks import NonFiniteScoresError
 from .models import load_model, load_tokenizer
 from .schedule import scheduled_sparsity
 
-DIST_TIMEOUT = timedelta(minutes=30)
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (it diverged, say); the message is the whole explanation."""
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
@@ -42,10 +43,6 @@ def load_ds_config(path: str) -> dict[str, Any]:
         return json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
-
-
-def on_cpu() -> bool:
-    return get_accelerator().device_name() == "cpu"
 
 
 def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
@@ -75,27 +72,6 @@ def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str
         # JIT compile for parameters this small.
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
-
-
-def init_distributed() -> None:
-    """Join the launcher's process group, or make a one-process group for plain `python`."""
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        defaults = {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
-    if on_cpu():
-        # Skip the one-time JIT build of the shared-memory op, which only inference uses.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(timeout=DIST_TIMEOUT)
 
 
 def linear_warmup_decay(warmup_steps: int, total_steps: int):
@@ -168,12 +144,14 @@ class Trainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         cfg = self.config
         torch.manual_seed(cfg.train.seed)  # identical factor init on every rank
+        # Before any ZeRO-3 context exists, on every rank at once: loading the tokenizer
+        # converts the embedded model on first use (a file lock lets one rank do it).
+        tokenizer = agreed(lambda: load_tokenizer(cfg.model))
+        self.data = rank_zero_first(lambda: load_splits(cfg.data, cfg.model.task, tokenizer))
+        self._check_enough_data()
         if self.ds_config.get("zero_optimization", {}).get("stage") == 3:
             # Kept alive so that from_pretrained builds the backbone already partitioned.
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        with self._rank_zero_first():  # the first rank converts/caches, the others reuse
-            tokenizer = load_tokenizer(cfg.model)
-            self.data = load_splits(cfg.data, cfg.model.task, tokenizer)
         # Collective under ZeRO-3: every rank at once.
         model = load_model(cfg.model, tokenizer, self.data.labels)
         self.collate = collate_for(cfg.model.task)
@@ -214,11 +192,6 @@ class Trainer:
             # resumed run restores at a different point than an uninterrupted one.
             generator=torch.Generator().manual_seed(cfg.train.seed),
         )
-        if len(self.loader) == 0:
-            raise ConfigError(
-                f"too little training data for {self.world_size} rank(s) × "
-                f"train.micro_batch_size={cfg.train.micro_batch_size}"
-            )
         self.checkpoints = self.output_dir / "checkpoints"
         self.step = self._resume() if cfg.train.resume == "auto" else 0
         set_sparsity(self.engine.module, self.sparsity_at(self.step))
@@ -252,13 +225,16 @@ class Trainer:
             groups["head" if id(p) in head else "scores" if id(p) in scores else "method"].append(p)
         return groups
 
-    @contextlib.contextmanager
-    def _rank_zero_first(self) -> Iterator[None]:
-        if self.rank != 0:
-            dist.barrier()
-        yield
-        if self.rank == 0:
-            dist.barrier()
+    def _check_enough_data(self) -> None:
+        """Every rank needs one full micro-batch of training data (identical on all ranks)."""
+        cfg, blocks = self.config, len(self.data.train)
+        if blocks // self.world_size // cfg.train.micro_batch_size == 0:
+            unit = "examples" if self.data.labels is not None else f"blocks of {cfg.data.block_size} tokens"
+            raise ConfigError(
+                f"too little training data: {blocks} {unit} for {self.world_size} rank(s) × "
+                f"train.micro_batch_size={cfg.train.micro_batch_size}; add text to data.train_files "
+                "or lower data.block_size or train.micro_batch_size"
+            )
 
     def num_trainable(self) -> int:
         # ds_numel: ZeRO-3 has replaced the data of partitioned parameters by their shards.
@@ -276,8 +252,11 @@ class Trainer:
         return {"experiment": experiment, "world_size": self.world_size}
 
     def _resume(self) -> int:
-        """Load the latest complete checkpoint if there is one; return the step it holds."""
-        tag = checkpoint.latest_tag(self.checkpoints)
+        """Load the newest sound complete checkpoint if there is one; return the step it holds.
+
+        A checkpoint whose files no longer match what was saved is skipped with a warning.
+        """
+        tag = checkpoint.newest_sound(self.checkpoints, shared=True, warn=self.warn)
         if tag is None:
             return 0
         saved = checkpoint.read_manifest(self.checkpoints, tag)
@@ -295,6 +274,10 @@ class Trainer:
             print(f"pst-ds: resumed from {self.checkpoints / tag}", flush=True)
         return saved["step"]
 
+    def warn(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"pst-ds: warning: {message}", flush=True)
+
     def save_checkpoint(self) -> None:
         start = time.time()
         tag = checkpoint.save(
@@ -302,15 +285,18 @@ class Trainer:
         )
         self.logger.info(f"step {self.step}: saved {tag} in {time.time() - start:.1f} s")
 
-    def export(self) -> None:
-        """Export the final state: checkpoint it (if not yet), then rank 0 consolidates it."""
+    def export(self) -> dict[str, Any]:
+        """Export the final state: checkpoint it (if not yet), then rank 0 consolidates it.
+        Returns where it went and its sparsity (on every rank)."""
         if checkpoint.latest_tag(self.checkpoints) != checkpoint.tag_for(self.step):
             self.save_checkpoint()
+        out, total = self.output_dir / "export", None
         if self.rank == 0:
             start = time.time()
-            export_checkpoint(self.output_dir, self.output_dir / "export")
-            self.logger.info(f"exported to {self.output_dir / 'export'} in {time.time() - start:.1f} s")
+            total = export_checkpoint(self.output_dir, out)["total"]
+            self.logger.info(f"step {self.step}: exported in {time.time() - start:.1f} s")
         dist.barrier()
+        return {"dir": str(out), **(total or {})}
 
     def _batches(self, skip: int) -> Iterator[torch.Tensor]:
         """Training batches from micro-batch ``skip`` on: epochs reshuffle deterministically."""
@@ -330,6 +316,13 @@ class Trainer:
         return (tensor / self.world_size).tolist()
 
     def train(self) -> dict[str, Any]:
+        """Train to train.max_steps, evaluate, export if asked; return the run's summary."""
+        try:
+            return self._train()
+        finally:
+            self.logger.close()  # flushed even when training stops with an error
+
+    def _train(self) -> dict[str, Any]:
         cfg = self.config.train
         tokens_per_step = (
             cfg.micro_batch_size
@@ -338,7 +331,13 @@ class Trainer:
             * self.config.data.block_size
         )
         start = time.time()
-        before = self.evaluate()
+        finished = self.step >= cfg.max_steps
+        if finished:
+            self.logger.info(
+                f"pst-ds: {self.output_dir} is already trained to step {self.step} (train.max_steps); "
+                "nothing to train (train.resume=never or another train.output_dir trains afresh)"
+            )
+        before = None if finished else self.evaluate()
         batches = self._batches(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
         step_times = []
@@ -348,18 +347,25 @@ class Trainer:
             for layer in self.pst_layers.values():
                 layer.track_mask = logged  # noted in the forward that follows
             for _ in range(cfg.gradient_accumulation_steps):
-                loss = self.engine(**self._to_device(next(batches))).loss
-                self.engine.backward(loss)
+                with self._layer_failures_named(f"step {self.step + 1}"):
+                    loss = self.engine(**self._to_device(next(batches))).loss
+                    self.engine.backward(loss)
                 lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
                 self.engine.step()
                 losses.append(loss.item())
+            # Every step (one scalar): a NaN loss on any rank stops all of them alike.
+            (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"the loss at step {self.step + 1} is {mean_loss}: training diverged (try a lower "
+                    f"train.lr){self._last_checkpoint_note()}"
+                )
             sparsity = self.pst_sparsity()
             step_times.append(time.time() - step_start)
             self.step += 1
             # The schedule moves after each optimizer step, as in the release.
             set_sparsity(self.engine.module, self.sparsity_at(self.step))
             if logged:
-                (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
                 self.logger.log_step(
                     self.step,
                     mean_loss,
@@ -373,6 +379,7 @@ class Trainer:
                 self.save_checkpoint()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 self.evaluate()
+        self.logger.end_progress()
         after = self.evaluate()
         summary = {
             "method": self.config.method,
@@ -393,15 +400,40 @@ class Trainer:
             "wall_time_s": time.time() - start,
         }
         if cfg.export:
-            self.export()
+            summary["export"] = self.export()
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        change = f"{after:.4f}" if before is None else f"{before:.4f} -> {after:.4f}"
         self.logger.info(
-            f"pst-ds: done in {summary['wall_time_s']:.1f} s; validation "
-            f"{self.metric} {before:.4f} -> {after:.4f}; output in {self.output_dir}"
+            f"pst-ds: done in {time.time() - start:.1f} s; validation {self.metric} {change}; "
+            f"output in {self.output_dir}"
         )
-        self.logger.close()
         return summary
+
+    def _last_checkpoint_note(self) -> str:
+        tags = checkpoint.complete_tags(self.checkpoints)
+        return f"; the last complete checkpoint is {self.checkpoints / tags[0]}" if tags else ""
+
+    @contextlib.contextmanager
+    def _layer_failures_named(self, when: str) -> Iterator[None]:
+        """Turn non-finite importance scores into a TrainingError naming the layer and ``when``."""
+        running: list[str] = []
+        hooks = [
+            layer.register_forward_pre_hook(lambda *_, name=name: running.append(name))
+            for name, layer in self.pst_layers.items()
+        ]
+        try:
+            yield
+        except NonFiniteScoresError as err:
+            layer = running[-1] if running else "?"
+            raise TrainingError(
+                f"{err} in layer {layer} at {when}: S comes from the frozen weight and the factors, "
+                "so either training diverged (try a lower train.lr) or the model's weights hold NaN "
+                f"or inf{self._last_checkpoint_note()}"
+            ) from None
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def mask_changed_fraction(self) -> float | None:
         """Share of all mask entries that changed since the previous logged step (None at first)."""
@@ -433,7 +465,8 @@ class Trainer:
         for i in range(rounds):
             indices = mine[i * batch : (i + 1) * batch]
             inputs = self._to_device(self.collate([validation[j] for j in indices or [0]]))
-            output = self.engine(**inputs)
+            with self._layer_failures_named(f"the evaluation after step {self.step}"):
+                output = self.engine(**inputs)
             loss_sum += output.loss.item() * len(indices)
             count += len(indices)
             if self.data.labels is not None and indices:
@@ -448,5 +481,11 @@ class Trainer:
 
 
 def resolve_output_dir(name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() else Path.cwd() / path
+    """The run's folder (relative to the current directory); refused if it cannot be one."""
+    path = Path(name) if Path(name).is_absolute() else Path.cwd() / name
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"train.output_dir {name}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"train.output_dir {name}: {existing} is not writable")
+    return path

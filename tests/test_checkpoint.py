@@ -129,3 +129,60 @@ def test_killed_rank_then_rerun_resumes_with_identical_losses(tmp_path, small_te
     )
     assert changed.returncode != 0
     assert "experiment.pst.final_sparsity: checkpoint 0.5, now 0.6" in changed.stderr + changed.stdout
+
+
+def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, small_text, python):
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    cmd = [
+        python, "launch/train.py", "--config", "configs/experiments/tiny_gpt2.yaml",
+        f"train.output_dir={run}", f"data.train_files=[{small_text}]", "train.max_steps=6",
+        "train.save_every=2", "data.block_size=32", "data.max_validation_blocks=4",
+        "data.validation_fraction=0.05",
+    ]  # fmt: skip
+
+    def train() -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    assert train().returncode == 0
+    expected = losses_by_step(run)
+    newest, older = checkpoint.complete_tags(root)
+    assert (newest, older) == (checkpoint.tag_for(6), checkpoint.tag_for(4))
+    recorded = checkpoint.read_manifest(root, newest)["files"]
+    on_disk = {p.name for p in (root / newest).iterdir()} - {checkpoint.COMPLETE}
+    assert set(recorded) == on_disk and all(len(f["sha256"]) == 64 for f in recorded.values())
+    assert checkpoint.damage(root, newest) is None
+
+    # One flipped byte in the middle of the largest file: same size, other contents.
+    victim = max((root / newest / name for name in recorded), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    problem = f"{victim} differs from the checksum recorded when it was saved"
+    assert checkpoint.damage(root, newest) == problem
+
+    export = subprocess.run(
+        [python, "launch/export.py", "--run", str(run), "--tag", newest],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert export.returncode == 2 and f"is damaged: {problem}" in export.stderr
+
+    rerun = train()
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output[-3000:]
+    assert f"pst-ds: warning: checkpoint {root / newest} is damaged: {problem}" in output
+    assert f"resumed from {root / older}" in output
+    got = losses_by_step(run)
+    for step in (5, 6):  # retrained from step 4: the same losses as the first time
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    assert checkpoint.damage(root, newest) is None  # saved again, whole
+
+    # Every checkpoint truncated: refused before anything is written, naming the file.
+    for tag in checkpoint.complete_tags(root):
+        largest = max((root / tag).iterdir(), key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:100])
+    broken = train()
+    assert broken.returncode == 2, broken.stderr[-3000:]
+    errors = [line for line in broken.stderr.splitlines() if line.startswith("pst-ds: error:")]
+    assert len(errors) == 1 and f"every checkpoint under {root} is damaged" in errors[0]
+    assert "has 100 bytes" in errors[0] and "train.resume=never" in errors[0]

@@ -57,3 +57,122 @@ def test_ds_config_may_not_set_what_the_experiment_owns(tmp_path, python):
     )
     assert result.returncode == 2
     assert "'train_batch_size'" in result.stderr and "train.micro_batch_size" in result.stderr
+
+
+def austen_bytes(n: int) -> bytes:
+    return (ROOT / "data/austen/austen_6_novels.txt").read_bytes()[:n]
+
+
+# Bad input files: (file name, its bytes, the expected message). tiny_llama reads bytes, 64 per block.
+BAD_FILES = {
+    "empty file": ("empty.txt", b"", "is empty"),
+    "only white space": ("blank.txt", b"\n  \n\t\n", "is empty"),
+    "not UTF-8": (
+        "latin1.txt",
+        austen_bytes(5000) + "café".encode("latin-1"),
+        "is not UTF-8 text (byte 0xe9 at offset 5003)",
+    ),
+    "one block, kept for validation": ("short.txt", austen_bytes(100), "all needed for validation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_training_file_fails_cleanly(tmp_path, python, case):
+    name, content, message = BAD_FILES[case]
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out"
+    cmd = [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}"]
+    result = subprocess.run(
+        [*cmd, f"data.train_files=[{tmp_path / name}]"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pst-ds: error:")]
+    assert len(errors) == 1 and message in errors[0] and name in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, python):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out in (taken, taken / "run"):
+        result = subprocess.run(
+            [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"pst-ds: error: train.output_dir {out}: {taken} exists and is not a folder" in result.stderr
+        assert taken.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "case, content, message",
+    [
+        # 3 blocks of 64 bytes: 1 for validation, 2 to train, fewer than 2 ranks × micro-batches of 4.
+        (
+            "too little text for two ranks",
+            austen_bytes(200),
+            "too little training data: 2 blocks of 64 tokens for 2 rank(s)",
+        ),
+        # Found by rank 0 while the other rank waits: every rank must still stop the same way.
+        (
+            "not UTF-8, found on rank 0 first",
+            b"\xff" + austen_bytes(50_000),
+            "is not UTF-8 text (byte 0xff at offset 0)",
+        ),
+    ],
+)
+def test_two_ranks_stop_alike_on_bad_data(tmp_path, case, content, message):
+    from test_distributed import DEEPSPEED, ds_env, free_port
+
+    text = tmp_path / "text.txt"
+    text.write_bytes(content)
+    out = tmp_path / "out"
+    cmd = [
+        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+        "--config", TINY, f"train.output_dir={out}", f"data.train_files=[{text}]",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "pst-ds: error:" in line]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+    assert "Traceback" not in output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "lr, message",
+    [
+        # Factors of ~1e37: |W'| + A B + R + C overflows in some entries of the first PST layer.
+        (
+            "3e37",
+            r"0 NaN and \d+ infinite values among 4,096 importance scores in layer "
+            r"model\.layers\.0\.self_attn\.q_proj at step 2",
+        ),
+        # Factors of ~1e30: the scores stay finite, the activations overflow, the loss is NaN.
+        ("1e30", r"the loss at step 2 is nan: training diverged"),
+    ],
+)
+def test_diverging_training_stops_with_a_clear_error(tmp_path, python, lr, message):
+    import re
+
+    cmd = [
+        python,
+        "launch/train.py",
+        "--config",
+        TINY,
+        f"train.output_dir={tmp_path / 'run'}",
+        f"train.lr={lr}",
+    ]
+    result = subprocess.run(
+        [*cmd, "train.max_steps=5"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "pst-ds: error:" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "export").exists()

@@ -6,7 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
-from pst_ds.masks import StraightThroughTopK, topk_mask
+from pst_ds.masks import NonFiniteScoresError, StraightThroughTopK, select_threshold, topk_mask
 
 
 def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
@@ -212,3 +212,30 @@ def test_backward_keeps_only_the_input_and_small_tensors(compiled):
         return nn.functional.linear(x, StraightThroughTopK.apply(scores, 0.5) * updated, layer.bias)
 
     assert saved_bytes(autograd_formulation) > 2 * out_f * in_f * 4
+
+
+@pytest.mark.parametrize(
+    "bad, counts", [(float("nan"), "1 NaN and 0 infinite"), (float("inf"), "0 NaN and 1 infinite")]
+)
+@pytest.mark.parametrize("numel", [1000, 1 << 19])  # both selection routes
+def test_non_finite_scores_are_refused(bad, counts, numel):
+    scores = torch.rand(numel)
+    scores[numel // 3] = bad
+    with pytest.raises(NonFiniteScoresError, match=f"{counts} values among {numel:,} importance scores"):
+        select_threshold(scores, 0.5)
+    with pytest.raises(NonFiniteScoresError):  # also while dense (warm-up): it means the run diverged
+        select_threshold(scores, 0.0)
+
+
+def test_finite_scores_whose_sum_overflows_are_accepted():
+    scores = torch.tensor([3e38, 3e38, 1.0, 2.0])  # sum is inf in fp32, every entry is finite
+    assert torch.isinf(scores.sum())
+    assert topk_mask(scores, 0.5).tolist() == [True, True, False, False]
+
+
+def test_pst_layer_names_no_layer_but_refuses_nan_factors():
+    layer = PSTLinear(nn.Linear(16, 8), PSTConfig(final_sparsity=0.5, initial_sparsity=0.5, compile=False))
+    with torch.no_grad():
+        layer.C[3] = float("nan")  # one column of S
+    with pytest.raises(NonFiniteScoresError, match="8 NaN"):
+        layer(torch.randn(2, 16))

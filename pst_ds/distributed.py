@@ -1,0 +1,77 @@
+"""The process group, and agreement between ranks on whether setup may go on.
+
+A configuration error found on one rank must stop every rank the same way (one error line
+from rank 0, exit status 2 everywhere), not leave the others waiting in a collective until
+the launcher kills them with a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import deepspeed
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from .config import ConfigError
+
+DIST_TIMEOUT = timedelta(minutes=30)
+T = TypeVar("T")
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a one-process group for plain `python`."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        defaults = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+    if on_cpu():
+        # Skip the one-time JIT build of the shared-memory op, which only inference uses.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(timeout=DIST_TIMEOUT)
+
+
+def agreed(work: Callable[[], T], run_here: bool = True) -> T | None:
+    """Run ``work`` on this rank (if ``run_here``); if it raised ConfigError on any rank,
+    raise that error on every rank (naming the rank when it is not rank 0).
+
+    A collective: every rank must call it. Returns ``work``'s result, None where it did not run.
+    """
+    result, message = None, None
+    if run_here:
+        try:
+            result = work()
+        except ConfigError as err:
+            message = str(err)
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    for rank, failure in enumerate(messages):
+        if failure is not None:
+            raise ConfigError(failure if rank == 0 else f"on rank {rank}: {failure}")
+    return result
+
+
+def rank_zero_first(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0, then on the other ranks (which reuse what it cached); a
+    ConfigError anywhere stops every rank, as in ``agreed``."""
+    rank = dist.get_rank()
+    first = agreed(work, run_here=rank == 0)
+    rest = agreed(work, run_here=rank != 0)
+    return first if rank == 0 else rest
