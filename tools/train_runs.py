@@ -18,7 +18,9 @@ def train_once(
     experiment arguments used. Exits with a message naming the log if the run fails."""
     arguments = [
         "--ds_config", ds_config, "--config", config,
-        f"train.output_dir={run_dir}", "train.resume=never", "train.save_every=0", *overrides,
+        f"train.output_dir={run_dir}", "train.resume=never", "train.save_every=0",
+        "train.export=false",  # the tools read summary.json; a checkpoint and export per run is waste
+        *overrides,
     ]  # fmt: skip
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     with socket.socket() as probe:  # a free port: other jobs on this machine may hold the default
