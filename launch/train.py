@@ -57,18 +57,32 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config, load_ds_config(args.ds_config))
         trainer.setup()
     except ConfigError as err:  # bad input: found before anything is written
-        if rank_zero:
-            print(f"pst-ds: error: {err}", file=sys.stderr)
-        return 2
+        return stop(f"pst-ds: error: {err}", 2, rank_zero)
     try:
         summary = trainer.train()
     except TrainingError as err:
-        if rank_zero:
-            print(f"pst-ds: error: {err}", file=sys.stderr)
-        return 1
+        return stop(f"pst-ds: error: {err}", 1, rank_zero)
     if rank_zero and "export" in summary:
         print(how_to_use(summary["export"], args.config), flush=True)
     return 0
+
+
+def stop(message: str, status: int, rank_zero: bool) -> int:
+    """Report an error (rank 0 only: every rank stops alike) and end with ``status``.
+
+    A rank that joined a process group leaves at once, without C++ destructors: tearing a gloo
+    group down after a peer has exited can abort the process (SIGABRT), and the launcher would
+    then report -6 instead of this status.
+    """
+    if rank_zero:
+        print(message, file=sys.stderr, flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def shown(path: str) -> str:
