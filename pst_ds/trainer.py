@@ -159,6 +159,10 @@ class Trainer:
         self.layer_names = inject_pst(model, cfg.pst, cfg.method, cfg.lora)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.pst_layers = dict(iter_pst_layers(model))
+        # The layer whose forward runs (or ran last), to name it if its scores are not finite.
+        self._running_layer = "?"
+        for name, layer in self.pst_layers.items():
+            layer.register_forward_pre_hook(lambda *_, name=name: setattr(self, "_running_layer", name))
         weights = [model.get_submodule(name).weight for name in self.layer_names]
         self.sparsified_numel = sum(getattr(w, "ds_numel", w.numel()) for w in weights)
         lrs = {"method": cfg.train.lr, "scores": cfg.train.score_lr, "head": cfg.train.head_lr}
@@ -417,23 +421,14 @@ class Trainer:
     @contextlib.contextmanager
     def _layer_failures_named(self, when: str) -> Iterator[None]:
         """Turn non-finite importance scores into a TrainingError naming the layer and ``when``."""
-        running: list[str] = []
-        hooks = [
-            layer.register_forward_pre_hook(lambda *_, name=name: running.append(name))
-            for name, layer in self.pst_layers.items()
-        ]
         try:
             yield
         except NonFiniteScoresError as err:
-            layer = running[-1] if running else "?"
             raise TrainingError(
-                f"{err} in layer {layer} at {when}: S comes from the frozen weight and the factors, "
-                "so either training diverged (try a lower train.lr) or the model's weights hold NaN "
-                f"or inf{self._last_checkpoint_note()}"
+                f"{err} in layer {self._running_layer} at {when}: S comes from the frozen weight and "
+                "the factors, so either training diverged (try a lower train.lr) or the model's "
+                f"weights hold NaN or inf{self._last_checkpoint_note()}"
             ) from None
-        finally:
-            for hook in hooks:
-                hook.remove()
 
     def mask_changed_fraction(self) -> float | None:
         """Share of all mask entries that changed since the previous logged step (None at first)."""

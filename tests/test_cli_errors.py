@@ -1,10 +1,12 @@
 """Bad input to launch/train.py: one clear error line, a non-zero exit, no output written."""
 
 import json
+import re
 import subprocess
 
 import pytest
 from conftest import ROOT
+from test_distributed import DEEPSPEED, ds_env, free_port
 
 TINY = "configs/experiments/tiny_llama.yaml"
 
@@ -126,8 +128,6 @@ def test_output_dir_that_is_a_file(tmp_path, python):
     ],
 )
 def test_two_ranks_stop_alike_on_bad_data(tmp_path, case, content, message):
-    from test_distributed import DEEPSPEED, ds_env, free_port
-
     text = tmp_path / "text.txt"
     text.write_bytes(content)
     out = tmp_path / "out"
@@ -158,8 +158,6 @@ def test_two_ranks_stop_alike_on_bad_data(tmp_path, case, content, message):
     ],
 )
 def test_diverging_training_stops_with_a_clear_error(tmp_path, python, lr, message):
-    import re
-
     cmd = [
         python,
         "launch/train.py",
