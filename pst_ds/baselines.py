@@ -1,13 +1,15 @@
 """The baselines PST is compared with, as layers for the same injection, engine and schedule.
 
-    magnitude  S = |W|; y = x (M * W)^T + b; W trained (gradient G * M: pruned weights rest)
-    movement   S = a score per weight (init 0, Sanh et al. 2020); M = top-k(S) with a
-               straight-through gradient dS = G * W; W trained (dW = G * M)
+    magnitude  S = |W| (times the input norms with pst.importance=activation); y = x (M * W)^T + b;
+               W trained (gradient G * M: pruned weights rest); with pst.mask=nm this is
+               SR-STE-style N:M magnitude training
+    movement   S = a score per weight (init 0, Sanh et al. 2020); M = the kind's mask of S with
+               a straight-through gradient dS = G * W; W trained (dW = G * M)
     smp        as movement with W frozen: only the scores train (static model pruning)
     lora       y = x W^T + b + (alpha / r) x A^T B^T; A ~ Kaiming, B = 0; no pruning
     dense      no layer: every parameter of the model trains (handled by the injector)
 
-The masks come from the same exact selection as PST's (masks.py), so sparsities match.
+The masks come from the same mask kinds as PST's (mask_kinds.py), so sparsities and patterns match.
 These layers use plain autograd: they train weight-sized tensors anyway.
 """
 
@@ -22,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LoRAConfig, PSTConfig
 from .layer import SparseLinear, WrappedLinear
-from .masks import StraightThroughTopK, topk_mask
+from .mask_kinds import StraightThroughMask
 
 
 class MagnitudeLinear(SparseLinear):
@@ -34,12 +36,14 @@ class MagnitudeLinear(SparseLinear):
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.oriented_weight().detach().float()
-        return weight.abs(), weight
+        scale = self.column_scale()
+        return (weight.abs() if scale is None else weight.abs() * scale), weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observe_inputs(x)
         weight = self.oriented_weight()
         with torch.no_grad():
-            keep = topk_mask(self.scores_and_weight()[0], self.sparsity)
+            keep = self.mask()
             if self.track_mask:
                 self.note_mask(keep)
         return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
@@ -59,7 +63,7 @@ class MovementLinear(SparseLinear):
         return self.scores.detach().float(), self.oriented_weight().detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = StraightThroughTopK.apply(self.scores, self.sparsity)
+        mask = StraightThroughMask.apply(self.scores, self.mask_kind, self.pruned)
         if self.track_mask:
             self.note_mask(mask.detach() > 0)
         weight = self.oriented_weight()

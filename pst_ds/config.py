@@ -57,6 +57,17 @@ class PSTConfig:
     initial_warmup: float = 0.1  # fraction of steps held at initial_sparsity
     final_warmup: float = 0.3  # fraction of steps held at final_sparsity
     compile: bool = True  # fuse the layer's element-wise work with torch.compile (same math)
+    # Mask kind (mask_kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
+    mask: str = "topk"
+    mask_scope: str = "matrix"  # topk, threshold: one count per matrix, or per output row
+    mask_n: int = 2  # nm: keep N ...
+    mask_m: int = 4  # nm, vnm: ... of every M consecutive inputs (vnm keeps 2 of 4 chosen of M)
+    mask_v: int = 64  # vnm: rows per block that share the 4 chosen columns
+    threshold_band: float = 0.05  # threshold: |S - t| <= band * |t| estimates dL/d(keep fraction)
+    # Importance's data term: magnitude |W'|, or activation |W'| * ||x_j|| (Wanda's score), with
+    # ||x_j|| gathered from the layer inputs during the dense warm-up (importance.py)
+    importance: str = "magnitude"
+    activation_ema: float = 0.0  # 0: keep the warm-up's norms; > 0: go on as a moving average
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     trainable_modules: list[str] = field(default_factory=list)  # e.g. a task head: "classifier"
 
@@ -77,6 +88,7 @@ class PSTConfig:
                 "pst.initial_warmup + pst.final_warmup must be <= 1, got "
                 f"{self.initial_warmup} + {self.final_warmup}"
             )
+        self._check_mask()
         if not self.target_modules:
             raise ConfigError("pst.target_modules is empty: name at least one pattern")
         for pattern in self.target_modules + self.trainable_modules:
@@ -84,6 +96,42 @@ class PSTConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"invalid module pattern {pattern!r}: {err}") from None
+
+    def _check_mask(self) -> None:
+        choices = {
+            "mask": MASK_KINDS,
+            "mask_scope": ("matrix", "row"),
+            "importance": ("magnitude", "activation"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"pst.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not 0.0 <= self.activation_ema < 1.0 or self.threshold_band <= 0:
+            raise ConfigError("pst.activation_ema must be in [0, 1) and pst.threshold_band > 0")
+        if self.mask not in ("nm", "vnm"):
+            return
+        if self.mask == "nm" and not 1 <= self.mask_n < self.mask_m:
+            raise ConfigError(f"pst.mask=nm needs 1 <= mask_n < mask_m, got {self.mask_n}:{self.mask_m}")
+        if self.mask == "vnm" and (self.mask_m < 4 or self.mask_v < 1):
+            raise ConfigError(
+                f"pst.mask=vnm needs mask_m >= 4 and mask_v >= 1, got {self.mask_v}:2:{self.mask_m}"
+            )
+        kept = self.mask_n if self.mask == "nm" else 2
+        pattern = 1 - kept / self.mask_m
+        if abs(self.final_sparsity - pattern) > 1e-9:
+            raise ConfigError(
+                f"pst.mask={self.mask} prunes {pattern:g} of the weights ({kept} of every {self.mask_m}): "
+                f"set pst.final_sparsity={pattern:g} (got {self.final_sparsity})"
+            )
+        if self.initial_sparsity not in (0.0, pattern):
+            raise ConfigError(
+                f"pst.mask={self.mask}: pst.initial_sparsity must be 0 (dense warm-up) or {pattern:g}"
+            )
+
+
+MASK_KINDS = ("topk", "threshold", "nm", "vnm")
 
 
 @dataclass
@@ -171,6 +219,7 @@ class TrainConfig:
     lr: float = 1e-3  # for the PST factors
     head_lr: float = 0.0  # for pst.trainable_modules (e.g. a new task head); 0: same as lr
     score_lr: float = 0.0  # movement / smp per-weight scores; 0: same as lr
+    threshold_lr: float = 0.02  # pst.mask=threshold: the per-matrix threshold logits
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear LR warm-up, then linear decay to 0
     seed: int = 42
@@ -197,10 +246,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.head_lr < 0 or self.score_lr < 0:
+        if self.lr <= 0 or self.head_lr < 0 or self.score_lr < 0 or self.threshold_lr < 0:
             raise ConfigError(
-                f"train.lr must be > 0, train.head_lr and train.score_lr >= 0, "
-                f"got {self.lr}, {self.head_lr}, {self.score_lr}"
+                f"train.lr must be > 0, train.head_lr, score_lr and threshold_lr >= 0, "
+                f"got {self.lr}, {self.head_lr}, {self.score_lr}, {self.threshold_lr}"
             )
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("train.warmup_steps and train.eval_every must be >= 0")
@@ -223,6 +272,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.pst.mask == "threshold" and self.method != "pst":
+            raise ConfigError(f"pst.mask=threshold learns PST's thresholds; method={self.method} has none")
+        if self.pst.importance == "activation" and self.method in ("movement", "smp"):
+            raise ConfigError(f"pst.importance=activation scales |W|; method={self.method} learns its scores")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

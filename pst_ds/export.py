@@ -1,8 +1,10 @@
 """Export: a PST checkpoint -> a plain Hugging Face folder holding the pruned weights.
 
 Every PST layer becomes the plain layer it wrapped, with weight M * (W + beta U V) under
-the original name and layout; the factors are dropped. Works from a ZeRO checkpoint of
-any world size: DeepSpeed consolidates it on one process.
+the original name and layout; the factors are dropped. M comes from the mask state saved in
+the checkpoint (each layer's ``pruned`` counts, input norms and thresholds), never from the
+config and the step, and each mask is checked against its kind's exact pattern. Works from a
+ZeRO checkpoint of any world size: DeepSpeed consolidates it on one process.
 """
 
 from __future__ import annotations
@@ -19,23 +21,23 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint
-from .config import ConfigError, LoRAConfig, ModelConfig, PSTConfig, TrainConfig, build_section
-from .inject import inject_pst, set_sparsity
-from .layer import WrappedLinear
+from .config import PRUNING_METHODS, ConfigError, LoRAConfig, ModelConfig, PSTConfig, build_section
+from .inject import inject_pst
+from .layer import SparseLinear, WrappedLinear
+from .mask_kinds import mask_kind
 from .models import load_model, load_tokenizer
-from .schedule import scheduled_sparsity
 
 SPARSITY_REPORT = "pst_sparsity.json"
 
 
-def _plain_layer(layer: WrappedLinear) -> nn.Module:
-    """The base layer type again, holding the merged, masked weight."""
+def _plain_layer(layer: WrappedLinear, weight: torch.Tensor) -> nn.Module:
+    """The base layer type again, holding the merged, masked ``weight``."""
     has_bias = layer.bias is not None
     if layer.transposed:
         plain = Conv1D(layer.out_features, layer.in_features)
     else:
         plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias)
-    plain.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
+    plain.weight = nn.Parameter(weight, requires_grad=False)
     if has_bias:
         plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
     return plain
@@ -46,17 +48,37 @@ def _zeros(weight: torch.Tensor) -> dict[str, Any]:
     return {"shape": list(weight.shape), "zeros": zeros, "sparsity": zeros / weight.numel()}
 
 
+def _merged(layer: WrappedLinear) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(the merged weight, what the report says of its mask)."""
+    if not isinstance(layer, SparseLinear):  # LoRA: merged, nothing pruned
+        return layer.merged_weight(), {}
+    scores, weight = layer.scores_and_weight()
+    keep = layer.selection(scores).mask(scores)
+    problem = layer.mask_kind.pattern_problem(keep, layer.pruned)
+    if problem is not None:
+        raise RuntimeError(f"the {layer.mask_kind.name} mask breaks its pattern: {problem}")
+    pruned = int(layer.pruned.sum())
+    return layer.to_base_layout(weight * keep), {"mask_pruned": pruned, "pattern_verified": True}
+
+
 def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Replace every injected layer (PST or a baseline's) by its plain merged layer; return
-    per-layer sparsity figures."""
+    per-layer sparsity figures (and, for pruned layers, the verified mask's pruned count)."""
     report = {}
     injected = [(n, m) for n, m in model.named_modules() if isinstance(m, WrappedLinear)]
     for name, layer in injected:
-        plain = _plain_layer(layer)
-        report[name] = _zeros(plain.weight)
+        weight, mask = _merged(layer)
+        plain = _plain_layer(layer, weight)
+        report[name] = {**_zeros(plain.weight), **mask}
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, plain)
     return report
+
+
+def _mask_description(pst: PSTConfig, method: str) -> dict[str, Any]:
+    if method not in PRUNING_METHODS:
+        return {"kind": "none"}
+    return {**mask_kind(pst).describe(), "importance": pst.importance}
 
 
 def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> dict[str, Any]:
@@ -84,7 +106,6 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
     pst = build_section(PSTConfig, saved["pst"], "pst.")
     method = saved.get("method", "pst")
     lora = build_section(LoRAConfig, saved.get("lora", {}), "lora.")
-    train = build_section(TrainConfig, saved["train"], "train.")
     step = checkpoint.read_manifest(root, tag)["step"]
 
     # One process builds the whole model: a live HfDeepSpeedConfig (end of a ZeRO-3 run)
@@ -95,9 +116,7 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
     model = load_model(model_config, tokenizer, labels)
     layer_names = inject_pst(model, pst, method, lora)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    model.load_state_dict(state, strict=True)
-    sparsity = scheduled_sparsity(method, pst, step, train.max_steps)
-    set_sparsity(model, sparsity)
+    model.load_state_dict(state, strict=True)  # with each layer's mask state (buffers)
     with torch.no_grad():
         layers = merge_pst_layers(model)
         for name in layer_names if method == "dense" else ():  # nothing injected: report as is
@@ -110,7 +129,8 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
         "checkpoint": str(root / tag),
         "step": step,
         "method": method,
-        "scheduled_sparsity": sparsity,
+        "mask": _mask_description(pst, method),
+        "sparsity_in_force": sum(v.get("mask_pruned", 0) for v in layers.values()) / numel,
         "total": {"layers": len(layers), "params": numel, "zeros": zeros, "sparsity": zeros / numel},
         "layers": layers,
         "config": saved,

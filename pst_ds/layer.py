@@ -6,10 +6,12 @@ For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
 
     W' = W + beta * U @ V                                         (low-rank weight update)
     S  = |W'| + alpha1 * A @ B + alpha2 * (R[:, None] + C[None, :])  (importance)
-    M  = top-k(S) at the sparsity in force, straight-through gradient to S
+    M  = the mask kind's kept set of S (mask_kinds.py), straight-through gradient to S
     y  = x @ (M * W').T + b
 
 Init U, A ~ N(0, 1) and V, B, R, C = 0, so training starts as magnitude pruning (S = |W|).
+With ``pst.importance=activation`` |W'| is scaled per input column (importance.py); with
+``pst.mask=threshold`` a trained logit per matrix (or row) sets its share (allocation.py).
 S and the masked weight are computed in fp32 whatever the model's dtype, so ties from a
 low-precision W cannot make the sparsity inexact. The forward and backward themselves live
 in pst_function.py, which keeps nothing weight-sized between them.
@@ -22,8 +24,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import PSTConfig
-from .masks import topk_mask
-from .pst_function import PSTLinearFunction, extended_importance_factors, kernels
+from .importance import InputStatistics, column_scale
+from .mask_kinds import Selection, mask_kind
+from .pst_function import PSTHyper, PSTLinearFunction, extended_importance_factors, kernels
 
 
 class WrappedLinear(nn.Module):
@@ -52,16 +55,48 @@ class WrappedLinear(nn.Module):
 
 
 class SparseLinear(WrappedLinear):
-    """What every pruned layer shares: the sparsity in force and the mask-settling
-    bookkeeping. Subclasses give the scores."""
+    """What every pruned layer shares: its mask kind and mask state, the optional input
+    statistics of activation importance, and the mask-settling bookkeeping. Subclasses give
+    the scores.
+
+    The mask state is the ``pruned`` buffer (entries pruned now: one count, or one per row),
+    written by the sparsity controller, saved with the model and read back by export, so the
+    exported mask is the one in force, never recomputed from the config and the step.
+    """
 
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
         super().__init__(base)
-        self.sparsity = config.initial_sparsity
+        self.mask_kind = mask_kind(config)
+        device = base.weight.device
+        pruned = self.mask_kind.pruned_count(self.out_features, self.in_features, config.initial_sparsity)
+        self.register_buffer("pruned", pruned.to(device))
+        self.input_stats: InputStatistics | None = None
+        if config.importance == "activation":
+            self.input_stats = InputStatistics()
+            self.register_buffer("input_sq", torch.ones(self.in_features, dtype=torch.float32, device=device))
         # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
         self.track_mask = False
         self.mask_changes: int | None = None  # entries changed since the previous noted mask
         self._noted_mask: torch.Tensor | None = None
+
+    @property
+    def sparsity(self) -> float:
+        """The share of this matrix pruned now."""
+        return int(self.pruned.sum()) / (self.out_features * self.in_features)
+
+    @sparsity.setter
+    def sparsity(self, sparsity: float) -> None:
+        """Put the kind's mask for the scheduled ``sparsity`` in force."""
+        counts = self.mask_kind.pruned_count(self.out_features, self.in_features, sparsity)
+        self.pruned.copy_(counts)
+
+    def column_scale(self) -> torch.Tensor | None:
+        """Activation importance's per-input scale of |W| (None: magnitude importance)."""
+        return None if self.input_stats is None else column_scale(self.input_sq)
+
+    def observe_inputs(self, x: torch.Tensor) -> None:
+        if self.input_stats is not None and self.input_stats.collecting and self.training:
+            self.input_stats.observe(x)
 
     def note_mask(self, mask: torch.Tensor) -> None:
         """Count the entries that changed since the previously noted mask (for logging)."""
@@ -72,17 +107,20 @@ class SparseLinear(WrappedLinear):
         """(S, the weight the mask applies to), both (out, in) fp32, without autograd."""
         raise NotImplementedError
 
+    def selection(self, scores: torch.Tensor) -> Selection:
+        return self.mask_kind.select(scores, self.pruned)
+
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
-        """The bool (out, in) mask at the sparsity in force (needs the whole weight gathered)."""
+        """The bool (out, in) mask in force (needs the whole weight gathered)."""
         scores, _ = self.scores_and_weight()
-        return topk_mask(scores, self.sparsity)
+        return self.selection(scores).mask(scores)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The masked weight in the base layer's own layout and dtype (for export)."""
         scores, weight = self.scores_and_weight()
-        return self.to_base_layout(weight * topk_mask(scores, self.sparsity))
+        return self.to_base_layout(weight * self.selection(scores).mask(scores))
 
 
 class PSTLinear(SparseLinear):
@@ -94,9 +132,10 @@ class PSTLinear(SparseLinear):
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
         super().__init__(base, config)
         out_features, in_features = self.out_features, self.in_features
-        self.alpha1, self.alpha2, self.beta = config.alpha1, config.alpha2, config.beta
+        self.hyper = PSTHyper(
+            config.alpha1, config.alpha2, config.beta, self.transposed, config.compile, config.threshold_band
+        )
         self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
-        self.compiled = config.compile
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.U = nn.Parameter(torch.randn(out_features, config.weight_rank, **factory))
         self.V = nn.Parameter(torch.zeros(config.weight_rank, in_features, **factory))
@@ -104,6 +143,11 @@ class PSTLinear(SparseLinear):
         self.B = nn.Parameter(torch.zeros(config.mask_rank, in_features, **factory))
         self.R = nn.Parameter(torch.zeros(out_features, **factory))
         self.C = nn.Parameter(torch.zeros(in_features, **factory))
+        if self.mask_kind.learned:  # the threshold's logit: 0, a uniform share, to start
+            self.threshold_logit = nn.Parameter(
+                torch.zeros(out_features if self.mask_kind.per_row else 1, **factory)
+            )
+            self.threshold_shift = 0.0  # the model-wide shift c, set by the sparsity controller
 
     def updated_and_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', S), (out, in), fp32, without autograd (needs the whole weight gathered).
@@ -111,23 +155,49 @@ class PSTLinear(SparseLinear):
         Through the forward's own kernel, so the mask reported and exported is bit for bit
         the one training used (the compiled and eager roundings of W' may differ).
         """
+        hyper = self.hyper
         with torch.no_grad():
-            Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, self.alpha1, self.alpha2)
-            run = kernels(self.compiled)["updated_and_scores"]
-            return run(self.weight, self.U, self.V, Ae, Be, self.beta, self.transposed)
+            Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, hyper.alpha1, hyper.alpha2)
+            run = kernels(hyper.compiled)["updated_and_scores"]
+            return run(self.weight, self.U, self.V, Ae, Be, hyper.beta, hyper.transposed, self.column_scale())
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         updated, scores = self.updated_and_scores()
         return scores, updated
 
+    def keep_fraction(self) -> torch.Tensor | None:
+        """rho = sigmoid(logit + c) of a learned threshold, for its gradient (allocation.py)."""
+        if not self.mask_kind.learned:
+            return None
+        return torch.sigmoid(self.threshold_logit + self.threshold_shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return PSTLinearFunction.apply(
-            x, self.weight, self.bias, self.U, self.V, self.A, self.B, self.R, self.C, self
+        self.observe_inputs(x)
+        record = [] if self.track_mask else None
+        y = PSTLinearFunction.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.U,
+            self.V,
+            self.A,
+            self.B,
+            self.R,
+            self.C,
+            self.keep_fraction(),
+            self.column_scale(),
+            self.hyper,
+            self.mask_kind,
+            self.pruned,
+            record,
         )
+        if record:
+            self.note_mask(record[0])
+        return y
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"weight_rank={self.weight_rank}, mask_rank={self.mask_rank}, "
-            f"sparsity={self.sparsity:.4f}, conv1d={self.transposed}"
+            f"mask={self.mask_kind.describe()}, sparsity={self.sparsity:.4f}, conv1d={self.transposed}"
         )

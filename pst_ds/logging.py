@@ -55,6 +55,12 @@ class RunLogger:
         self._record("train", record)
         self.bar.set_postfix(loss=f"{loss:.4f}", sparsity=f"{sparsity:.3f}", tok_s=f"{tokens_per_s:.0f}")
 
+    def log_layers(self, step: int, sparsities: dict[str, float]) -> None:
+        """Per-matrix sparsities (TensorBoard only: one curve per matrix)."""
+        if self.enabled:
+            for name, sparsity in sparsities.items():
+                self.writer.add_scalar(f"layer_sparsity/{name}", sparsity, step)
+
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
             self.bar.update(steps)

@@ -1,4 +1,5 @@
-"""Mask selection: the exact per-matrix top-k of an importance score, as a threshold.
+"""Mask selection: exact top-k thresholds of importance scores (per matrix or per row), and
+the element-wise tests that turn a threshold or a group rank into a mask.
 
 A mask is stored as a ``Threshold`` (one value, and the flat position from which entries
 equal to it are kept), never as a weight-sized tensor, so a layer can recompute it in
@@ -44,8 +45,9 @@ def check_finite(flat: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class Threshold:
-    value: torch.Tensor  # 0-dim, the scores' dtype and device
-    first_kept_tie: int  # entries equal to ``value`` are kept from this flat index on (numel: none)
+    value: torch.Tensor  # 0-dim (or (out, 1), one per row), the scores' dtype and device
+    # Entries equal to ``value`` are kept from this flat index on (numel: none); per row, a column.
+    first_kept_tie: int | torch.Tensor
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -92,7 +94,12 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch
 
 
 def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
-    """The threshold that prunes exactly ``int(numel * sparsity)`` entries with the smallest scores.
+    """The threshold that prunes exactly ``int(numel * sparsity)`` entries with the smallest scores."""
+    return select_pruned(scores, num_pruned(scores.numel(), sparsity))
+
+
+def select_pruned(scores: torch.Tensor, k: int) -> Threshold:
+    """The threshold that prunes exactly the ``k`` entries with the smallest scores.
 
     Found by selection, not a sort: on large matrices a few passes over the scores bracket the
     k-th value (from a fixed sample) and kthvalue runs on the bracket only. Raises
@@ -100,7 +107,7 @@ def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
     """
     flat = scores.detach().reshape(-1)
     check_finite(flat)  # NaN would break the selection's counting (and means training diverged)
-    n, k = flat.numel(), num_pruned(flat.numel(), sparsity)
+    n = flat.numel()
     if k == 0:
         return Threshold(torch.tensor(float("-inf"), dtype=flat.dtype, device=flat.device), n)
     found = _bracketed_kth(flat, k) if n >= _BRACKET_MIN_NUMEL else None
@@ -132,23 +139,55 @@ def keep_from(scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int) ->
     return keep | ties
 
 
-def keep_mask(scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """Bool mask of the entries ``threshold`` keeps."""
+def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask that drops exactly ``int(numel * sparsity)`` entries with the smallest scores."""
+    threshold = select_threshold(scores, sparsity)
     return keep_from(scores, threshold.value, threshold.first_kept_tie)
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool mask that drops exactly ``int(numel * sparsity)`` entries with the smallest scores."""
-    return keep_mask(scores, select_threshold(scores, sparsity))
+def select_row_thresholds(scores: torch.Tensor, pruned: torch.Tensor) -> Threshold:
+    """Per-row thresholds that prune exactly ``pruned[r]`` entries of row r (smallest scores,
+    ties pruned lowest column first): ``value`` (out, 1) and ``first_kept_tie`` (out, 1), a column."""
+    scores = scores.detach()
+    check_finite(scores.reshape(-1))
+    rows, cols = scores.shape
+    pruned = pruned.to(device=scores.device, dtype=torch.long).expand(rows)
+    if bool((pruned == pruned[0]).all()):  # one count for all rows: kthvalue, no sort
+        k = int(pruned[0])
+        value = scores.kthvalue(max(k, 1), dim=1, keepdim=True).values
+    else:
+        ordered = scores.sort(dim=1).values
+        value = ordered.gather(1, (pruned - 1).clamp(min=0)[:, None])
+    value = torch.where(pruned[:, None] > 0, value, torch.full_like(value, float("-inf")))
+    ties = scores == value
+    ties_to_prune = pruned[:, None] - (scores < value).sum(1, keepdim=True)
+    kept_ties = ties & (ties.cumsum(1) > ties_to_prune)
+    column = torch.where(kept_ties.any(1, keepdim=True), kept_ties.int().argmax(1, keepdim=True), cols)
+    return Threshold(value, column)
 
 
-class StraightThroughTopK(torch.autograd.Function):
-    """M = top-k(S) in the forward; dL/dS = dL/dM in the backward (straight-through)."""
+def keep_rows(scores: torch.Tensor, value: torch.Tensor, first_kept_tie: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the entries above their row's ``value``, and of those equal to it from the
+    row's column ``first_kept_tie`` on (element-wise: fuses like ``keep_from``)."""
+    column = torch.arange(scores.shape[1], device=scores.device)
+    return (scores > value) | ((scores == value) & (column >= first_kept_tie))
 
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-        return topk_mask(scores, sparsity).to(scores.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_mask: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad_mask, None
+def keep_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the ``n`` largest scores of every ``m`` consecutive entries of a row.
+
+    Ties keep the later position (lower positions are pruned first, as in ``select_threshold``).
+    A last group narrower than ``m`` keeps its ``n`` largest. Each entry's rank is counted
+    against the ``m`` entries of its group: element-wise work that ``torch.compile`` fuses.
+    """
+    rows, cols = scores.shape
+    pad = (-cols) % m
+    if pad:  # a narrower last group: padding that always loses
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    groups = scores.view(rows, -1, m)
+    position = torch.arange(m, device=scores.device)
+    beaten_by = torch.zeros(groups.shape, dtype=torch.int32, device=scores.device)
+    for j in range(m):
+        other = groups[..., j : j + 1]
+        beaten_by += (other > groups) | ((other == groups) & (j > position))
+    return (beaten_by < n).view(rows, -1)[:, :cols]

@@ -1,20 +1,24 @@
 """PST's forward and backward for one layer, at about the cost of dense training of that layer.
 
 Nothing weight-sized is kept between forward and backward: only the layer input, the
-factors and the mask's threshold (one value, one index). Backward recomputes W' and S from
-the weight, which ZeRO-3 gathers again for backward anyway. The math (W is out x in):
+factors and the mask's selection (a threshold, or a few numbers per row or block). Backward
+recomputes W' and S from the weight, which ZeRO-3 gathers again for backward anyway. The math
+(W is out x in; a = 1, or the input-norm scale of activation importance, importance.py):
 
     W' = W + beta U V
-    S  = |W'| + Ae Be          Ae = [a1 A, a2 R, a2 1], Be = [B; 1^T; C^T]
+    S  = a * |W'| + Ae Be      Ae = [a1 A, a2 R, a2 1], Be = [B; 1^T; C^T]
                                (a1 A B + a2 (R 1^T + 1 C^T) as one rank r_m + 2 product)
-    t  = threshold of S at the sparsity in force (masks.select_threshold), M = S > t (+ kept ties)
+    M  = the mask kind's kept set of S (mask_kinds.py), e.g. top-k at the count in force
     y  = x (M * W')^T + b
 
     G   = dy^T x                          (the gradient of the masked weight)
     dS  = G * W'                          (straight-through: dL/dS = dL/dM)
-    dW' = G * M + sign(W') * dS = G * (M + |W'|)
+    dW' = G * M + a * sign(W') * dS = G * (M + a |W'|)
     dU  = beta dW' V^T,  dV = beta U^T dW'
     [dA/a1, dR/a2] = dS [B^T, 1],   [dB/a1; dC/a2] = [A^T; 1^T] dS
+
+With a learned threshold (allocation.py) the layer also passes its keep fraction rho, whose
+gradient is the mean of dS over the entries at the threshold, times the group's size.
 
 The element-wise blocks are plain functions; with ``pst.compile`` (the default) they run
 through ``torch.compile``, which fuses each into one pass over the weight. That matters on
@@ -23,16 +27,26 @@ large matrices, where each eager element-wise op is a full read and write of the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .masks import keep_from, select_threshold
+from .mask_kinds import MaskKind
 
-if TYPE_CHECKING:
-    from .layer import PSTLinear
+
+@dataclass(frozen=True)
+class PSTHyper:
+    """The layer's fixed hyper-parameters, as the Function needs them."""
+
+    alpha1: float
+    alpha2: float
+    beta: float
+    transposed: bool  # a GPT-2 Conv1D weight, stored (in, out)
+    compiled: bool  # the element-wise blocks through torch.compile
+    threshold_band: float = 0.05  # learned thresholds: the band around t that estimates d/drho
 
 
 def extended_importance_factors(
@@ -66,109 +80,176 @@ def updated_and_scores(
     Be: torch.Tensor,
     beta: float,
     transposed: bool,
+    col_scale: torch.Tensor | None = None,
     unrolled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', S), both (out, in) fp32."""
     w = weight.t() if transposed else weight
     updated = w.float() + beta * low_rank_product(U, V, unrolled)
-    return updated, updated.abs() + low_rank_product(Ae, Be, unrolled)
+    magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
+    return updated, magnitude + low_rank_product(Ae, Be, unrolled)
 
 
-def apply_mask(
-    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int
-) -> torch.Tensor:
-    """M * W' (fp32)."""
-    return updated * keep_from(scores, value, first_kept_tie)
+def apply_mask(keep: Callable, updated: torch.Tensor, scores: torch.Tensor, *selection) -> torch.Tensor:
+    """M * W' (fp32), M = keep(S, *selection)."""
+    return updated * keep(scores, *selection)
 
 
 def _apply_mask_in_place(
-    updated: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int
+    keep: Callable, updated: torch.Tensor, scores: torch.Tensor, *selection
 ) -> torch.Tensor:
-    return updated.mul_(keep_from(scores, value, first_kept_tie))  # eager: spares a weight-sized buffer
+    return updated.mul_(keep(scores, *selection))  # eager: spares a weight-sized buffer
 
 
 def backward_terms(
+    keep: Callable,
     grad_masked: torch.Tensor,
     updated: torch.Tensor,
     scores: torch.Tensor,
-    value: torch.Tensor,
-    first_kept_tie: int,
+    col_scale: torch.Tensor | None,
+    *selection,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M * W', dS, dW') from G = dL/d(M * W') and W', S as recomputed by forward's own kernel
     (the same kernel, so the same bits: the mask cannot differ between forward and backward)."""
-    keep = keep_from(scores, value, first_kept_tie).float()
+    mask = keep(scores, *selection).float()
     grad = grad_masked.float()
-    return updated * keep, grad * updated, grad * (keep + updated.abs())
+    magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
+    return updated * mask, grad * updated, grad * (mask + magnitude)
 
 
-_EAGER = {
-    "updated_and_scores": updated_and_scores,
-    "apply_mask": _apply_mask_in_place,
-    "backward_terms": backward_terms,
-}
+def keep_fraction_gradient(
+    grad_scores: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, band: float
+) -> torch.Tensor:
+    """dL/drho per group (the matrix, or each row when ``value`` is (out, 1)): the group's size
+    times the mean of dL/dM over the entries with |S - t| <= band |t| (allocation.py)."""
+    near = (scores - value).abs() <= band * value.abs()
+    dims = (0, 1) if value.dim() == 0 else (1,)
+    count = near.sum(dims).clamp(min=1)
+    size = scores.numel() if value.dim() == 0 else scores.shape[1]
+    return size * (grad_scores * near).sum(dims) / count
+
+
 _compiled: dict = {}
 
 
-def kernels(compiled: bool) -> dict:
-    """The element-wise blocks, eager or through ``torch.compile`` (fused into single passes)."""
-    if not compiled:
-        return _EAGER
-    if not _compiled:  # dynamic shapes: one compilation serves every layer shape
-        fused = {  # in-place writes to an input break fusion: the mask is applied out of place
-            "updated_and_scores": partial(updated_and_scores, unrolled=True),
-            "apply_mask": apply_mask,
-            "backward_terms": backward_terms,
-        }
-        _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in fused.items()})
-    return _compiled
+def kernels(compiled: bool, keep: Callable | None = None) -> dict:
+    """The element-wise blocks (the masking ones for mask test ``keep``), eager or through
+    ``torch.compile``: fused into single passes, with dynamic shapes for every layer shape."""
+    blocks = {"updated_and_scores": updated_and_scores, "apply_mask": _apply_mask_in_place}
+    blocks["backward_terms"] = backward_terms
+    if compiled:
+        if not _compiled:  # in-place writes to an input break fusion: the mask is applied out of place
+            # Each mask test and dtype is one more compiled variant of the same function; the
+            # default limit of 8 would send a process that uses several kinds back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            fused = {"updated_and_scores": updated_and_scores, "apply_mask": apply_mask}
+            fused["backward_terms"] = backward_terms
+            _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in fused.items()})
+        blocks = {**_compiled, "updated_and_scores": partial(_compiled["updated_and_scores"], unrolled=True)}
+    if keep is not None:  # bound outside the compiled function: its code object stays one
+        blocks["apply_mask"] = partial(blocks["apply_mask"], keep)
+        blocks["backward_terms"] = partial(blocks["backward_terms"], keep)
+    return blocks
 
 
 class PSTLinearFunction(torch.autograd.Function):
-    """y = x (M * W')^T + b with the gradients above; ``layer`` supplies the hyper-parameters."""
+    """y = x (M * W')^T + b with the gradients above.
+
+    ``kind`` and ``pruned`` (the layer's mask state) give M; ``keep_fraction`` (learned
+    thresholds only) receives its gradient; ``record``, when a list, receives the bool mask.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, U, V, A, B, R, C, layer: PSTLinear):  # noqa: N803 (paper names)
-        Ae, Be = extended_importance_factors(A, B, R, C, layer.alpha1, layer.alpha2)
-        run = kernels(layer.compiled)
-        updated, scores = run["updated_and_scores"](weight, U, V, Ae, Be, layer.beta, layer.transposed)
-        threshold = select_threshold(scores, layer.sparsity)
-        if layer.track_mask:
-            layer.note_mask(keep_from(scores, threshold.value, threshold.first_kept_tie))
-        masked = run["apply_mask"](updated, scores, threshold.value, threshold.first_kept_tie)
+    def forward(  # noqa: N803 (paper names)
+        ctx,
+        x,
+        weight,
+        bias,
+        U,
+        V,
+        A,
+        B,
+        R,
+        C,
+        keep_fraction,
+        col_scale,
+        hyper: PSTHyper,
+        kind: MaskKind,
+        pruned: torch.Tensor,
+        record: list | None,
+    ):
+        Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
+        scale = None if col_scale is None else col_scale.float()
+        updated, scores = kernels(hyper.compiled)["updated_and_scores"](
+            weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale
+        )
+        selection = kind.select(scores, pruned)
+        given = selection.for_kernels(scores)
+        if record is not None:
+            record.append(given.mask(scores))
+        masked = kernels(hyper.compiled, given.keep)["apply_mask"](updated, scores, *given.args)
+        del given
         del scores
-        ctx.save_for_backward(x, weight, U, V, A, B, R, C, threshold.value)
-        ctx.layer, ctx.has_bias, ctx.first_kept_tie = layer, bias is not None, threshold.first_kept_tie
+        ctx.save_for_backward(x, weight, U, V, A, B, R, C, scale)
+        ctx.selection, ctx.hyper, ctx.has_bias = selection, hyper, bias is not None  # the selection is small
+        ctx.keep_fraction = None if keep_fraction is None else (keep_fraction.shape, keep_fraction.dtype)
         return F.linear(x, masked.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, U, V, A, B, R, C, value = ctx.saved_tensors
-        layer = ctx.layer
-        Ae, Be = extended_importance_factors(A, B, R, C, layer.alpha1, layer.alpha2)
+        x, weight, U, V, A, B, R, C, scale = ctx.saved_tensors
+        hyper, selection = ctx.hyper, ctx.selection
+        Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
         grad_masked = grad_2d.t().mm(x_2d)  # (out, in)
-        run = kernels(layer.compiled)
-        updated, scores = run["updated_and_scores"](weight, U, V, Ae, Be, layer.beta, layer.transposed)
-        masked, grad_scores, grad_updated = run["backward_terms"](
-            grad_masked, updated, scores, value, ctx.first_kept_tie
+        updated, scores = kernels(hyper.compiled)["updated_and_scores"](
+            weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale
         )
+        given = selection.for_kernels(scores)
+        masked, grad_scores, grad_updated = kernels(hyper.compiled, given.keep)["backward_terms"](
+            grad_masked, updated, scores, scale, *given.args
+        )
+        del given
+        grad_keep = None
+        if ctx.keep_fraction is not None and ctx.needs_input_grad[9]:
+            shape, dtype = ctx.keep_fraction
+            grad_keep = torch.zeros(shape, dtype=dtype, device=x.device)
+            if selection.args:  # a threshold is in force (not the dense warm-up)
+                band = keep_fraction_gradient(grad_scores, scores, selection.args[0], hyper.threshold_band)
+                grad_keep = band.reshape(shape).to(dtype)
         del updated, scores, grad_masked
         grad_x = grad_out.matmul(masked.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         del masked
-        beta, r_m = layer.beta, A.shape[1]
+        beta, r_m = hyper.beta, A.shape[1]
         grad_U = (beta * grad_updated.mm(V.float().t())).to(U.dtype)
         grad_V = (beta * U.float().t().mm(grad_updated)).to(V.dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:  # W is frozen in PST; kept correct for anyone who unfreezes it
-            grad_weight = (grad_updated.t() if layer.transposed else grad_updated).to(weight.dtype)
+            grad_weight = (grad_updated.t() if hyper.transposed else grad_updated).to(weight.dtype)
         del grad_updated
         rows = grad_scores.mm(Be[: r_m + 1].t())  # Be[:r_m + 1] = [B; 1^T]: (out, r_m + 1)
         cols = (
             torch.cat([A.float(), torch.ones_like(rows[:, :1])], dim=1).t().mm(grad_scores)
         )  # (r_m + 1, in)
-        a1, a2 = layer.alpha1, layer.alpha2
+        a1, a2 = hyper.alpha1, hyper.alpha2
         grad_A, grad_R = (a1 * rows[:, :r_m]).to(A.dtype), (a2 * rows[:, r_m]).to(R.dtype)
         grad_B, grad_C = (a1 * cols[:r_m]).to(B.dtype), (a2 * cols[r_m]).to(C.dtype)
         grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, grad_U, grad_V, grad_A, grad_B, grad_R, grad_C, None
+        return (
+            grad_x,
+            grad_weight,
+            grad_bias,
+            grad_U,
+            grad_V,
+            grad_A,
+            grad_B,
+            grad_R,
+            grad_C,
+            grad_keep,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

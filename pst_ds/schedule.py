@@ -1,8 +1,16 @@
-"""The cubic sparsity schedule of the PST release (Zhu & Gupta's, as fractions of total steps)."""
+"""The cubic sparsity schedule of the PST release (Zhu & Gupta's, as fractions of total steps),
+and the controller that puts it in force in the layers."""
 
 from __future__ import annotations
 
+import deepspeed
+import torch
+
+from .allocation import allocate_kept
 from .config import PRUNING_METHODS, PSTConfig
+from .importance import fold_step
+from .layer import SparseLinear
+from .masks import num_pruned
 
 
 def cubic_sparsity(
@@ -41,3 +49,82 @@ def scheduled_sparsity(method: str, config: PSTConfig, step: int, total_steps: i
         config.initial_warmup,
         config.final_warmup,
     )
+
+
+class SparsityController:
+    """Puts the schedule in force in every pruned layer, after each optimizer step.
+
+    It writes each layer's mask state (the ``pruned`` counts: the kind's count at the
+    scheduled sparsity, or, for learned thresholds, the counts allocated from all logits so
+    that the model as a whole prunes exactly the scheduled count), and tells activation
+    importance when to gather input statistics (the dense warm-up; always with a moving average).
+    Every rank computes the same state from the same (gathered) values.
+    """
+
+    def __init__(
+        self, method: str, config: PSTConfig, total_steps: int, layers: dict[str, SparseLinear]
+    ) -> None:
+        self.method, self.config, self.total_steps, self.layers = method, config, total_steps, layers
+        self.learned = config.mask == "threshold" and method == "pst"
+        self.activation = config.importance == "activation"
+
+    def sparsity_at(self, step: int) -> float:
+        return scheduled_sparsity(self.method, self.config, step, self.total_steps)
+
+    def _in_warmup(self, step: int) -> bool:
+        """Step ``step`` (0-based) still runs at the initial sparsity; the first one always counts."""
+        return step == 0 or step <= self.config.initial_warmup * self.total_steps
+
+    def apply(self, step: int) -> None:
+        """The state in force for the forward of step ``step + 1`` (after ``step`` steps)."""
+        sparsity = self.sparsity_at(step)
+        if self.learned:
+            self._allocate(sparsity)
+        else:
+            for layer in self.layers.values():
+                layer.sparsity = sparsity
+        collecting = self.activation and (self._in_warmup(step) or self.config.activation_ema > 0)
+        for layer in self.layers.values():
+            if layer.input_stats is not None:
+                layer.input_stats.collecting = collecting
+
+    def end_step(self, step: int) -> None:
+        """After step ``step + 1``'s optimizer step: fold its input statistics (collective)."""
+        if not self.activation:
+            return
+        weight = 1.0 / (step + 1) if self._in_warmup(step) else self.config.activation_ema
+        fold_step(((layer.input_sq, layer.input_stats) for layer in self.layers.values()), weight)
+
+    def _allocate(self, sparsity: float) -> None:
+        layers = list(self.layers.values())
+        logits = [layer.threshold_logit for layer in layers]
+        with deepspeed.zero.GatheredParameters(logits):  # tiny; every rank needs all of them
+            flat = torch.cat([logit.detach().float().reshape(-1).cpu() for logit in logits])
+        sizes = torch.cat([self._group_sizes(layer) for layer in layers])
+        total = int(sizes.sum())
+        shift, kept = 0.0, sizes
+        if sparsity > 0:
+            shift, kept = allocate_kept(flat, sizes, total - num_pruned(total, sparsity))
+        offset = 0
+        for layer, logit in zip(layers, logits, strict=True):
+            count = logit.ds_numel if hasattr(logit, "ds_numel") else logit.numel()
+            pruned = sizes[offset : offset + count] - kept[offset : offset + count]
+            layer.pruned.copy_(pruned.reshape(layer.pruned.shape))
+            layer.threshold_shift = shift
+            offset += count
+
+    @staticmethod
+    def _group_sizes(layer: SparseLinear) -> torch.Tensor:
+        rows, cols = layer.out_features, layer.in_features
+        if layer.mask_kind.per_row:
+            return torch.full((rows,), cols, dtype=torch.long)
+        return torch.tensor([rows * cols], dtype=torch.long)
+
+    def layer_sparsities(self) -> dict[str, float]:
+        return {name: layer.sparsity for name, layer in self.layers.items()}
+
+    def global_sparsity(self) -> float:
+        """Pruned share over all pruned matrices, from the counts in force."""
+        pruned = sum(int(layer.pruned.sum()) for layer in self.layers.values())
+        numel = sum(layer.out_features * layer.in_features for layer in self.layers.values())
+        return pruned / numel if numel else 0.0

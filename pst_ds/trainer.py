@@ -24,11 +24,11 @@ from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
 from .data import collate_for, load_splits
 from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
 from .export import export_checkpoint
-from .inject import head_parameters, inject_pst, iter_pst_layers, set_sparsity
+from .inject import head_parameters, inject_pst, iter_pst_layers
 from .logging import RunLogger
 from .masks import NonFiniteScoresError
 from .models import load_model, load_tokenizer
-from .schedule import scheduled_sparsity
+from .schedule import SparsityController
 
 
 class TrainingError(RuntimeError):
@@ -165,7 +165,13 @@ class Trainer:
             layer.register_forward_pre_hook(lambda *_, name=name: setattr(self, "_running_layer", name))
         weights = [model.get_submodule(name).weight for name in self.layer_names]
         self.sparsified_numel = sum(getattr(w, "ds_numel", w.numel()) for w in weights)
-        lrs = {"method": cfg.train.lr, "scores": cfg.train.score_lr, "head": cfg.train.head_lr}
+        self.controller = SparsityController(cfg.method, cfg.pst, cfg.train.max_steps, self.pst_layers)
+        lrs = {
+            "method": cfg.train.lr,
+            "scores": cfg.train.score_lr,
+            "head": cfg.train.head_lr,
+            "thresholds": cfg.train.threshold_lr,
+        }
         groups = [
             {"params": params, "lr": lrs[name] or cfg.train.lr}
             for name, params in self._parameter_groups(model).items()
@@ -198,7 +204,7 @@ class Trainer:
         )
         self.checkpoints = self.output_dir / "checkpoints"
         self.step = self._resume() if cfg.train.resume == "auto" else 0
-        set_sparsity(self.engine.module, self.sparsity_at(self.step))
+        self.controller.apply(self.step)
         self.logger = RunLogger(
             self.output_dir,
             cfg.train.max_steps,
@@ -221,12 +227,21 @@ class Trainer:
         )
 
     def _parameter_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters by learning rate: task head, per-weight scores, the rest."""
-        head = {id(p) for p in head_parameters(model, self.config.pst)}
-        scores = {id(layer.scores) for layer in self.pst_layers.values() if hasattr(layer, "scores")}
-        groups: dict[str, list[torch.nn.Parameter]] = {"method": [], "scores": [], "head": []}
+        """Trainable parameters by learning rate: task head, per-weight scores, threshold logits, the rest."""
+        layers = self.pst_layers.values()
+        group_of = {id(p): "head" for p in head_parameters(model, self.config.pst)}
+        group_of.update({id(layer.scores): "scores" for layer in layers if hasattr(layer, "scores")})
+        group_of.update(
+            {id(layer.threshold_logit): "thresholds" for layer in layers if hasattr(layer, "threshold_logit")}
+        )
+        groups: dict[str, list[torch.nn.Parameter]] = {
+            "method": [],
+            "scores": [],
+            "head": [],
+            "thresholds": [],
+        }
         for p in self.trainable:
-            groups["head" if id(p) in head else "scores" if id(p) in scores else "method"].append(p)
+            groups[group_of.get(id(p), "method")].append(p)
         return groups
 
     def _check_enough_data(self) -> None:
@@ -243,9 +258,6 @@ class Trainer:
     def num_trainable(self) -> int:
         # ds_numel: ZeRO-3 has replaced the data of partitioned parameters by their shards.
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
-
-    def sparsity_at(self, step: int) -> float:
-        return scheduled_sparsity(self.config.method, self.config.pst, step, self.config.train.max_steps)
 
     # ----------------------------------------------------------------- train
     def manifest(self) -> dict[str, Any]:
@@ -364,11 +376,12 @@ class Trainer:
                     f"the loss at step {self.step + 1} is {mean_loss}: training diverged (try a lower "
                     f"train.lr){self._last_checkpoint_note()}"
                 )
-            sparsity = self.pst_sparsity()
+            sparsity, layer_sparsities = self.pst_sparsity(), self.controller.layer_sparsities()
+            self.controller.end_step(self.step)
             step_times.append(time.time() - step_start)
             self.step += 1
             # The schedule moves after each optimizer step, as in the release.
-            set_sparsity(self.engine.module, self.sparsity_at(self.step))
+            self.controller.apply(self.step)
             if logged:
                 self.logger.log_step(
                     self.step,
@@ -378,6 +391,8 @@ class Trainer:
                     tokens_per_step / (time.time() - step_start),
                     mask_changed=self.mask_changed_fraction(),
                 )
+                if self.controller.learned:  # the learned split among matrices
+                    self.logger.log_layers(self.step, layer_sparsities)
             self.logger.advance()
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
                 self.save_checkpoint()
@@ -436,7 +451,8 @@ class Trainer:
         return None if not changes or None in changes else sum(changes) / self.sparsified_numel
 
     def pst_sparsity(self) -> float:
-        return next((layer.sparsity for layer in self.pst_layers.values()), 0.0)
+        """The sparsity in force over all pruned matrices."""
+        return self.controller.global_sparsity()
 
     # -------------------------------------------------------------- evaluate
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

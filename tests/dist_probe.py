@@ -16,7 +16,6 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch.train import parse_args  # noqa: E402
 from pst_ds.config import load_experiment  # noqa: E402
-from pst_ds.masks import num_pruned  # noqa: E402
 from pst_ds.trainer import Trainer, load_ds_config  # noqa: E402
 
 
@@ -24,6 +23,19 @@ def optimizer_state_numel(engine) -> int:
     """Elements of the exp_avg buffers the torch optimizer behind the engine holds."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     return sum(state["exp_avg"].numel() for state in inner.state.values())
+
+
+def optimizer_state_by_lr(engine) -> dict[str, int]:
+    """exp_avg elements per parameter group, keyed by the group's base learning rate. ZeRO-3
+    keeps one flat fp32 partition per sub-group and only lends it to the group during step."""
+    zero, inner = engine.optimizer, engine.optimizer.optimizer
+    by_lr: dict[str, int] = {}
+    for index, flat in enumerate(getattr(zero, "fp32_partitioned_groups_flat", [])):  # ZeRO-3 only
+        group = inner.param_groups[zero.sub_group_to_group_id[index]]
+        key = f"{group['initial_lr']:g}"
+        numel = inner.state[flat]["exp_avg"].numel() if flat in inner.state else 0
+        by_lr[key] = by_lr.get(key, 0) + numel
+    return by_lr
 
 
 def main() -> None:
@@ -42,10 +54,15 @@ def main() -> None:
         params = list(layer.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(params):
             mask = layer.mask()
+            logit = layer.threshold_logit.tolist() if hasattr(layer, "threshold_logit") else None
+        input_sq = getattr(layer, "input_sq", None)
         layers[name] = {
+            "threshold_logit": logit,
+            "pruned": layer.pruned.reshape(-1).tolist(),
+            "input_sq": None if input_sq is None else input_sq.tolist(),
             "mask_sha256": hashlib.sha256(mask.numpy().tobytes()).hexdigest(),
             "zeros": int((~mask).sum()),
-            "expected_zeros": num_pruned(mask.numel(), layer.sparsity),
+            "pruned_state": int(layer.pruned.sum()),
             "weight_full_numel": int(getattr(weight, "ds_numel", weight.numel())),
             "weight_local_numel": int(weight.ds_tensor.numel()) if hasattr(weight, "ds_tensor") else None,
             "weight_data_numel": int(weight.data.numel()),
@@ -57,6 +74,8 @@ def main() -> None:
         "trainable_numel": trainer.num_trainable(),
         "total_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()),
         "optimizer_state_numel": optimizer_state_numel(engine),
+        "optimizer_state_by_lr": optimizer_state_by_lr(engine),
+        "global_sparsity": trainer.pst_sparsity(),
         "frozen_with_grad": [
             n for n, p in engine.module.named_parameters() if not p.requires_grad and p.grad is not None
         ],

@@ -2,12 +2,15 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pst_ds.masks import num_pruned
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -92,7 +95,7 @@ def test_two_ranks_bf16(tmp_path, small_text, stage):
     assert [r["world_size"] for r in ranks] == [2, 2]
     for name, layer in ranks[0]["layers"].items():
         assert layer["mask_sha256"] == ranks[1]["layers"][name]["mask_sha256"], name
-        assert layer["zeros"] == layer["expected_zeros"] > 0
+        assert layer["zeros"] == layer["pruned_state"] == num_pruned(layer["weight_full_numel"], 0.5) > 0
     # Optimizer state exists for the trainable factors only (the two ranks' shards sum to them).
     trainable, total = ranks[0]["trainable_numel"], ranks[0]["total_numel"]
     state = sum(r["optimizer_state_numel"] for r in ranks)
@@ -149,3 +152,73 @@ def test_two_nodes_with_hostfile(tmp_path, small_text):
     assert summary["world_size"] == 2 and summary["steps"] == 6
     steps, evals = read_metrics(tmp_path / "run")
     assert len(steps) == 6 and len(evals) == 2
+
+
+def probe_run(tmp_path: Path, report: Path, text: Path, extra: list[str]) -> None:
+    ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
+    run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/dist_probe.py",
+            "--report",
+            str(report),
+            "--ds_config",
+            str(ds_config),
+            "--config",
+            "configs/experiments/tiny_llama.yaml",
+            *tiny_overrides(tmp_path, text, steps=10),
+            *extra,
+        ]
+    )
+
+
+def test_learned_thresholds_and_input_norms_on_two_zero3_ranks_resume_exactly(tmp_path, small_text):
+    """pst.mask=threshold with activation importance, ZeRO-3 (every parameter sharded), 2 ranks:
+    the logits live in the optimizer state, move, agree on both ranks, keep the global count
+    exact; the input norms agree too; a resume from step 5 gives the same losses and logits."""
+    extra = [
+        "pst.mask=threshold",
+        "pst.importance=activation",
+        "pst.initial_warmup=0.2",
+        "train.threshold_lr=0.1",
+        "train.lr=0.02",
+        "train.save_every=5",
+    ]
+    probe_run(tmp_path, tmp_path / "first", small_text, extra)
+    steps, _ = read_metrics(tmp_path / "run")
+    losses = {r["step"]: r["loss"] for r in steps}
+    first = [json.loads((tmp_path / "first" / f"rank{i}.json").read_text()) for i in range(2)]
+
+    layers = first[0]["layers"]
+    numel = sum(layer["weight_full_numel"] for layer in layers.values())
+    assert sum(layer["zeros"] for layer in layers.values()) == num_pruned(numel, 0.5)  # global count exact
+    shares = [layer["zeros"] / layer["weight_full_numel"] for layer in layers.values()]
+    assert max(shares) - min(shares) > 0.01  # not uniform any more
+    assert any(abs(layer["threshold_logit"][0]) > 0.05 for layer in layers.values())  # they trained
+    for name, layer in layers.items():
+        other = first[1]["layers"][name]
+        for key in ("mask_sha256", "threshold_logit", "pruned", "input_sq"):
+            assert layer[key] == other[key], (name, key)
+        assert layer["zeros"] == layer["pruned_state"]
+        assert layer["input_sq"] != [1.0] * len(layer["input_sq"])  # gathered from the inputs
+    # The logits' group (lr 0.1) has Adam state on the ranks: one value per matrix in all.
+    logits_state = sum(r["optimizer_state_by_lr"]["0.1"] for r in first)
+    assert len(layers) <= logits_state <= len(layers) + 2 * 1024  # ZeRO pads partitions a little
+
+    # Resume from step 5: drop the step-10 checkpoint and run again.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step00000010")
+    probe_run(tmp_path, tmp_path / "second", small_text, extra)
+    steps, _ = read_metrics(tmp_path / "run")
+    resumed = {r["step"]: r["loss"] for r in steps[-5:]}
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(losses[step], rel=1e-6), step
+    second = json.loads((tmp_path / "second" / "rank0.json").read_text())["layers"]
+    for name, layer in layers.items():
+        assert second[name]["threshold_logit"] == pytest.approx(layer["threshold_logit"], rel=1e-6), name
+        assert second[name]["input_sq"] == pytest.approx(layer["input_sq"], rel=1e-6), name
+        assert second[name]["mask_sha256"] == layer["mask_sha256"], name

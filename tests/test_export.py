@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
@@ -25,6 +26,7 @@ with torch.no_grad():
     loss = sum(model(input_ids=blocks[i:i + 4], labels=blocks[i:i + 4]).loss.item() * len(blocks[i:i + 4])
                for i in range(0, len(blocks), 4)) / len(blocks)
 tensors = load_file(f"{folder}/model.safetensors")
+torch.save({k: v != 0 for k, v in tensors.items() if v.dim() == 2}, sys.argv[3])
 print(json.dumps({"ppl": math.exp(loss), "pst_imported": "pst_ds" in sys.modules,
                   "keys": sorted(tensors),
                   "zeros": {k: int((v == 0).sum()) for k, v in tensors.items()},
@@ -41,9 +43,38 @@ OVERRIDES = [
 ]
 
 
-def test_export_from_two_rank_zero3(tmp_path, small_text):
+def pattern_problems(kept: torch.Tensor, kind: str) -> list[str]:
+    """What breaks the kind's pattern in an exported weight's nonzeros (independent of pst_ds)."""
+    rows, cols = kept.shape
+    if kind == "topk_row":
+        per_row = (~kept).sum(1)
+        return [] if bool((per_row == num_pruned(cols, 0.7)).all()) else [f"rows prune {per_row.tolist()}"]
+    if kind in ("nm", "vnm"):
+        m = 4 if kind == "nm" else 5
+        full = cols // m * m
+        groups = kept[:, :full].reshape(rows, -1, m)
+        problems = [] if bool((groups.sum(-1) <= 2).all()) else ["a group keeps more than 2"]
+        if kind == "vnm":  # blocks of 8 rows use at most 4 columns of every 5
+            used = groups.reshape(rows // 8, 8, -1, m).any(1).sum(-1)
+            problems += [] if bool((used <= 4).all()) else ["a block uses more than 4 columns"]
+        return problems
+    return []
+
+
+KINDS = {  # id: (overrides, the share pruned)
+    "topk": ([], 0.7),
+    "topk_row": (["pst.mask_scope=row", "pst.importance=activation"], 0.7),
+    "threshold": (["pst.mask=threshold", "train.threshold_lr=0.2"], 0.7),
+    "nm": (["pst.mask=nm", "pst.final_sparsity=0.5"], 0.5),
+    "vnm": (["pst.mask=vnm", "pst.mask_v=8", "pst.mask_m=5", "pst.final_sparsity=0.6"], None),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_export_from_two_rank_zero3(tmp_path, small_text, kind):
     run = tmp_path / "run"
-    overrides = OVERRIDES + [f"data.train_files=[{small_text}]"]
+    kind_overrides, share = KINDS[kind]
+    overrides = OVERRIDES + kind_overrides + [f"data.train_files=[{small_text}]"]
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
     result = subprocess.run(
         [
@@ -73,6 +104,7 @@ def test_export_from_two_rank_zero3(tmp_path, small_text):
 
     # The CLI gives the same folder as the end-of-training export.
     cli = tmp_path / "cli_export"
+    folders = [run / "export", cli] if kind == "topk" else [run / "export"]
     subprocess.run(
         [sys.executable, "launch/export.py", "--run", str(run), "--out", str(cli)],
         cwd=ROOT,
@@ -87,9 +119,16 @@ def test_export_from_two_rank_zero3(tmp_path, small_text):
     torch.save(torch.stack([b["input_ids"] for b in blocks]), blocks_file)
 
     checks = []
-    for folder in (run / "export", cli):
+    for folder in folders:
         out = subprocess.run(
-            [sys.executable, "-c", CLEAN_CHECK, str(folder), str(blocks_file)],
+            [
+                sys.executable,
+                "-c",
+                CLEAN_CHECK,
+                str(folder),
+                str(blocks_file),
+                str(tmp_path / f"{folder.name}_kept.pt"),
+            ],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -97,16 +136,34 @@ def test_export_from_two_rank_zero3(tmp_path, small_text):
             check=True,
         )
         checks.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert checks[0] == checks[1]
+    assert checks[0] == checks[-1]
     check = checks[0]
     assert not check["pst_imported"]
     assert abs(check["ppl"] - framework_ppl) / framework_ppl < 1e-4
 
     report = json.loads((run / "export" / "pst_sparsity.json").read_text())
-    assert len(report["layers"]) == 14 and report["scheduled_sparsity"] == 0.7
+    assert len(report["layers"]) == 14 and report["mask"]["kind"] == kind.removesuffix("_row")
+    kept = torch.load(tmp_path / "export_kept.pt")
+    total_zeros = total_numel = 0
     for name, layer in report["layers"].items():
         key = f"{name}.weight"
-        assert check["zeros"][key] == layer["zeros"] == num_pruned(check["numel"][key], 0.7), name
+        assert check["zeros"][key] == layer["zeros"] == layer["mask_pruned"], name  # the recorded mask
+        assert layer["pattern_verified"] and pattern_problems(kept[key], kind) == [], name
+        if kind in ("topk", "topk_row", "nm") and share is not None:
+            assert layer["zeros"] == num_pruned(check["numel"][key], share) or kind == "topk_row", name
+        total_zeros, total_numel = total_zeros + layer["zeros"], total_numel + check["numel"][key]
+    if kind == "threshold":  # the global count is the schedule's; the split is learned
+        assert total_zeros == num_pruned(total_numel, 0.7)
+        shares = [layer["sparsity"] for layer in report["layers"].values()]
+        assert max(shares) - min(shares) > 0.01
+    if kind == "vnm":  # 2 of 5 kept in every row: 64 inputs = 12 groups + 4, 128 = 25 groups + 3
+        assert all(
+            layer["zeros"] == layer["shape"][0] * (layer["shape"][1] - (layer["shape"][1] // 5 * 2 + 2))
+            for layer in report["layers"].values()
+        )
+    assert report["sparsity_in_force"] == pytest.approx(total_zeros / total_numel)
+    if kind != "topk":
+        return
     # Plain names only: no factor survives, and nothing but the model's own tensors is there.
     assert not [k for k in check["keys"] if k.rsplit(".", 1)[-1] in ("U", "V", "A", "B", "R", "C")]
     assert all(k.endswith((".weight", ".bias")) for k in check["keys"])

@@ -6,7 +6,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
-from pst_ds.masks import NonFiniteScoresError, StraightThroughTopK, select_threshold, topk_mask
+from pst_ds.mask_kinds import StraightThroughMask, TopK
+from pst_ds.masks import NonFiniteScoresError, select_threshold, topk_mask
 
 
 def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
@@ -207,9 +208,11 @@ def test_backward_keeps_only_the_input_and_small_tensors(compiled):
     assert saved_bytes(lambda: layer(x)) <= budget
 
     def autograd_formulation():  # the release's: W', S and the mask kept by autograd
-        updated = layer.weight + layer.beta * layer.U @ layer.V
+        updated = layer.weight + layer.hyper.beta * layer.U @ layer.V
         scores = updated.abs() + layer.A @ layer.B + layer.R[:, None] + layer.C[None, :]
-        return nn.functional.linear(x, StraightThroughTopK.apply(scores, 0.5) * updated, layer.bias)
+        return nn.functional.linear(
+            x, StraightThroughMask.apply(scores, TopK(), layer.pruned) * updated, layer.bias
+        )
 
     assert saved_bytes(autograd_formulation) > 2 * out_f * in_f * 4
 

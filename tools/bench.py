@@ -58,9 +58,9 @@ class SortEveryForward(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.layer
-        updated = p.weight + p.beta * p.U @ p.V
-        scores = updated.abs() + p.alpha1 * p.A @ p.B + p.alpha2 * (p.R[:, None] + p.C[None, :])
+        p, h = self.layer, self.layer.hyper
+        updated = p.weight + h.beta * p.U @ p.V
+        scores = updated.abs() + h.alpha1 * p.A @ p.B + h.alpha2 * (p.R[:, None] + p.C[None, :])
         k = int(scores.numel() * p.sparsity)
         mask = torch.ones_like(scores).reshape(-1)
         mask[scores.detach().reshape(-1).argsort()[:k]] = 0
@@ -68,23 +68,37 @@ class SortEveryForward(nn.Module):
         return F.linear(x, mask * updated, p.bias)
 
 
-def layer_variants(out_f: int, in_f: int, sparsity: float) -> dict[str, nn.Module]:
+# Mask kinds and importance beside the default PST layer (topk per matrix, magnitude); nm and
+# vnm prune their pattern's share (50% and 60%), the others --sparsity.
+KIND_VARIANTS = {
+    "pst_row": {"mask_scope": "row"},
+    "pst_threshold": {"mask": "threshold"},
+    "pst_nm_2_4": {"mask": "nm", "final_sparsity": 0.5},
+    "pst_vnm_64_2_5": {"mask": "vnm", "mask_m": 5, "final_sparsity": 0.6},
+    "pst_activation": {"importance": "activation"},
+}
+
+
+def layer_variants(out_f: int, in_f: int, sparsity: float, kinds: bool = True) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=False)
     frozen = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
-    pst = PSTLinear(frozen, PSTConfig())
-    pst_eager = PSTLinear(frozen, PSTConfig(compile=False))
-    for layer in (pst, pst_eager):
+    configs = {"pst": PSTConfig(), "pst_eager": PSTConfig(compile=False)}
+    if kinds:
+        configs.update({name: PSTConfig(**knobs) for name, knobs in KIND_VARIANTS.items()})
+    pst_layers = {name: PSTLinear(frozen, config) for name, config in configs.items()}
+    for layer in pst_layers.values():
         layer.sparsity = sparsity
         with torch.no_grad():  # trained-looking factors (fp32 scores of large matrices still tie)
             for name in ("V", "B", "R", "C"):
                 getattr(layer, name).normal_(0, 0.01)
+        if layer.input_stats is not None:  # as gathered from real inputs: positive, uneven
+            layer.input_sq.copy_(torch.rand(in_f) * 2)
     return {
         "dense": dense,
         "lora": LoRALinear(frozen, LoRAConfig()),
-        "pst": pst,
-        "pst_eager": pst_eager,
-        "pst_sort_autograd": SortEveryForward(pst),
+        **pst_layers,
+        "pst_sort_autograd": SortEveryForward(pst_layers["pst"]),
     }
 
 
@@ -101,7 +115,7 @@ def bench_layers(args: argparse.Namespace) -> dict:
     results = {}
     for shape in args.shapes:
         out_f, in_f, tokens = SHAPES[shape]
-        variants = layer_variants(out_f, in_f, args.sparsity)
+        variants = layer_variants(out_f, in_f, args.sparsity, kinds=not args.no_kinds)
         x = torch.randn(tokens, in_f, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in variants}
 
@@ -190,6 +204,7 @@ def main() -> None:
     layers.add_argument("--shapes", nargs="+", default=["smollm2-mlp", "llama7b-mlp"], choices=SHAPES)
     layers.add_argument("--repeats", type=int, default=5)
     layers.add_argument("--sparsity", type=float, default=0.5)
+    layers.add_argument("--no_kinds", action="store_true", help="only the default PST layer and baselines")
     methods = sub.add_parser("methods", help="whole training runs, one per method")
     methods.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     methods.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU ranks without a GPU)")
