@@ -58,7 +58,8 @@ def _merged(layer: WrappedLinear) -> tuple[torch.Tensor, dict[str, Any]]:
     if problem is not None:
         raise RuntimeError(f"the {layer.mask_kind.name} mask breaks its pattern: {problem}")
     pruned = int(layer.pruned.sum())
-    return layer.to_base_layout(weight * keep), {"mask_pruned": pruned, "pattern_verified": True}
+    verified = {"mask_pruned": pruned, "pattern_verified": True, "conv1d": layer.transposed}
+    return layer.to_base_layout(weight * keep), verified
 
 
 def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -59,10 +59,17 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("stage", [3, 2])
-def test_two_ranks_bf16(tmp_path, small_text, stage):
-    ds_config = write_ds_config(tmp_path / "ds.json", stage, bf16=True)
-    report = tmp_path / "report"
+def probe_run(
+    tmp_path: Path,
+    report: Path,
+    text: Path,
+    extra: list[str],
+    steps: int = 10,
+    stage: int = 3,
+    bf16: bool = False,
+) -> None:
+    """tests/dist_probe.py on 2 ranks with tiny_llama: trains, then writes what each rank holds."""
+    ds_config = write_ds_config(tmp_path / "ds.json", stage, bf16=bf16)
     run(
         [
             DEEPSPEED,
@@ -77,10 +84,16 @@ def test_two_ranks_bf16(tmp_path, small_text, stage):
             str(ds_config),
             "--config",
             "configs/experiments/tiny_llama.yaml",
-            *tiny_overrides(tmp_path, small_text, steps=12),
-            "train.lr=0.02",
+            *tiny_overrides(tmp_path, text, steps=steps),
+            *extra,
         ]
     )
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_two_ranks_bf16(tmp_path, small_text, stage):
+    report = tmp_path / "report"
+    probe_run(tmp_path, report, small_text, ["train.lr=0.02"], steps=12, stage=stage, bf16=True)
 
     steps, evals = read_metrics(tmp_path / "run")
     assert [r["step"] for r in steps] == list(range(1, 13))
@@ -154,28 +167,6 @@ def test_two_nodes_with_hostfile(tmp_path, small_text):
     assert len(steps) == 6 and len(evals) == 2
 
 
-def probe_run(tmp_path: Path, report: Path, text: Path, extra: list[str]) -> None:
-    ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
-    run(
-        [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "tests/dist_probe.py",
-            "--report",
-            str(report),
-            "--ds_config",
-            str(ds_config),
-            "--config",
-            "configs/experiments/tiny_llama.yaml",
-            *tiny_overrides(tmp_path, text, steps=10),
-            *extra,
-        ]
-    )
-
-
 def test_learned_thresholds_and_input_norms_on_two_zero3_ranks_resume_exactly(tmp_path, small_text):
     """pst.mask=threshold with activation importance, ZeRO-3 (every parameter sharded), 2 ranks:
     the logits live in the optimizer state, move, agree on both ranks, keep the global count
@@ -208,6 +199,15 @@ def test_learned_thresholds_and_input_norms_on_two_zero3_ranks_resume_exactly(tm
     # The logits' group (lr 0.1) has Adam state on the ranks: one value per matrix in all.
     logits_state = sum(r["optimizer_state_by_lr"]["0.1"] for r in first)
     assert len(layers) <= logits_state <= len(layers) + 2 * 1024  # ZeRO pads partitions a little
+
+    # Per-matrix sparsities are in TensorBoard, one curve per matrix.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    curves = {name: events.Scalars(f"layer_sparsity/{name}") for name in layers}
+    assert all([e.step for e in curve] == list(range(1, 11)) for curve in curves.values())
+    last = [curve[-1].value for curve in curves.values()]  # in force during step 10
+    assert max(last) - min(last) > 0.01
 
     # Resume from step 5: drop the step-10 checkpoint and run again.
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step00000010")

@@ -10,22 +10,19 @@ from pst_ds.mask_kinds import StraightThroughMask, TopK
 from pst_ds.masks import NonFiniteScoresError, select_threshold, topk_mask
 
 
-def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
-    """Forward and closed-form STE gradients of PST, written out from method.md.
+def pst_reference(W, U, V, A, B, R, C, x, g, mask_fn, a1, a2, beta, scale=1.0):
+    """Forward and closed-form STE gradients of PST, written out from method.md, for the mask
+    ``mask_fn(S)`` and S = scale * |W'| + ... (scale: activation importance's column scale).
 
-    W is (out, in); the loss is L = sum(y * g). The mask comes from a full stable argsort
-    (ties pruned lowest flat index first), a different route from the layer's selection.
+    W is (out, in); the loss is L = sum(y * g). Returns (y, M, S, dS, grads).
     """
     Wp = W + beta * U @ V
-    S = Wp.abs() + a1 * A @ B + a2 * (R[:, None] + C[None, :])
-    k = int(S.numel() * s)
-    M = torch.ones(S.numel())
-    M[torch.argsort(S.reshape(-1), stable=True)[:k]] = 0
-    M = M.reshape(S.shape)
+    S = scale * Wp.abs() + a1 * A @ B + a2 * (R[:, None] + C[None, :])
+    M = mask_fn(S).float()
     y = x @ (M * Wp).T
     G = g.T @ x  # dL/dW_hat
     dS = G * Wp  # straight-through: dL/dS = dL/dM = G * W'
-    dWp = M * G + torch.sign(Wp) * dS  # through W_hat = M * W' and S = |W'| + ...
+    dWp = M * G + scale * torch.sign(Wp) * dS  # through W_hat = M * W' and S = scale |W'| + ...
     grads = {
         "U": beta * dWp @ V.T,
         "V": beta * U.T @ dWp,
@@ -34,6 +31,20 @@ def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
         "R": a2 * dS.sum(1),
         "C": a2 * dS.sum(0),
     }
+    return y, M, S, dS, grads
+
+
+def stable_topk(S, s):
+    """Keep mask from a full stable argsort (ties pruned lowest flat index first), a different
+    route from the layer's selection."""
+    M = torch.ones(S.numel(), dtype=torch.bool)
+    M[torch.argsort(S.reshape(-1), stable=True)[: int(S.numel() * s)]] = False
+    return M.reshape(S.shape)
+
+
+def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
+    """PST at per-matrix top-k of sparsity ``s``: (y, M, grads)."""
+    y, M, _, _, grads = pst_reference(W, U, V, A, B, R, C, x, g, lambda S: stable_topk(S, s), a1, a2, beta)
     return y, M, grads
 
 

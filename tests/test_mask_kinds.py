@@ -6,6 +6,7 @@ over groups and blocks, so a shared mistake cannot pass on both sides.
 
 import pytest
 import torch
+from test_layer import pst_reference
 from torch import nn
 
 from pst_ds import PSTConfig, PSTLinear
@@ -52,27 +53,6 @@ def ref_vnm(S: torch.Tensor, v: int, m: int) -> torch.Tensor:
     return keep
 
 
-def ref_pst(W, factors, x, g, mask_fn, scale, a1, a2, beta):
-    """PST's forward and straight-through gradients (method.md), with S = a |W'| + ..."""
-    U, V, A, B, R, C = (factors[n] for n in ("U", "V", "A", "B", "R", "C"))
-    Wp = W + beta * U @ V
-    S = scale * Wp.abs() + a1 * A @ B + a2 * (R[:, None] + C[None, :])
-    M = mask_fn(S).float()
-    y = x @ (M * Wp).T
-    G = g.T @ x
-    dS = G * Wp
-    dWp = M * G + scale * torch.sign(Wp) * dS
-    grads = {
-        "U": beta * dWp @ V.T,
-        "V": beta * U.T @ dWp,
-        "A": a1 * dS @ B.T,
-        "B": a1 * A.T @ dS,
-        "R": a2 * dS.sum(1),
-        "C": a2 * dS.sum(0),
-    }
-    return y, M.bool(), S, dS, grads
-
-
 def make_layer(out_f, in_f, seed=0, **knobs):
     torch.manual_seed(seed)
     layer = PSTLinear(nn.Linear(in_f, out_f, bias=False), PSTConfig(weight_rank=3, mask_rank=2, **knobs))
@@ -89,9 +69,18 @@ def check_against_reference(layer, mask_fn, scale=None, x_rows=5):
     factors = {n: getattr(layer, n).detach() for n in ("U", "V", "A", "B", "R", "C")}
     h = layer.hyper
     a = torch.ones(in_f) if scale is None else scale
-    y_ref, m_ref, S, dS, grads = ref_pst(
-        layer.weight.detach(), factors, x, g, mask_fn, a, h.alpha1, h.alpha2, h.beta
+    y_ref, m_ref, S, dS, grads = pst_reference(
+        layer.weight.detach(),
+        **factors,
+        x=x,
+        g=g,
+        mask_fn=mask_fn,
+        a1=h.alpha1,
+        a2=h.alpha2,
+        beta=h.beta,
+        scale=a,
     )
+    m_ref = m_ref.bool()
     torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.mask(), m_ref)
     for name, expected in grads.items():

@@ -2,6 +2,9 @@
 
     python tools/quality.py --task causal_lm --sparsities 0.5 0.7 --steps 30
     python tools/quality.py --task classification --sparsities 0.5 0.9 --steps 100
+    python tools/quality.py --masks topk topk_row threshold nm topk_60 vnm --importances magnitude activation
+
+With ``--masks`` it runs PST once per mask preset (MASKS) and importance instead of the methods.
 
 For each pruning method and sparsity (and once for lora and dense, which do not prune) it
 runs ``launch/train.py`` and reads summary.json: the validation metric before training
@@ -23,21 +26,33 @@ TASKS = {
     "classification": ("configs/experiments/minilm_rotten_tomatoes.yaml", "accuracy"),
 }
 PRUNING = ("pst", "magnitude", "movement", "smp")
+MASKS = {  # preset: (label, overrides)
+    "topk": ("topk (matrix) 50%", ["pst.final_sparsity=0.5"]),
+    "topk_row": ("topk (row) 50%", ["pst.final_sparsity=0.5", "pst.mask_scope=row"]),
+    "threshold": ("threshold 50%", ["pst.final_sparsity=0.5", "pst.mask=threshold"]),
+    "nm": ("nm 2:4", ["pst.final_sparsity=0.5", "pst.mask=nm"]),
+    "topk_60": ("topk (matrix) 60%", ["pst.final_sparsity=0.6"]),
+    "vnm": ("vnm 64:2:5", ["pst.final_sparsity=0.6", "pst.mask=vnm", "pst.mask_m=5", "pst.mask_v=64"]),
+}
 
 
-def run(method: str, sparsity: float, args: argparse.Namespace, out: Path) -> dict:
+def run(method: str, sparsity: float, args: argparse.Namespace, out: Path, mask: str = "") -> dict:
     config, metric = TASKS[args.task]
-    run_dir = out / "runs" / f"{method}-{sparsity}"
+    name = f"{method}-{sparsity}" if not mask else f"pst-{mask}"
+    run_dir = out / "runs" / name
     lr = {"pst": args.lr_pst, "lora": args.lr_lora, "smp": args.lr_scores}.get(method, args.lr_weights)
     overrides = [
         f"method={method}", f"pst.final_sparsity={sparsity}", f"train.max_steps={args.steps}",
         f"train.lr={lr}", f"train.score_lr={args.lr_scores}", f"train.seed={args.seed}", *args.overrides,
     ]  # fmt: skip
+    if mask:
+        preset, importance = mask.rsplit("-", 1)
+        overrides += [*MASKS[preset][1], f"pst.importance={importance}"]
     summary, arguments = train_once(
-        args.num_gpus, args.ds_config, config, run_dir, overrides, out / f"{method}-{sparsity}.log"
+        args.num_gpus, args.ds_config, config, run_dir, overrides, out / f"{name}.log"
     )
     return {
-        "method": method,
+        "method": method if not mask else f"pst {MASKS[preset][0]}, {importance}",
         "sparsity": summary["final_sparsity"],
         "lr": lr,
         "before": summary[f"eval_{metric}_before"],
@@ -57,7 +72,9 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["sparsity"], r["after"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        ax.plot(
+            *zip(*points, strict=True), marker="o", label=method, linestyle="-" if len(points) > 1 else ""
+        )
     ax.axhline(rows[0]["before"], color="grey", linestyle="--", label="dense, before training")
     ax.set_xlabel("sparsity")
     ax.set_ylabel(f"validation {metric}")
@@ -83,6 +100,10 @@ def main() -> None:
     parser.add_argument("--lr_lora", type=float, default=1e-3)
     parser.add_argument("--lr_weights", type=float, default=5e-5, help="magnitude, movement, dense")
     parser.add_argument("--lr_scores", type=float, default=1e-2, help="movement and smp scores")
+    parser.add_argument("--masks", nargs="+", default=[], choices=MASKS, help="PST mask presets instead")
+    parser.add_argument(
+        "--importances", nargs="+", default=["magnitude"], choices=["magnitude", "activation"]
+    )
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("overrides", nargs="*", help="experiment overrides, key=value")
     args = parser.parse_args()
@@ -90,7 +111,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     metric = TASKS[args.task][1]
     rows = []
-    for method in args.methods:
+    for preset in args.masks:
+        for importance in args.importances:  # the preset's own sparsity wins over 0.0
+            rows.append(run("pst", 0.0, args, out, mask=f"{preset}-{importance}"))
+    for method in args.methods if not args.masks else []:
         for sparsity in args.sparsities if method in PRUNING else [0.0]:
             rows.append(run(method, sparsity, args, out))
     lines = [

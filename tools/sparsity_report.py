@@ -3,8 +3,11 @@
     python tools/sparsity_report.py runs/default/export [--layer NAME] [--out DIR]
 
 Counts the zeros in the exported weights themselves (not in pst_sparsity.json), so it
-also checks the export. The figure shows the sparsity of every pruned matrix and, for
-one matrix (--layer, default the first), its mask and the share kept per row and column.
+also checks the export: each matrix's zeros against the pruned count the export recorded,
+and, for N:M and V:N:M masks, the pattern itself (at most N nonzeros in every M inputs of
+a row; at most 4 columns used per V x M block). The figure shows the sparsity of every
+pruned matrix (learned thresholds make them differ) and, for one matrix (--layer, default
+the first), its mask and the share kept per row and column.
 """
 
 from __future__ import annotations
@@ -18,36 +21,66 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+
+
+def pattern_check(kept: torch.Tensor, mask: dict) -> str:
+    """'ok' if the nonzeros ``kept`` (out, in) follow the mask's N:M or V:N:M pattern, else why not."""
+    if mask.get("kind") not in ("nm", "vnm"):
+        return "-"
+    n, m = mask["n"], mask["m"]
+    rows, cols = kept.shape
+    padded = torch.nn.functional.pad(kept, (0, (-cols) % m)).view(rows, -1, m)
+    if bool((padded.sum(-1) > n).any()):
+        return f"broken: a group keeps more than {n} of {m}"
+    if mask["kind"] == "vnm":
+        v = mask["v"]
+        blocks = torch.nn.functional.pad(padded, (0, 0, 0, 0, 0, (-rows) % v)).view(-1, v, padded.shape[1], m)
+        if bool((blocks.any(1).sum(-1) > 4).any()):
+            return f"broken: a block of {v} rows uses more than 4 of {m} columns"
+    return "ok"
 
 
 def layer_table(folder: Path) -> list[dict]:
     report = json.loads((folder / "pst_sparsity.json").read_text())
+    mask = report.get("mask", {})
     rows = []
     with safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
-        for name in report["layers"]:
+        for name, recorded in report["layers"].items():
             weight = tensors.get_tensor(f"{name}.weight")
             zeros = int((weight == 0).sum())
+            kept = weight != 0
             rows.append(
                 {
                     "layer": name,
                     "shape": list(weight.shape),
                     "zeros": zeros,
                     "sparsity": zeros / weight.numel(),
+                    "recorded": recorded.get("mask_pruned"),
+                    "pattern": pattern_check(kept.t() if recorded.get("conv1d") else kept, mask),  # (out, in)
                 }
             )
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| layer | shape | zeros | sparsity |", "|---|---|---:|---:|"]
-    lines += [
-        f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['zeros']:,} | {r['sparsity']:.4f} |"
-        for r in rows
+def markdown(rows: list[dict], mask: dict) -> str:
+    described = ", ".join(f"{k}={v}" for k, v in mask.items()) or "unknown"
+    lines = [
+        f"mask: {described}",
+        "",
+        "| layer | shape | zeros | sparsity | pattern |",
+        "|---|---|---:|---:|---|",
     ]
+    for r in rows:
+        zeros = f"{r['zeros']:,}"
+        if r["recorded"] is not None and r["recorded"] != r["zeros"]:
+            zeros += f" (recorded {r['recorded']:,})"
+        shape = f"{r['shape'][0]}×{r['shape'][1]}"
+        lines.append(f"| {r['layer']} | {shape} | {zeros} | {r['sparsity']:.4f} | {r['pattern']} |")
     zeros = sum(r["zeros"] for r in rows)
     numel = sum(r["shape"][0] * r["shape"][1] for r in rows)
-    lines.append(f"| **total** ({len(rows)} matrices) | | {zeros:,} | {zeros / numel:.4f} |")
+    lines.append(f"| **total** ({len(rows)} matrices) | | {zeros:,} | {zeros / numel:.4f} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,10 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or args.folder
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = markdown(rows, json.loads((args.folder / "pst_sparsity.json").read_text()).get("mask", {}))
     (out / "sparsity_report.md").write_text(table)
     figure(args.folder, rows, layer, out / "sparsity_report.png")
     print(table + f"\nwrote {out / 'sparsity_report.md'} and {out / 'sparsity_report.png'}")
+    broken = [
+        r["layer"]
+        for r in rows
+        if r["pattern"].startswith("broken") or r["recorded"] not in (None, r["zeros"])
+    ]
+    if broken:
+        print(
+            f"pst-ds: error: {len(broken)} matrices break their recorded mask, e.g. {broken[0]}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
