@@ -81,7 +81,8 @@ DENSE = Selection(keep_all)
 
 
 class MaskKind:
-    """One way to pick the kept set. Subclasses set ``name`` and implement the three methods."""
+    """One way to pick the kept set. Subclasses set ``name`` and implement ``pruned_count`` and
+    ``_select`` (the dense case is handled here, once for all kinds)."""
 
     name = ""
     learned = False  # True: the counts are allocated from trained thresholds (threshold kind)
@@ -92,6 +93,14 @@ class MaskKind:
         raise NotImplementedError
 
     def select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
+        """The mask of ``scores`` with ``pruned`` in force; dense when nothing is pruned.
+        Raises NonFiniteScoresError on NaN or infinite scores either way (training diverged)."""
+        if not bool(pruned.any()):
+            check_finite(scores.detach().reshape(-1))
+            return DENSE
+        return self._select(scores, pruned)
+
+    def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -119,10 +128,7 @@ class TopK(MaskKind):
             return torch.full((rows,), num_pruned(cols, sparsity), dtype=torch.long)
         return torch.tensor(num_pruned(rows * cols, sparsity), dtype=torch.long)
 
-    def select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
-        if not bool(pruned.any()):
-            check_finite(scores.detach().reshape(-1))
-            return DENSE
+    def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
         if self.per_row:
             threshold = select_row_thresholds(scores, pruned)
             return Selection(keep_rows, (threshold.value, threshold.first_kept_tie))
@@ -164,9 +170,9 @@ class NM(MaskKind):
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> torch.Tensor:
         return torch.tensor(0 if sparsity == 0 else rows * (cols - self.kept_per_row(cols)), dtype=torch.long)
 
-    def select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
+    def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
         check_finite(scores.detach().reshape(-1))
-        return Selection(keep_n_of_m, (self.n, self.m), fusable=False) if bool(pruned.any()) else DENSE
+        return Selection(keep_n_of_m, (self.n, self.m), fusable=False)
 
     def describe(self) -> dict:
         return {"kind": self.name, "n": self.n, "m": self.m}
@@ -200,10 +206,8 @@ class VNM(NM):
         super().__init__(n=2, m=m)
         self.v = v
 
-    def select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
+    def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
         check_finite(scores.detach().reshape(-1))
-        if not bool(pruned.any()):
-            return DENSE
         rows, cols = scores.shape
         pad = (-rows) % self.v  # a shorter last block: zero rows add nothing to the sums
         block_sums = torch.nn.functional.pad(scores.detach(), (0, 0, 0, pad)).view(-1, self.v, cols).sum(1)
