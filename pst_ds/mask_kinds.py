@@ -61,8 +61,8 @@ class Selection:
     """A mask as ``keep(scores, *args)``: ``args`` are small tensors or ints.
 
     ``fusable``: whether compiled kernels should evaluate ``keep`` themselves. The group ranks
-    of nm and vnm are not: inductor's CPU code for them ran 1.3-10x slower than eager (median
-    of 5 on a 1536x576 matrix), so their mask is made eagerly, once, and handed in.
+    of nm and vnm are not: inductor's CPU code for them took up to 11.5x the eager time (mean
+    of 5 calls on a 1536x576 matrix), so their mask is made eagerly, once, and handed in.
     """
 
     keep: Callable[..., torch.Tensor]
