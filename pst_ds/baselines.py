@@ -3,8 +3,9 @@
     magnitude  S = |W| (times the input norms with pst.importance=activation); y = x (M * W)^T + b;
                W trained (gradient G * M: pruned weights rest); with pst.mask=nm this is
                SR-STE-style N:M magnitude training
-    movement   S = a score per weight (init 0, Sanh et al. 2020); M = the kind's mask of S with
-               a straight-through gradient dS = G * W; W trained (dW = G * M)
+    movement   S = a score per weight (Sanh et al. 2020), initialised to |W| (the paper's constant
+               0 would make the first masks a tie-break by position); M = the kind's mask of S
+               with a straight-through gradient dS = G * W; W trained (dW = G * M)
     smp        as movement with W frozen: only the scores train (static model pruning)
     lora       y = x W^T + b + (alpha / r) x A^T B^T; A ~ Kaiming, B = 0; no pruning
     dense      no layer: every parameter of the model trains (handled by the injector)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +41,7 @@ class MagnitudeLinear(SparseLinear):
         scale = self.column_scale()
         return (weight.abs() if scale is None else weight.abs() * scale), weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe_inputs(x)
         weight = self.oriented_weight()
         with torch.no_grad():
@@ -55,14 +57,14 @@ class MovementLinear(SparseLinear):
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, train_weight: bool) -> None:
         super().__init__(base, config)
         self.weight.requires_grad_(train_weight)
-        self.scores = nn.Parameter(
-            torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=base.weight.device)
-        )
+        with deepspeed.zero.GatheredParameters([self.weight]):  # partitioned under ZeRO-3
+            magnitude = self.oriented_weight().detach().float().abs().clone()
+        self.scores = nn.Parameter(magnitude)
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scores.detach().float(), self.oriented_weight().detach().float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = StraightThroughMask.apply(self.scores, self.mask_kind, self.pruned)
         if self.track_mask:
             self.note_mask(mask.detach() > 0)
@@ -81,7 +83,7 @@ class LoRALinear(WrappedLinear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B)
         return F.linear(x, self.oriented_weight(), self.bias) + self.scale * low_rank
 

@@ -52,6 +52,11 @@ class PSTConfig:
     alpha1: float = 1.0  # weight of A·B in the importance S
     alpha2: float = 1.0  # weight of the row/column terms R, C in S
     beta: float = 1.0  # scale of the weight update U·V
+    update_init_std: float = 1.0  # U ~ N(0, std^2) (V = 0); the release uses 1
+    # Warm start: the first mask. magnitude: the release's (S = |W| and the cubic schedule from
+    # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
+    # calibration data (oneshot section), held at final_sparsity from the first step.
+    init: str = "magnitude"
     initial_sparsity: float = 0.0
     final_sparsity: float = 0.9
     initial_warmup: float = 0.1  # fraction of steps held at initial_sparsity
@@ -102,14 +107,24 @@ class PSTConfig:
             "mask": MASK_KINDS,
             "mask_scope": ("matrix", "row"),
             "importance": ("magnitude", "activation"),
+            "init": ("magnitude", *ONE_SHOT_METHODS),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"pst.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
-        if not 0.0 <= self.activation_ema < 1.0 or self.threshold_band <= 0:
-            raise ConfigError("pst.activation_ema must be in [0, 1) and pst.threshold_band > 0")
+        if not 0.0 <= self.activation_ema < 1.0 or self.threshold_band <= 0 or self.update_init_std < 0:
+            raise ConfigError(
+                "pst.activation_ema must be in [0, 1), pst.threshold_band > 0 and pst.update_init_std >= 0"
+            )
+        if self.init == "wanda" and self.importance != "activation":
+            raise ConfigError(
+                "pst.init=wanda keeps Wanda's mask in force through |W'| * ||x||: "
+                "set pst.importance=activation"
+            )
+        if self.init == "sparsegpt" and self.mask == "vnm":
+            raise ConfigError("pst.init=sparsegpt supports pst.mask topk, threshold and nm, not vnm")
         if self.mask not in ("nm", "vnm"):
             return
         if self.mask == "nm" and not 1 <= self.mask_n < self.mask_m:
@@ -132,6 +147,7 @@ class PSTConfig:
 
 
 MASK_KINDS = ("topk", "threshold", "nm", "vnm")
+ONE_SHOT_METHODS = ("wanda", "sparsegpt")
 
 
 @dataclass
@@ -146,9 +162,30 @@ class LoRAConfig:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
 
 
+@dataclass
+class OneShotConfig:
+    """Calibration of the one-shot methods (method wanda / sparsegpt, and pst.init warm starts)."""
+
+    calibration_blocks: int = 8  # blocks of data.block_size tokens, drawn from the training split
+    sequential: bool = True  # block by block, each calibrated on the model pruned so far (the papers')
+    damp: float = 0.01  # sparsegpt: dampening, a share of the Hessian's mean diagonal
+    block_columns: int = 128  # sparsegpt: columns per lazy-update block (a multiple of pst.mask_m for nm)
+
+    def __post_init__(self) -> None:
+        if self.calibration_blocks < 1 or self.block_columns < 1 or self.damp <= 0:
+            raise ConfigError(
+                "oneshot.calibration_blocks and block_columns must be >= 1 and oneshot.damp > 0, got "
+                f"{self.calibration_blocks}, {self.block_columns}, {self.damp}"
+            )
+
+
 # The method a run trains with; the baselines share PST's injection, schedule and engine.
-METHODS = ("pst", "magnitude", "movement", "smp", "lora", "dense")
-PRUNING_METHODS = ("pst", "magnitude", "movement", "smp")
+# wanda and sparsegpt prune once from calibration data and do not train: they are PST's
+# injection with pst.init=<method> and no step (wanda compares per output row, as its paper).
+METHODS = ("pst", "magnitude", "movement", "smp", "lora", "dense", *ONE_SHOT_METHODS)
+PRUNING_METHODS = ("pst", "magnitude", "movement", "smp", *ONE_SHOT_METHODS)
+WARM_STARTABLE = ("pst", "magnitude", *ONE_SHOT_METHODS)
+FROZEN_BACKBONE = ("pst", "smp", "lora")  # the teacher of distillation is their switched-off forward
 
 
 @dataclass
@@ -193,11 +230,14 @@ class DataConfig:
     test_fraction: float = 0.1  # classification: held-out test share
     max_train_examples: int = 0  # classification; 0: use all
     split_seed: int = 1234  # classification: the train/validation/test split
+    # causal_lm: other texts (another domain, say) evaluated beside the validation split, each on
+    # its last max_validation_blocks blocks; they never train
+    eval_files: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.train_files:
             raise ConfigError("data.train_files is empty")
-        for name in self.train_files:
+        for name in self.train_files + self.eval_files:
             if not resolve_path(name).is_file():
                 raise ConfigError(f"data file not found: {name}")
         if self.block_size < 8:
@@ -211,12 +251,29 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the frozen dense backbone:
+    loss = (1 - weight) CE + weight T^2 KL(teacher || student)."""
+
+    weight: float = 0.0  # lambda; 0: off (no teacher pass)
+    temperature: float = 1.0  # T
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0 or self.temperature <= 0:
+            raise ConfigError(
+                "train.distill.weight must be in [0, 1] and temperature > 0, "
+                f"got {self.weight}, {self.temperature}"
+            )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    max_steps: int = 40  # optimizer steps; the sparsity schedule spans exactly these
+    max_steps: int = 40  # optimizer steps; the sparsity schedule spans exactly these (0: evaluate, export)
     micro_batch_size: int = 2  # sequences per rank per forward
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-3  # for the PST factors
+    lr: float = 1e-3  # for the PST weight update (U, V), and a baseline's own parameters
+    importance_lr: float = 0.0  # for PST's importance factors (A, B, R, C); 0: same as lr
     head_lr: float = 0.0  # for pst.trainable_modules (e.g. a new task head); 0: same as lr
     score_lr: float = 0.0  # movement / smp per-weight scores; 0: same as lr
     threshold_lr: float = 0.02  # pst.mask=threshold: the per-matrix threshold logits
@@ -229,6 +286,7 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept
     resume: str = "auto"  # auto: continue from the latest complete checkpoint if any; never
     export: bool = False  # at the end: save a checkpoint and export it to <output_dir>/export
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     # Fields that may change between a checkpoint and its resumption.
     RESUMABLE_CHANGES = (
@@ -242,14 +300,17 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every")
+        positive = ("micro_batch_size", "gradient_accumulation_steps", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.head_lr < 0 or self.score_lr < 0 or self.threshold_lr < 0:
+        if self.max_steps < 0:
+            raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
+        side_lrs = (self.head_lr, self.score_lr, self.threshold_lr, self.importance_lr)
+        if self.lr <= 0 or min(side_lrs) < 0:
             raise ConfigError(
-                f"train.lr must be > 0, train.head_lr, score_lr and threshold_lr >= 0, "
-                f"got {self.lr}, {self.head_lr}, {self.score_lr}, {self.threshold_lr}"
+                f"train.lr must be > 0, train.head_lr, score_lr, threshold_lr and importance_lr >= 0, "
+                f"got {self.lr}, {', '.join(map(str, side_lrs))}"
             )
         if self.warmup_steps < 0 or self.eval_every < 0:
             raise ConfigError("train.warmup_steps and train.eval_every must be >= 0")
@@ -268,10 +329,30 @@ class ExperimentConfig:
     # The pruning schedule, target_modules and trainable_modules apply to every method.
     pst: PSTConfig = field(default_factory=PSTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    oneshot: OneShotConfig = field(default_factory=OneShotConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method in ONE_SHOT_METHODS:  # written here, so the saved config says what ran
+            wanda = self.method == "wanda"
+            self.pst = dataclasses.replace(
+                self.pst,
+                init=self.method,
+                importance="activation" if wanda else self.pst.importance,
+                mask_scope="row" if wanda and self.pst.mask == "topk" else self.pst.mask_scope,
+            )
+        if self.pst.init != "magnitude" and self.method not in WARM_STARTABLE:
+            raise ConfigError(
+                f"pst.init={self.pst.init} warm-starts {', '.join(WARM_STARTABLE)}, not {self.method}"
+            )
+        distill = self.train.distill
+        if distill.weight > 0 and (self.method not in FROZEN_BACKBONE or self.pst.init == "sparsegpt"):
+            raise ConfigError(
+                "train.distill takes the teacher from the frozen dense backbone: methods "
+                f"{', '.join(FROZEN_BACKBONE)} without pst.init=sparsegpt (which rewrites it), not "
+                f"method={self.method} pst.init={self.pst.init}"
+            )
         if self.pst.mask == "threshold" and self.method != "pst":
             raise ConfigError(f"pst.mask=threshold learns PST's thresholds; method={self.method} has none")
         if self.pst.importance == "activation" and self.method in ("movement", "smp"):

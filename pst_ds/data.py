@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from transformers import PreTrainedTokenizerBase
 
 from .cache import cache_dir
@@ -58,23 +58,18 @@ def load_splits(config: DataConfig, task: str, tokenizer: PreTrainedTokenizerBas
     return load_text_blocks(config, tokenizer)
 
 
-def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
-    """Tokenise the files and pack the stream into blocks of ``config.block_size`` tokens.
-
-    Each block starts with the tokenizer's BOS token when it has one. The validation split
-    is the tail of the stream (not a random sample), so no text leaks from training into it.
-    Results are cached by ``datasets`` under ``<cache>/datasets`` (see pst_ds.cache).
-    """
-    files = [str(resolve_path(name)) for name in config.train_files]
+def packed_blocks(files: list[str], block_size: int, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """Tokenise the files and pack the stream into blocks of ``block_size`` tokens, each starting
+    with the tokenizer's BOS token when it has one. Cached by ``datasets`` under ``<cache>/datasets``."""
     lines = load_dataset(
         "text",
-        data_files=files,
+        data_files=[str(resolve_path(name)) for name in files],
         split="train",
         keep_linebreaks=True,
         cache_dir=str(cache_dir() / "datasets"),
     )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    body = config.block_size - len(bos)
+    body = block_size - len(bos)
 
     def tokenize_and_pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
@@ -82,13 +77,19 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
         usable = len(stream) - len(stream) % body
         return {"input_ids": [bos + stream[i : i + body] for i in range(0, usable, body)]}
 
-    blocks = lines.map(
+    return lines.map(
         tokenize_and_pack,
         batched=True,
         batch_size=20_000,
         remove_columns=["text"],
         desc="tokenising",
     )
+
+
+def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
+    """Packed blocks of the training files; the validation split is the tail of the stream (not
+    a random sample), so no text leaks from training into it."""
+    blocks = packed_blocks(config.train_files, config.block_size, tokenizer)
     total = len(blocks)
     n_val = min(config.max_validation_blocks, max(1, int(total * config.validation_fraction)))
     n_train = total - n_val
@@ -103,6 +104,21 @@ def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> 
         train=blocks.select(range(n_train)).with_format("torch"),
         validation=blocks.select(range(total - n_val, total)).with_format("torch"),
     )
+
+
+def load_eval_texts(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Dataset]:
+    """Each of ``data.eval_files`` by its file name: its last max_validation_blocks blocks."""
+    texts = {}
+    for name in config.eval_files:
+        check_text_file(resolve_path(name))
+        blocks = packed_blocks([name], config.block_size, tokenizer)
+        if len(blocks) == 0:
+            raise ConfigError(
+                f"data.eval_files: {name} holds less than one block of {config.block_size} tokens"
+            )
+        tail = range(max(0, len(blocks) - config.max_validation_blocks), len(blocks))
+        texts[Path(name).stem] = blocks.select(tail).with_format("torch")
+    return texts
 
 
 def load_classification(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
@@ -150,3 +166,37 @@ def collate_blocks(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
 
 def collate_for(task: str) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
     return default_collate if task == "sequence_classification" else collate_blocks
+
+
+class TrainingBatches:
+    """This rank's training micro-batches: shuffled by seed, reshuffled each epoch, and
+    restartable at any position (a resumed run sees the batches an unbroken one would)."""
+
+    def __init__(
+        self, dataset: Dataset, micro_batch_size: int, rank: int, world_size: int, seed: int, task: str
+    ) -> None:
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=micro_batch_size,
+            sampler=self.sampler,
+            collate_fn=collate_for(task),
+            drop_last=True,
+            # Its own generator: each iter() would otherwise draw from the global RNG, which a
+            # resumed run restores at a different point than an uninterrupted one.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def from_position(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches from number ``skip`` (counted from the start of training) on, forever."""
+        epoch, skip = divmod(skip, len(self.loader))
+        while True:
+            self.sampler.set_epoch(epoch)
+            batches = iter(self.loader)
+            for _ in range(skip):  # only on resume: fast-forward to the saved data position
+                next(batches)
+            skip = 0
+            yield from batches
+            epoch += 1

@@ -1,10 +1,12 @@
-"""Evaluation of any model (a live one or a loaded HF folder) on a dataset from pst_ds.data."""
+"""Evaluation of any model (a live engine during training, or a loaded HF folder) on a dataset
+from pst_ds.data, on one process or split over ranks."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 from datasets import Dataset
 from torch import nn
 
@@ -12,24 +14,43 @@ from .data import collate_for
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: Dataset, task: str, batch_size: int = 8) -> dict[str, float]:
-    """Mean loss and perplexity (causal LM) or accuracy (classification) over ``dataset``."""
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset,
+    task: str,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Mean loss and perplexity (causal LM) or accuracy (classification) over ``dataset``.
+
+    With a process group, each rank takes every world_size-th example and the sums are
+    all-reduced; every rank runs the same number of forwards (ZeRO-3's gathers are collective),
+    a rank whose share has run out repeating an example with weight 0.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = device or next(model.parameters()).device
     collate = collate_for(task)
+    mine = list(range(rank, len(dataset), world))
+    rounds = math.ceil(math.ceil(len(dataset) / world) / batch_size)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        inputs = {key: value.to(device) for key, value in collate(rows).items()}
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(rounds):
+        indices = mine[i * batch_size : (i + 1) * batch_size]
+        inputs = {k: v.to(device) for k, v in collate([dataset[j] for j in indices or [0]]).items()}
         output = model(**inputs)
-        loss_sum += output.loss.item() * len(rows)
-        if task == "sequence_classification":
+        loss_sum += output.loss.item() * len(indices)
+        count += len(indices)
+        if task == "sequence_classification" and indices:
             correct += int((output.logits.argmax(-1) == inputs["labels"]).sum())
     model.train(was_training)
-    result = {"examples": len(dataset), "loss": loss_sum / len(dataset)}
+    if world > 1:
+        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
+    result = {"examples": int(count), "loss": loss_sum / count}
     if task == "sequence_classification":
-        result["accuracy"] = correct / len(dataset)
+        result["accuracy"] = correct / count
     else:
         result["perplexity"] = math.exp(result["loss"])
     return result

@@ -22,10 +22,10 @@ from transformers.utils import logging as hf_logging
 
 from . import checkpoint
 from .config import PRUNING_METHODS, ConfigError, LoRAConfig, ModelConfig, PSTConfig, build_section
-from .inject import inject_pst
+from .inject import build_model
 from .layer import SparseLinear, WrappedLinear
 from .mask_kinds import mask_kind
-from .models import load_model, load_tokenizer
+from .models import load_tokenizer
 
 SPARSITY_REPORT = "pst_sparsity.json"
 
@@ -114,8 +114,7 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
     unset_hf_deepspeed_config()
     tokenizer = load_tokenizer(model_config)
     labels = json.loads((run_dir / "config.json").read_text()).get("labels")
-    model = load_model(model_config, tokenizer, labels)
-    layer_names = inject_pst(model, pst, method, lora)
+    model, layer_names = build_model(model_config, tokenizer, labels, pst, method, lora)
     state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     model.load_state_dict(state, strict=True)  # with each layer's mask state (buffers)
     with torch.no_grad():

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from .baselines import LoRALinear, MagnitudeLinear, MovementLinear
-from .config import DEFAULT_TARGET_MODULES, ConfigError, LoRAConfig, PSTConfig, name_matches
+from .config import DEFAULT_TARGET_MODULES, ConfigError, LoRAConfig, ModelConfig, PSTConfig, name_matches
 from .layer import PSTLinear, SparseLinear
+from .models import load_model
 
 FACTOR_NAMES = ("U", "V", "A", "B", "R", "C")
 
@@ -31,6 +33,10 @@ def _check_every_pattern_matches(model: nn.Module, patterns: list[str], what: st
 def _layer_factory(method: str, config: PSTConfig, lora: LoRAConfig):
     return {
         "pst": lambda base: PSTLinear(base, config),
+        # One-shot methods: PST's layer carries their mask and weights (pst.init) and is exported
+        # like every method; its factors stay at their init, where the update U V is 0.
+        "wanda": lambda base: PSTLinear(base, config),
+        "sparsegpt": lambda base: PSTLinear(base, config),
         "magnitude": lambda base: MagnitudeLinear(base, config),
         "movement": lambda base: MovementLinear(base, config, train_weight=True),
         "smp": lambda base: MovementLinear(base, config, train_weight=False),
@@ -72,6 +78,20 @@ def inject_pst(
     for _, module in _matching(model, config.trainable_modules):
         module.requires_grad_(True)
     return [name for name, _ in targets]
+
+
+def build_model(
+    model: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: list[str] | None,
+    pst: PSTConfig,
+    method: str,
+    lora: LoRAConfig,
+) -> tuple[nn.Module, list[str]]:
+    """The model with ``method``'s layers injected, and the targeted layers' names: what
+    training builds (partitioned under a live ZeRO-3 config) and export builds again."""
+    loaded = load_model(model, tokenizer, labels)
+    return loaded, inject_pst(loaded, pst, method, lora)
 
 
 def head_parameters(model: nn.Module, config: PSTConfig) -> list[nn.Parameter]:

@@ -9,7 +9,8 @@ For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
     M  = the mask kind's kept set of S (mask_kinds.py), straight-through gradient to S
     y  = x @ (M * W').T + b
 
-Init U, A ~ N(0, 1) and V, B, R, C = 0, so training starts as magnitude pruning (S = |W|).
+Init U ~ N(0, pst.update_init_std^2), A ~ N(0, 1) and V, B, R, C = 0, so training starts as
+magnitude pruning (S = |W|), or from a one-shot method's mask with pst.init (oneshot.py).
 With ``pst.importance=activation`` |W'| is scaled per input column (importance.py); with
 ``pst.mask=threshold`` a trained logit per matrix (or row) sets its share (allocation.py).
 S and the masked weight are computed in fp32 whatever the model's dtype, so ties from a
@@ -20,6 +21,7 @@ in pst_function.py, which keeps nothing weight-sized between them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -43,6 +45,16 @@ class WrappedLinear(nn.Module):
         # Under ZeRO-3 the weight may already be partitioned: its real shape is ds_shape.
         shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
         self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
+        self.as_teacher = False  # distill.py: run as the frozen dense layer (no mask, no update)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.as_teacher:
+            return F.linear(x, self.oriented_weight(), self.bias)
+        return self.adapted_forward(x)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's own forward (pruned, updated)."""
+        raise NotImplementedError
 
     def oriented_weight(self) -> torch.Tensor:
         """The base weight as (out, in), in its own dtype (a view)."""
@@ -137,7 +149,9 @@ class PSTLinear(SparseLinear):
         )
         self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.U = nn.Parameter(torch.randn(out_features, config.weight_rank, **factory))
+        self.U = nn.Parameter(
+            config.update_init_std * torch.randn(out_features, config.weight_rank, **factory)
+        )
         self.V = nn.Parameter(torch.zeros(config.weight_rank, in_features, **factory))
         self.A = nn.Parameter(torch.randn(out_features, config.mask_rank, **factory))
         self.B = nn.Parameter(torch.zeros(config.mask_rank, in_features, **factory))
@@ -171,7 +185,7 @@ class PSTLinear(SparseLinear):
             return None
         return torch.sigmoid(self.threshold_logit + self.threshold_shift)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe_inputs(x)
         record = [] if self.track_mask else None
         y = PSTLinearFunction.apply(

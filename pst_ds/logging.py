@@ -78,6 +78,14 @@ class RunLogger:
             self.info(f"step {step}: validation {shown} at sparsity {sparsity:.3f}")
         return ppl
 
+    def log_eval_text(self, step: int, name: str, loss: float) -> float:
+        """Record the perplexity of one of data.eval_files (key eval_<name>_ppl); returns it."""
+        ppl = math.exp(loss)
+        if self.enabled:
+            self._record("eval", {"step": step, f"eval_{name}_loss": loss, f"eval_{name}_ppl": ppl})
+            self.info(f"step {step}: {name} perplexity {ppl:.3f}")
+        return ppl
+
     def end_progress(self) -> None:
         """Close the progress bar, so that what follows prints below it (idempotent)."""
         if self.enabled:

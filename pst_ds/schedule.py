@@ -38,9 +38,12 @@ def cubic_sparsity(
 
 
 def scheduled_sparsity(method: str, config: PSTConfig, step: int, total_steps: int) -> float:
-    """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune."""
+    """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune, the
+    final sparsity throughout after a one-shot warm start (pst.init), else the cubic schedule."""
     if method not in PRUNING_METHODS:
         return 0.0
+    if config.init != "magnitude":
+        return config.final_sparsity
     return cubic_sparsity(
         step,
         total_steps,
@@ -57,7 +60,8 @@ class SparsityController:
     It writes each layer's mask state (the ``pruned`` counts: the kind's count at the
     scheduled sparsity, or, for learned thresholds, the counts allocated from all logits so
     that the model as a whole prunes exactly the scheduled count), and tells activation
-    importance when to gather input statistics (the dense warm-up; always with a moving average).
+    importance when to gather input statistics (the dense warm-up, unless a warm start's
+    calibration gathered them; always with a moving average).
     Every rank computes the same state from the same (gathered) values.
     """
 
@@ -72,7 +76,10 @@ class SparsityController:
         return scheduled_sparsity(self.method, self.config, step, self.total_steps)
 
     def _in_warmup(self, step: int) -> bool:
-        """Step ``step`` (0-based) still runs at the initial sparsity; the first one always counts."""
+        """Step ``step`` (0-based) gathers the warm-up's input norms: it still runs at the initial
+        sparsity (the first one always counts), and no calibration gathered them (pst.init)."""
+        if self.config.init != "magnitude":
+            return False
         return step == 0 or step <= self.config.initial_warmup * self.total_steps
 
     def apply(self, step: int) -> None:
@@ -90,7 +97,7 @@ class SparsityController:
 
     def end_step(self, step: int) -> None:
         """After step ``step + 1``'s optimizer step: fold its input statistics (collective)."""
-        if not self.activation:
+        if not self.activation or not (self._in_warmup(step) or self.config.activation_ema > 0):
             return
         weight = 1.0 / (step + 1) if self._in_warmup(step) else self.config.activation_ema
         fold_step(((layer.input_sq, layer.input_stats) for layer in self.layers.values()), weight)

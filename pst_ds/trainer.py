@@ -16,18 +16,21 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 from transformers.integrations import HfDeepSpeedConfig
 
 from . import checkpoint
-from .config import ConfigError, ExperimentConfig, TrainConfig, resolve_path
-from .data import collate_for, load_splits
+from .config import ONE_SHOT_METHODS, ConfigError, ExperimentConfig, TrainConfig, resolve_path
+from .data import TrainingBatches, collate_for, load_eval_texts, load_splits
+from .distill import distillation_loss, teacher_mode
 from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
+from .evaluate import evaluate_model
 from .export import export_checkpoint
-from .inject import head_parameters, inject_pst, iter_pst_layers
+from .inject import build_model, iter_pst_layers
 from .logging import RunLogger
 from .masks import NonFiniteScoresError
-from .models import load_model, load_tokenizer
+from .models import load_tokenizer
+from .oneshot import prune_one_shot
+from .optim import build_optimizer
 from .schedule import SparsityController
 
 
@@ -72,15 +75,6 @@ def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str
         # JIT compile for parameters this small.
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
-
-
-def linear_warmup_decay(warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
 
 
 def partitioned_param_bytes(model: torch.nn.Module) -> int:
@@ -148,15 +142,19 @@ class Trainer:
         # converts the embedded model on first use (a file lock lets one rank do it).
         tokenizer = agreed(lambda: load_tokenizer(cfg.model))
         self.data = rank_zero_first(lambda: load_splits(cfg.data, cfg.model.task, tokenizer))
+        self.eval_texts = rank_zero_first(lambda: load_eval_texts(cfg.data, tokenizer))
         self._check_enough_data()
         if self.ds_config.get("zero_optimization", {}).get("stage") == 3:
             # Kept alive so that from_pretrained builds the backbone already partitioned.
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         # Collective under ZeRO-3: every rank at once.
-        model = load_model(cfg.model, tokenizer, self.data.labels)
+        model, self.layer_names = build_model(
+            cfg.model, tokenizer, self.data.labels, cfg.pst, cfg.method, cfg.lora
+        )
         self.collate = collate_for(cfg.model.task)
         self.metric = "ppl" if self.data.labels is None else "accuracy"
-        self.layer_names = inject_pst(model, cfg.pst, cfg.method, cfg.lora)
+        self.one_shot = cfg.method in ONE_SHOT_METHODS  # prunes from calibration data, trains nothing
+        self.max_steps = 0 if self.one_shot else cfg.train.max_steps
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.pst_layers = dict(iter_pst_layers(model))
         # The layer whose forward runs (or ran last), to name it if its scores are not finite.
@@ -165,49 +163,26 @@ class Trainer:
             layer.register_forward_pre_hook(lambda *_, name=name: setattr(self, "_running_layer", name))
         weights = [model.get_submodule(name).weight for name in self.layer_names]
         self.sparsified_numel = sum(getattr(w, "ds_numel", w.numel()) for w in weights)
-        self.controller = SparsityController(cfg.method, cfg.pst, cfg.train.max_steps, self.pst_layers)
-        lrs = {
-            "method": cfg.train.lr,
-            "scores": cfg.train.score_lr,
-            "head": cfg.train.head_lr,
-            "thresholds": cfg.train.threshold_lr,
-        }
-        groups = [
-            {"params": params, "lr": lrs[name] or cfg.train.lr}
-            for name, params in self._parameter_groups(model).items()
-            if params
-        ]
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.max_steps)
-        )
+        self.controller = SparsityController(cfg.method, cfg.pst, self.max_steps, self.pst_layers)
+        optimizer, schedule = build_optimizer(model, list(self.pst_layers.values()), cfg.pst, cfg.train)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
-        self.sampler = DistributedSampler(
+        self.batches = TrainingBatches(
             self.data.train,
-            num_replicas=self.world_size,
-            rank=self.rank,
-            shuffle=True,
-            seed=cfg.train.seed,
-            drop_last=True,
-        )
-        self.loader = DataLoader(
-            self.data.train,
-            batch_size=cfg.train.micro_batch_size,
-            sampler=self.sampler,
-            collate_fn=self.collate,
-            drop_last=True,
-            # Its own generator: each iter() would otherwise draw from the global RNG, which a
-            # resumed run restores at a different point than an uninterrupted one.
-            generator=torch.Generator().manual_seed(cfg.train.seed),
+            cfg.train.micro_batch_size,
+            self.rank,
+            self.world_size,
+            cfg.train.seed,
+            cfg.model.task,
         )
         self.checkpoints = self.output_dir / "checkpoints"
+        self.resumed = False
         self.step = self._resume() if cfg.train.resume == "auto" else 0
         self.controller.apply(self.step)
         self.logger = RunLogger(
             self.output_dir,
-            cfg.train.max_steps,
+            self.max_steps,
             enabled=self.rank == 0,
             resumed=self.step > 0,
             label=cfg.method,
@@ -226,24 +201,6 @@ class Trainer:
             f"{self.sparsified_numel:,} sparsified weights), world size {self.world_size}"
         )
 
-    def _parameter_groups(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters by learning rate: task head, per-weight scores, threshold logits, the rest."""
-        layers = self.pst_layers.values()
-        group_of = {id(p): "head" for p in head_parameters(model, self.config.pst)}
-        group_of.update({id(layer.scores): "scores" for layer in layers if hasattr(layer, "scores")})
-        group_of.update(
-            {id(layer.threshold_logit): "thresholds" for layer in layers if hasattr(layer, "threshold_logit")}
-        )
-        groups: dict[str, list[torch.nn.Parameter]] = {
-            "method": [],
-            "scores": [],
-            "head": [],
-            "thresholds": [],
-        }
-        for p in self.trainable:
-            groups[group_of.get(id(p), "method")].append(p)
-        return groups
-
     def _check_enough_data(self) -> None:
         """Every rank needs one full micro-batch of training data (identical on all ranks)."""
         cfg, blocks = self.config, len(self.data.train)
@@ -256,8 +213,9 @@ class Trainer:
             )
 
     def num_trainable(self) -> int:
+        """Parameters trained (0 for a one-shot method, whose unused factors only carry the mask)."""
         # ds_numel: ZeRO-3 has replaced the data of partitioned parameters by their shards.
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
+        return 0 if self.one_shot else sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
 
     # ----------------------------------------------------------------- train
     def manifest(self) -> dict[str, Any]:
@@ -286,6 +244,7 @@ class Trainer:
                 + " (set train.resume=never or another train.output_dir to start afresh)"
             )
         checkpoint.load(self.engine, self.checkpoints, tag)
+        self.resumed = True
         if self.rank == 0:
             print(f"pst-ds: resumed from {self.checkpoints / tag}", flush=True)
         return saved["step"]
@@ -314,18 +273,6 @@ class Trainer:
         dist.barrier()
         return {"dir": str(out), **(total or {})}
 
-    def _batches(self, skip: int) -> Iterator[torch.Tensor]:
-        """Training batches from micro-batch ``skip`` on: epochs reshuffle deterministically."""
-        epoch, skip = divmod(skip, len(self.loader))
-        while True:
-            self.sampler.set_epoch(epoch)
-            batches = iter(self.loader)
-            for _ in range(skip):  # only on resume: fast-forward to the saved data position
-                next(batches)
-            skip = 0
-            yield from batches
-            epoch += 1
-
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(tensor)
@@ -339,68 +286,108 @@ class Trainer:
             self.logger.close()  # flushed even when training stops with an error
 
     def _train(self) -> dict[str, Any]:
-        cfg = self.config.train
-        tokens_per_step = (
-            cfg.micro_batch_size
-            * cfg.gradient_accumulation_steps
-            * self.world_size
-            * self.config.data.block_size
-        )
-        start = time.time()
-        finished = self.step >= cfg.max_steps
+        """Evaluate, warm-start if asked, run the steps, evaluate, export: the whole run."""
+        start, cfg = time.time(), self.config.train
+        finished = self.resumed and self.step >= self.max_steps
         if finished:
             self.logger.info(
                 f"pst-ds: {self.output_dir} is already trained to step {self.step} (train.max_steps); "
                 "nothing to train (train.resume=never or another train.output_dir trains afresh)"
             )
+        warm_start = self.step == 0 and not self.resumed and self.config.pst.init != "magnitude"
+        for layer in self.pst_layers.values() if warm_start else ():
+            layer.sparsity = 0.0  # "before" is the dense model, as for every run
         before = None if finished else self.evaluate()
-        batches = self._batches(self.step * cfg.gradient_accumulation_steps)
+        after_warm_start = None
+        if warm_start:
+            self.warm_start()
+            self.controller.apply(0)
+            after_warm_start = self.evaluate() if not self.one_shot else None
+        batches = self.batches.from_position(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
         step_times = []
-        while self.step < cfg.max_steps:
-            step_start, losses = time.time(), []
-            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
-            for layer in self.pst_layers.values():
-                layer.track_mask = logged  # noted in the forward that follows
-            for _ in range(cfg.gradient_accumulation_steps):
-                with self._layer_failures_named(f"step {self.step + 1}"):
-                    loss = self.engine(**self._to_device(next(batches))).loss
-                    self.engine.backward(loss)
-                lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
-                self.engine.step()
-                losses.append(loss.item())
-            # Every step (one scalar): a NaN loss on any rank stops all of them alike.
-            (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
-            if not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"the loss at step {self.step + 1} is {mean_loss}: training diverged (try a lower "
-                    f"train.lr){self._last_checkpoint_note()}"
-                )
-            sparsity, layer_sparsities = self.pst_sparsity(), self.controller.layer_sparsities()
-            self.controller.end_step(self.step)
+        while self.step < self.max_steps:
+            step_start = time.time()
+            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.max_steps
+            loss, lr, sparsity, layer_sparsities = self._step(batches, logged)
             step_times.append(time.time() - step_start)
-            self.step += 1
-            # The schedule moves after each optimizer step, as in the release.
-            self.controller.apply(self.step)
             if logged:
+                tokens_per_s = self.tokens_per_step() / (time.time() - step_start)
                 self.logger.log_step(
-                    self.step,
-                    mean_loss,
-                    lr,
-                    sparsity,
-                    tokens_per_step / (time.time() - step_start),
-                    mask_changed=self.mask_changed_fraction(),
+                    self.step, loss, lr, sparsity, tokens_per_s, mask_changed=self.mask_changed_fraction()
                 )
                 if self.controller.learned:  # the learned split among matrices
                     self.logger.log_layers(self.step, layer_sparsities)
             self.logger.advance()
-            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.max_steps):
                 self.save_checkpoint()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
                 self.evaluate()
         self.logger.end_progress()
         after = self.evaluate()
-        summary = {
+        summary = self._summary(before, after, after_warm_start, step_times, start)
+        if cfg.export:
+            summary["export"] = self.export()
+        if self.rank == 0:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        change = f"{after['validation']:.4f}"
+        if before is not None:
+            change = f"{before['validation']:.4f} -> {change}"
+        self.logger.info(
+            f"pst-ds: done in {time.time() - start:.1f} s; validation {self.metric} {change}; "
+            f"output in {self.output_dir}"
+        )
+        return summary
+
+    def _step(
+        self, batches: Iterator[dict[str, torch.Tensor]], logged: bool
+    ) -> tuple[float, float, float, dict]:
+        """One optimizer step; then the schedule moves (after each step, as in the release).
+        Returns (the loss averaged over ranks, the LR, the sparsity and per-layer sparsities it ran at)."""
+        for layer in self.pst_layers.values():
+            layer.track_mask = logged  # noted in the forward that follows
+        losses = []
+        for _ in range(self.config.train.gradient_accumulation_steps):
+            with self._layer_failures_named(f"step {self.step + 1}"):
+                loss = self._loss(self._to_device(next(batches)))
+                self.engine.backward(loss)
+            lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
+            self.engine.step()
+            losses.append(loss.item())
+        # Every step (one scalar): a NaN loss on any rank stops all of them alike.
+        (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
+        if not math.isfinite(mean_loss):
+            raise TrainingError(
+                f"the loss at step {self.step + 1} is {mean_loss}: training diverged (try a lower "
+                f"train.lr){self._last_checkpoint_note()}"
+            )
+        sparsity, layer_sparsities = self.pst_sparsity(), self.controller.layer_sparsities()
+        self.controller.end_step(self.step)
+        self.step += 1
+        self.controller.apply(self.step)
+        return mean_loss, lr, sparsity, layer_sparsities
+
+    def tokens_per_step(self) -> int:
+        train = self.config.train
+        return (
+            train.micro_batch_size
+            * train.gradient_accumulation_steps
+            * self.world_size
+            * self.config.data.block_size
+        )
+
+    def _summary(
+        self,
+        before: dict | None,
+        after: dict,
+        after_warm_start: dict | None,
+        step_times: list[float],
+        start: float,
+    ) -> dict[str, Any]:
+        def texts(results: dict | None) -> dict | None:
+            return None if results is None else {k: v for k, v in results.items() if k != "validation"}
+
+        return {
             "method": self.config.method,
             "steps": self.step,
             "world_size": self.world_size,
@@ -412,22 +399,58 @@ class Trainer:
             "optimizer_state_bytes_rank0": optimizer_state_bytes(self.optimizer),
             "peak_memory_bytes_rank0": peak_memory_bytes(),
             "step_times_s": step_times,  # this session's steps, rank 0
-            "tokens_per_step": tokens_per_step,
+            "tokens_per_step": self.tokens_per_step(),
             "final_sparsity": self.pst_sparsity(),
-            f"eval_{self.metric}_before": before,
-            f"eval_{self.metric}_after": after,
+            f"eval_{self.metric}_before": None if before is None else before["validation"],
+            f"eval_{self.metric}_after": after["validation"],
+            "eval_texts_before": texts(before),  # data.eval_files' perplexities
+            "eval_texts_after": texts(after),
+            "eval_after_warm_start": after_warm_start,  # pst.init's one-shot model, before training
             "wall_time_s": time.time() - start,
         }
-        if cfg.export:
-            summary["export"] = self.export()
-        if self.rank == 0:
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        change = f"{after:.4f}" if before is None else f"{before:.4f} -> {after:.4f}"
-        self.logger.info(
-            f"pst-ds: done in {time.time() - start:.1f} s; validation {self.metric} {change}; "
-            f"output in {self.output_dir}"
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one micro-batch: CE, or CE and the KL to the frozen dense backbone."""
+        distill = self.config.train.distill
+        if not distill.weight:
+            return self.engine(**batch).loss
+        with torch.no_grad(), teacher_mode(self.engine.module):
+            teacher_logits = self.engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        output = self.engine(**batch)
+        loss, _ = distillation_loss(
+            output.loss, output.logits, teacher_logits, distill.weight, distill.temperature
         )
-        return summary
+        return loss
+
+    def warm_start(self) -> None:
+        """Prune with the one-shot method of pst.init from calibration blocks of the training split."""
+        cfg = self.config
+        count = min(cfg.oneshot.calibration_blocks, len(self.data.train))
+        chosen = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(cfg.train.seed))
+        blocks = [self.data.train[int(i)] for i in chosen[:count]]
+        size = cfg.train.micro_batch_size
+        batches = [self._to_device(self.collate(blocks[i : i + size])) for i in range(0, count, size)]
+        start, was_training = time.time(), self.engine.module.training
+        self.engine.eval()
+        with self._layer_failures_named(f"{cfg.pst.init} calibration"):
+            prune_one_shot(
+                cfg.pst.init,
+                self.engine.module,
+                self.pst_layers,
+                batches,
+                lambda batch: self.engine(**batch),
+                self.controller.sparsity_at(0),
+                cfg.oneshot.sequential,
+                cfg.oneshot.damp,
+                cfg.oneshot.block_columns,
+                progress=self.logger.info if self.rank == 0 else lambda _: None,
+            )
+        self.engine.train(was_training)
+        self.logger.info(
+            f"pst-ds: {cfg.pst.init} pruned {len(self.pst_layers)} layers to "
+            f"{self.controller.sparsity_at(0):.3f} from {count} blocks of {cfg.data.block_size} tokens "
+            f"in {time.time() - start:.1f} s"
+        )
 
     def _last_checkpoint_note(self) -> str:
         tags = checkpoint.complete_tags(self.checkpoints)
@@ -458,37 +481,28 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.engine.device) for key, value in batch.items()}
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Validation loss (and accuracy, for classification) of the model as it stands, over all ranks.
-
-        Returns the perplexity for a causal LM, the accuracy for a classifier. Every rank runs
-        the same number of forwards (ZeRO-3 gathers are collective); a rank whose share has
-        run out repeats an example with weight 0.
-        """
-        validation = self.data.validation
-        batch = self.config.train.micro_batch_size
-        mine = list(range(self.rank, len(validation), self.world_size))
-        rounds = math.ceil(math.ceil(len(validation) / self.world_size) / batch)
-        was_training = self.engine.module.training
-        self.engine.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        for i in range(rounds):
-            indices = mine[i * batch : (i + 1) * batch]
-            inputs = self._to_device(self.collate([validation[j] for j in indices or [0]]))
+    def evaluate(self) -> dict[str, float]:
+        """The validation metric (perplexity, or accuracy for a classifier) of the model as it
+        stands, and the perplexity of each of data.eval_files, over all ranks."""
+        results = {}
+        texts = {"validation": self.data.validation, **self.eval_texts}
+        for name, dataset in texts.items():
             with self._layer_failures_named(f"the evaluation after step {self.step}"):
-                output = self.engine(**inputs)
-            loss_sum += output.loss.item() * len(indices)
-            count += len(indices)
-            if self.data.labels is not None and indices:
-                correct += int((output.logits.argmax(-1) == inputs["labels"]).sum())
-        self.engine.train(was_training)
-        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
-        accuracy = correct / count if self.data.labels is not None else None
-        ppl = self.logger.log_eval(self.step, loss_sum / count, self.pst_sparsity(), accuracy)
-        return ppl if accuracy is None else accuracy
+                result = evaluate_model(
+                    self.engine,
+                    dataset,
+                    self.config.model.task,
+                    self.config.train.micro_batch_size,
+                    self.engine.device,
+                )
+            if name == "validation":
+                ppl = self.logger.log_eval(
+                    self.step, result["loss"], self.pst_sparsity(), result.get("accuracy")
+                )
+                results[name] = result.get("accuracy", ppl)
+            else:
+                results[name] = self.logger.log_eval_text(self.step, name, result["loss"])
+        return results
 
 
 def resolve_output_dir(name: str) -> Path:

@@ -54,6 +54,7 @@ def main() -> None:
         params = list(layer.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(params):
             mask = layer.mask()
+            dense = layer.oriented_weight().detach().float().clone()
             logit = layer.threshold_logit.tolist() if hasattr(layer, "threshold_logit") else None
         input_sq = getattr(layer, "input_sq", None)
         layers[name] = {
@@ -61,6 +62,8 @@ def main() -> None:
             "pruned": layer.pruned.reshape(-1).tolist(),
             "input_sq": None if input_sq is None else input_sq.tolist(),
             "mask_sha256": hashlib.sha256(mask.numpy().tobytes()).hexdigest(),
+            "weight_sha256": hashlib.sha256(dense.numpy().tobytes()).hexdigest(),
+            "weight_zeros": int((dense == 0).sum()),
             "zeros": int((~mask).sum()),
             "pruned_state": int(layer.pruned.sum()),
             "weight_full_numel": int(getattr(weight, "ds_numel", weight.numel())),

@@ -138,4 +138,4 @@ def test_dense_trains_everything_and_unknown_method_is_refused(tiny_model):
     inject_pst(model, PSTConfig(), "dense")
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="method must be one of"):
-        ExperimentConfig(method="sparsegpt")
+        ExperimentConfig(method="obc")

@@ -222,3 +222,43 @@ def test_learned_thresholds_and_input_norms_on_two_zero3_ranks_resume_exactly(tm
         assert second[name]["threshold_logit"] == pytest.approx(layer["threshold_logit"], rel=1e-6), name
         assert second[name]["input_sq"] == pytest.approx(layer["input_sq"], rel=1e-6), name
         assert second[name]["mask_sha256"] == layer["mask_sha256"], name
+
+
+def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small_text):
+    """pst.init=sparsegpt (weights rewritten from rank 0, statistics all-reduced) then training
+    with distillation is refused; so: SparseGPT alone, and a Wanda warm start with distillation."""
+    sparsegpt = ["method=sparsegpt", "oneshot.calibration_blocks=6", "oneshot.block_columns=16"]
+    probe_run(tmp_path, tmp_path / "sgpt", small_text, sparsegpt, steps=3)
+    ranks = [json.loads((tmp_path / "sgpt" / f"rank{i}.json").read_text()) for i in range(2)]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 0 and summary["trainable_params"] == 0  # one-shot: nothing trains
+    assert summary["eval_ppl_after"] != pytest.approx(summary["eval_ppl_before"], rel=1e-4)  # pruned
+    for name, layer in ranks[0]["layers"].items():
+        assert layer["weight_sha256"] == ranks[1]["layers"][name]["weight_sha256"], name  # same weights
+        assert layer["mask_sha256"] == ranks[1]["layers"][name]["mask_sha256"], name
+        assert (
+            layer["weight_zeros"]
+            == layer["zeros"]
+            == layer["pruned_state"]
+            == layer["weight_full_numel"] // 2
+        )
+
+    shutil.rmtree(tmp_path / "run")
+    warm = [
+        "pst.init=wanda",
+        "pst.importance=activation",
+        "train.distill.weight=0.5",
+        "train.distill.temperature=2",
+    ]
+    probe_run(tmp_path, tmp_path / "warm", small_text, warm, steps=4)
+    ranks = [json.loads((tmp_path / "warm" / f"rank{i}.json").read_text()) for i in range(2)]
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(r["sparsity"] == 0.5 for r in steps)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_after_warm_start"]["validation"] != pytest.approx(
+        summary["eval_ppl_before"], rel=1e-4
+    )
+    for name, layer in ranks[0]["layers"].items():
+        other = ranks[1]["layers"][name]
+        assert layer["mask_sha256"] == other["mask_sha256"] and layer["input_sq"] == other["input_sq"], name
+        assert layer["input_sq"] != [1.0] * len(layer["input_sq"])  # from the calibration

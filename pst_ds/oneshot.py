@@ -1,0 +1,210 @@
+"""One-shot pruning from calibration data: Wanda (Sun et al. 2024) and SparseGPT (Frantar &
+Alistarh 2023), on the layers, mask kinds and engine that training uses.
+
+The methods write what the layer's own importance needs for its first mask to be theirs:
+
+    wanda      the input norms ||x_j|| (``input_sq``): with S = a |W| the mask is Wanda's
+               |W_ij| ||x_j||, compared within the mask kind's groups (rows for the paper)
+    sparsegpt  the pruned and OBS-updated weight W (sparsegpt.py): its zeros are the mask,
+               so S = |W| selects exactly them
+
+then put the final sparsity in force. ``method: wanda | sparsegpt`` stops there (and exports);
+``pst.init`` trains on from it. With ``oneshot.sequential`` (the papers' way) the layers are
+taken block by block, each calibrated on the outputs of the blocks pruned before it: one
+whole forward captures the first block's inputs, then each block runs alone (about three
+forwards' cost in all), and only one block's statistics are held at a time.
+
+Under ZeRO-3 each rank runs its share of the calibration batches (every rank the same number
+of forwards, a spare one contributing nothing); the statistics are all-reduced, so every rank
+computes the same result, and the weights are written from rank 0's (``modifier_rank``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .importance import InputStatistics, fold_step
+from .layer import SparseLinear
+from .sparsegpt import sparsegpt_prune
+
+
+def block_of(name: str) -> str:
+    """The repeated block a layer belongs to (``model.layers.3`` for ``model.layers.3.mlp.up_proj``)."""
+    match = re.match(r"(.*?\.\d+)\.", name)
+    return match.group(1) if match else name
+
+
+def in_blocks(names: Iterable[str], sequential: bool) -> list[list[str]]:
+    """Layer names grouped by block in model order (one group of all when not sequential)."""
+    names = list(names)
+    if not sequential:
+        return [names]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(block_of(name), []).append(name)
+    return list(groups.values())
+
+
+class CalibrationInputs:
+    """Forward pre-hooks that gather one group's statistics: x_j^2 sums where the layer keeps input
+    norms, and X^T X for sparsegpt. ``active`` False: a spare forward that must not count."""
+
+    def __init__(self, layers: dict[str, SparseLinear], hessians: bool) -> None:
+        self.active, self.layers, self.want_hessians = True, layers, hessians
+        self.stats = {name: InputStatistics() for name in layers}
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}  # the Hessians' own count (folding the norms resets theirs)
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(name, hessians)) for name, layer in layers.items()
+        ]
+
+    def _hook(self, name: str, hessians: bool) -> Callable:
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            if not self.active:
+                return
+            self.stats[name].observe(args[0])
+            if hessians:
+                flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                gram = flat.t() @ flat
+                self.hessians[name] = gram if name not in self.hessians else self.hessians[name] + gram
+                self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
+
+        return hook
+
+    def remove(self) -> None:
+        """Unhook; a rank that saw no active batch contributes zeros to the all-reduces."""
+        for handle in self.handles:
+            handle.remove()
+        for name, stats in self.stats.items():
+            if stats.square_sum is None:
+                in_features = self.layers[name].in_features
+                stats.square_sum = torch.zeros(in_features, device=self.layers[name].pruned.device)
+                if self.want_hessians:
+                    self.hessians[name] = torch.zeros(
+                        in_features, in_features, device=stats.square_sum.device
+                    )
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """X^T X / tokens over every rank's share (collective)."""
+        gram = self.hessians[name]
+        tokens = torch.tensor([float(self.tokens.get(name, 0))], dtype=gram.dtype, device=gram.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(gram)
+            dist.all_reduce(tokens)
+        return gram / tokens
+
+
+def capture_block_inputs(block: nn.Module, run: Callable[[], None]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) each call of ``block`` gets while ``run()`` runs, without a cache: the
+    papers' way to feed one block at a time (hidden states, masks and position embeddings)."""
+    captured = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = {k: None if k == "past_key_values" else v for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), kwargs))
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's inputs with its hidden states replaced (passed first, or by name)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def prune_one_shot(
+    method: str,
+    model: nn.Module,
+    layers: dict[str, SparseLinear],
+    batches: list[dict[str, torch.Tensor]],
+    forward: Callable[[dict[str, torch.Tensor]], object],
+    sparsity: float,
+    sequential: bool = True,
+    damp: float = 0.01,
+    block_columns: int = 128,
+    progress: Callable[[str], None] = lambda _: None,
+) -> None:
+    """Prune ``layers`` (model order) of ``model`` to ``sparsity`` with ``method`` (wanda or sparsegpt).
+
+    ``forward(batch)`` runs the whole model on one batch; it is called without autograd, in the
+    caller's mode (eval), the same number of times on every rank. Sequentially, one whole forward
+    captures the first block's inputs; then each block runs alone on them, is pruned, and runs
+    again to give the next block its inputs. Collective."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = [rank + r * world for r in range(math.ceil(len(batches) / world))]
+    active = [index < len(batches) for index in mine]  # a spare call repeats batch 0, uncounted
+    for layer in layers.values():
+        layer.sparsity = 0.0  # calibrate on the dense layers; each block is pruned once gathered
+    groups = in_blocks(layers, sequential)
+    blocks = [block_of(names[0]) for names in groups]
+    direct = sequential and all(re.search(r"\.\d+$", b) for b in blocks)
+    with torch.no_grad():
+        if direct:
+            first = model.get_submodule(blocks[0])
+            run_all = lambda: [forward(batches[i if a else 0]) for i, a in zip(mine, active, strict=True)]  # noqa: E731
+            inputs = capture_block_inputs(first, run_all)
+        for g, names in enumerate(groups, 1):
+            group = {name: layers[name] for name in names}
+            calibration = CalibrationInputs(group, hessians=method == "sparsegpt")
+            if direct:
+                block = model.get_submodule(blocks[g - 1])
+                for (args, kwargs), counted in zip(inputs, active, strict=True):
+                    calibration.active = counted
+                    block(*args, **kwargs)
+            else:
+                for index, counted in zip(mine, active, strict=True):
+                    calibration.active = counted
+                    forward(batches[index if counted else 0])
+            calibration.remove()
+            _prune_group(method, group, calibration, sparsity, damp, block_columns)
+            if direct and g < len(groups):  # the next block's inputs: this block's pruned outputs
+                inputs = [
+                    _with_hidden(args, kwargs, _hidden(block(*args, **kwargs))) for args, kwargs in inputs
+                ]
+            progress(f"{method}: block {g}/{len(groups)} pruned ({len(names)} layers)")
+
+
+def _prune_group(
+    method: str,
+    group: dict[str, SparseLinear],
+    calibration: CalibrationInputs,
+    sparsity: float,
+    damp: float,
+    block_columns: int,
+) -> None:
+    with_norms = [(layer.input_sq, calibration.stats[n]) for n, layer in group.items() if layer.input_stats]
+    fold_step(with_norms, weight=1.0)  # input_sq = the calibration mean of x^2
+    for name, layer in group.items():
+        if method == "sparsegpt":
+            _apply_sparsegpt(layer, calibration.hessian(name), sparsity, damp, block_columns)
+        layer.sparsity = sparsity
+
+
+def _apply_sparsegpt(
+    layer: SparseLinear, hessian: torch.Tensor, sparsity: float, damp: float, block_columns: int
+) -> None:
+    pruned = layer.mask_kind.pruned_count(layer.out_features, layer.in_features, sparsity)
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([layer.weight], modifier_rank=0):
+        updated = sparsegpt_prune(
+            layer.oriented_weight(), hessian, layer.mask_kind, pruned, block_columns, damp
+        )
+        layer.oriented_weight().copy_(updated.to(layer.weight.dtype))
