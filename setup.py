@@ -17,6 +17,7 @@ setup(
         "sentencepiece==0.2.3",
         "tensorboard==2.21.0",
         "pyyaml==6.0.3",
+        "pydantic==2.14.3",  # config validation (deepspeed installs it too)
         "tqdm>=4.66",
         "filelock>=3.12",
         "matplotlib==3.11.2",  # tools/sparsity_report.py figures

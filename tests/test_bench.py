@@ -39,6 +39,7 @@ def test_method_bench_reads_each_run(tmp_path):
         "methods",
         "--methods",
         "pst",
+        "pst_distill",
         "dense",
         "--num_gpus",
         "1",
@@ -61,7 +62,8 @@ def test_method_bench_reads_each_run(tmp_path):
         "tokens_per_s",
         "ratio_to_pst",
     }
-    assert set(results) == {"pst", "dense"} and all(set(r) == fields for r in results.values())
+    assert set(results) == {"pst", "pst_distill", "dense"} and all(set(r) == fields for r in results.values())
+    assert results["pst_distill"]["trainable_params"] == results["pst"]["trainable_params"]  # no 2nd model
     pst, dense = results["pst"], results["dense"]
     for method, result in results.items():  # the figures against each run's own summary.json
         summary = json.loads((tmp_path / "runs" / method / "summary.json").read_text())

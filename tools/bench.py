@@ -36,7 +36,7 @@ from train_runs import train_once  # noqa: E402
 
 from pst_ds import PSTConfig, PSTLinear  # noqa: E402
 from pst_ds.baselines import LoRALinear  # noqa: E402
-from pst_ds.config import METHODS, LoRAConfig  # noqa: E402
+from pst_ds.config import METHODS, ONE_SHOT_METHODS, LoRAConfig  # noqa: E402
 
 # (out, in, tokens) per named shape: the SmolLM2-135M and LLaMA-7B block linears.
 SHAPES = {
@@ -146,6 +146,11 @@ def bench_layers(args: argparse.Namespace) -> dict:
     return {"kind": "layers", "threads": torch.get_num_threads(), "results": results, "table": lines}
 
 
+# Methods that train (one-shot ones take no step), and variants of them: name -> overrides.
+TRAINED = {m: [f"method={m}"] for m in METHODS if m not in ONE_SHOT_METHODS}
+TRAINED["pst_distill"] = ["method=pst", "train.distill.weight=0.5"]  # + the teacher's forward
+
+
 def bench_methods(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     results = {}
@@ -156,7 +161,7 @@ def bench_methods(args: argparse.Namespace) -> dict:
             args.config,
             out / "runs" / method,
             [
-                f"method={method}",
+                *TRAINED[method],
                 f"train.max_steps={args.steps}",
                 "data.max_validation_blocks=1",
                 *args.overrides,
@@ -206,7 +211,7 @@ def main() -> None:
     layers.add_argument("--sparsity", type=float, default=0.5)
     layers.add_argument("--no_kinds", action="store_true", help="only the default PST layer and baselines")
     methods = sub.add_parser("methods", help="whole training runs, one per method")
-    methods.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    methods.add_argument("--methods", nargs="+", default=list(TRAINED), choices=TRAINED)
     methods.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU ranks without a GPU)")
     methods.add_argument("--ds_config", default="configs/zero2.json")
     methods.add_argument("--config", default="configs/experiments/default.yaml")
