@@ -249,6 +249,7 @@ def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small
         "pst.importance=activation",
         "train.distill.weight=0.5",
         "train.distill.temperature=2",
+        "data.eval_files=[data/mobydick/mobydick_excerpt.txt]",  # out of domain, beside validation
     ]
     probe_run(tmp_path, tmp_path / "warm", small_text, warm, steps=4)
     ranks = [json.loads((tmp_path / "warm" / f"rank{i}.json").read_text()) for i in range(2)]
@@ -258,6 +259,10 @@ def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small
     assert summary["eval_after_warm_start"]["validation"] != pytest.approx(
         summary["eval_ppl_before"], rel=1e-4
     )
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    moby = [r["eval_mobydick_excerpt_ppl"] for r in records if "eval_mobydick_excerpt_ppl" in r]
+    assert len(moby) == 3 and moby[-1] == pytest.approx(summary["eval_texts_after"]["mobydick_excerpt"])
+    assert moby[0] == pytest.approx(summary["eval_texts_before"]["mobydick_excerpt"]) and moby[0] != moby[1]
     for name, layer in ranks[0]["layers"].items():
         other = ranks[1]["layers"][name]
         assert layer["mask_sha256"] == other["mask_sha256"] and layer["input_sq"] == other["input_sq"], name
