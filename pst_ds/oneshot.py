@@ -131,6 +131,17 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def chained(blocks: list[str]) -> bool:
+    """True if the blocks are consecutive repeats of one stack (``model.layers.3``, ``.4``, ...),
+    so that each one's output is the next one's input and they can run one at a time."""
+    parsed = [re.fullmatch(r"(.*)\.(\d+)", block) for block in blocks]
+    if not all(parsed):
+        return False
+    prefixes = {match.group(1) for match in parsed}
+    indices = [int(match.group(2)) for match in parsed]
+    return len(prefixes) == 1 and indices == list(range(indices[0], indices[0] + len(indices)))
+
+
 def prune_one_shot(
     method: str,
     model: nn.Module,
@@ -156,12 +167,15 @@ def prune_one_shot(
         layer.sparsity = 0.0  # calibrate on the dense layers; each block is pruned once gathered
     groups = in_blocks(layers, sequential)
     blocks = [block_of(names[0]) for names in groups]
-    direct = sequential and all(re.search(r"\.\d+$", b) for b in blocks)
+    direct = sequential and chained(blocks)
+
+    def run_all() -> None:
+        for index, counted in zip(mine, active, strict=True):
+            forward(batches[index if counted else 0])
+
     with torch.no_grad():
         if direct:
-            first = model.get_submodule(blocks[0])
-            run_all = lambda: [forward(batches[i if a else 0]) for i, a in zip(mine, active, strict=True)]  # noqa: E731
-            inputs = capture_block_inputs(first, run_all)
+            inputs = capture_block_inputs(model.get_submodule(blocks[0]), run_all)
         for g, names in enumerate(groups, 1):
             group = {name: layers[name] for name in names}
             calibration = CalibrationInputs(group, hessians=method == "sparsegpt")

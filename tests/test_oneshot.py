@@ -14,7 +14,7 @@ from torch import nn
 from pst_ds.config import ConfigError, ExperimentConfig, PSTConfig, build_section
 from pst_ds.inject import inject_pst, iter_pst_layers
 from pst_ds.mask_kinds import NM, TopK
-from pst_ds.oneshot import in_blocks, prune_one_shot
+from pst_ds.oneshot import chained, in_blocks, prune_one_shot
 from pst_ds.schedule import SparsityController
 from pst_ds.sparsegpt import sparsegpt_prune
 
@@ -81,9 +81,11 @@ def linear_blocks(model):
     return [[(n, model.get_submodule(n)) for n in group] for group in in_blocks(names, sequential=True)]
 
 
-def ref_sequential(model, batches, prune_layer):
-    """Calibrate block by block on the plain model, each block seeing the blocks pruned before it."""
-    for group in linear_blocks(model):
+def ref_sequential(model, batches, prune_layer, sequential=True):
+    """Calibrate block by block on the plain model, each block seeing the blocks pruned before it
+    (or, not sequential, every layer on the dense model)."""
+    blocks = linear_blocks(model)
+    for group in blocks if sequential else [[pair for block in blocks for pair in block]]:
         inputs = {name: [] for name, _ in group}
         hooks = [
             module.register_forward_pre_hook(
@@ -174,18 +176,19 @@ def test_sparsegpt_refuses_what_it_cannot_do():
 # ---------------------------------------------------------------- on a tiny model, block by block
 
 
-def test_wanda_on_a_tiny_llama_matches_the_sequential_reference(tiny_model):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_wanda_on_a_tiny_llama_matches_the_reference(tiny_model, sequential):
     config = experiment("wanda", final_sparsity=0.5)
     assert (config.pst.init, config.pst.importance, config.pst.mask_scope) == ("wanda", "activation", "row")
     model, reference, layers = injected(tiny_model, config)
     batches = calibration()
-    prune_one_shot("wanda", model, layers, batches, lambda b: model(**b), 0.5)
+    prune_one_shot("wanda", model, layers, batches, lambda b: model(**b), 0.5, sequential=sequential)
 
     def wanda(weight, inputs):
         x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
         return weight * ref_wanda_mask(weight, x.pow(2).mean(0), 0.5)
 
-    ref_sequential(reference, batches, wanda)
+    ref_sequential(reference, batches, wanda, sequential)
     for name, layer in layers.items():
         expected = reference.get_submodule(name).weight != 0
         assert torch.equal(layer.mask(), expected), name
@@ -234,6 +237,14 @@ def test_pst_warm_start_first_mask_is_the_one_shot_mask(tiny_model):
     for name, layer in layers.items():
         assert torch.equal(layer._noted_mask, reference.get_submodule(name).weight != 0), name
         assert layer.V.grad is not None and layer.V.grad.abs().sum() > 0  # and it trains from there
+
+
+def test_blocks_run_one_at_a_time_only_when_they_chain():
+    assert chained(["model.layers.0", "model.layers.1", "model.layers.2"])
+    assert chained(["model.layers.3"])
+    assert not chained(["model.layers.0", "model.layers.2"])  # a block between them untargeted
+    assert not chained(["encoder.layer.0", "decoder.layer.1"])
+    assert not chained(["lm_head"])
 
 
 # ---------------------------------------------------------------- configuration
