@@ -1,16 +1,17 @@
-"""Quality of PST beside its baselines: every method, the same steps, data, seed and engine.
+"""Quality of PST beside one-shot pruning and the trained baselines: same steps, data, seed, engine.
 
-    python tools/quality.py --task causal_lm --sparsities 0.5 0.7 --steps 30
-    python tools/quality.py --task classification --sparsities 0.5 0.9 --steps 100
-    python tools/quality.py --masks topk topk_row threshold nm topk_60 vnm --importances magnitude activation
+    python tools/quality.py --rows wanda sparsegpt pst pst_distill --sparsities 0.5 0.7 2:4 --steps 150
+    python tools/quality.py --task classification --rows magnitude movement smp pst --sparsities 0.5 0.9
+    python tools/quality.py --table                  # assemble the table from the rows saved so far
 
-With ``--masks`` it runs PST once per mask preset (MASKS) and importance instead of the methods.
+Each row (ROWS: a label and the experiment overrides that make it) at each sparsity is one run
+of ``launch/train.py``; its result is saved to ``<out>/rows/<row>-<sparsity>.json`` as soon as
+it finishes and is not run again while that file exists, so a long grid can be stopped,
+resumed and assembled from runs made at different times. ``2:4`` is the nm mask at 50%.
 
-For each pruning method and sparsity (and once for lora and dense, which do not prune) it
-runs ``launch/train.py`` and reads summary.json: the validation metric before training
-(the dense model: the reference line) and after. It writes quality_<task>.json, a markdown
-table and a PNG of the metric against sparsity per method under --out. Learning rates per
-method are the --lr_* options; say what you used when you publish the table.
+A row records the validation metric before training (the dense model) and after, the
+perplexity of every ``data.eval_files`` text (out of domain) before and after, trainable
+parameters and wall time. The table (markdown and JSON) is written to ``<out>``.
 """
 
 from __future__ import annotations
@@ -25,64 +26,105 @@ TASKS = {
     "causal_lm": ("configs/experiments/default.yaml", "ppl"),
     "classification": ("configs/experiments/minilm_rotten_tomatoes.yaml", "accuracy"),
 }
-PRUNING = ("pst", "magnitude", "movement", "smp")
-MASKS = {  # preset: (label, overrides)
-    "topk": ("topk (matrix) 50%", ["pst.final_sparsity=0.5"]),
-    "topk_row": ("topk (row) 50%", ["pst.final_sparsity=0.5", "pst.mask_scope=row"]),
-    "threshold": ("threshold 50%", ["pst.final_sparsity=0.5", "pst.mask=threshold"]),
-    "nm": ("nm 2:4", ["pst.final_sparsity=0.5", "pst.mask=nm"]),
-    "topk_60": ("topk (matrix) 60%", ["pst.final_sparsity=0.6"]),
-    "vnm": ("vnm 64:2:5", ["pst.final_sparsity=0.6", "pst.mask=vnm", "pst.mask_m=5", "pst.mask_v=64"]),
+# The release's PST: magnitude importance, U ~ N(0, 1), one learning rate for all factors, the
+# cubic schedule from a dense start.
+RELEASE = ["pst.importance=magnitude", "pst.init=magnitude", "pst.beta=1.0", "pst.update_init_std=1.0"]
+PLAIN = ["pst.importance=magnitude", "pst.init=magnitude"]  # for methods that have neither
+ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task's experiment YAML)
+    "dense": ("dense (fine-tuned; 'before' is the dense model)", ["method=dense", "train.lr=5e-5", *PLAIN]),
+    "lora": ("LoRA (no pruning)", ["method=lora", *PLAIN]),
+    "magnitude_oneshot": ("magnitude, one-shot", ["method=pst", "train.max_steps=0", *PLAIN]),
+    "wanda": ("Wanda, one-shot", ["method=wanda"]),
+    "sparsegpt": ("SparseGPT, one-shot", ["method=sparsegpt", "pst.importance=magnitude"]),
+    "magnitude": ("magnitude, gradual (W trained)", ["method=magnitude", "train.lr=5e-5", *PLAIN]),
+    "movement": (
+        "movement (scores from |W|)",
+        ["method=movement", "train.lr=5e-5", "train.score_lr=1e-2", *PLAIN],
+    ),
+    "smp": ("smp (scores from |W|)", ["method=smp", "train.score_lr=1e-2", *PLAIN]),
+    "pst_release": ("PST, release settings", ["method=pst", *RELEASE]),
+    "pst_threshold": (
+        "PST, learned thresholds (release settings)",
+        ["method=pst", *RELEASE, "pst.mask=threshold"],
+    ),
+    "pst_activation": ("PST, activation importance, beta 0.1", ["method=pst", "pst.init=magnitude"]),
+    "pst": ("PST, the default experiment", ["method=pst"]),
+    "pst_distill": ("PST + distillation", ["method=pst", "train.distill.weight=0.5"]),
+    "pst_wanda_row": ("PST + Wanda warm start, per-row top-k", ["method=pst", "pst.mask_scope=row"]),
 }
+ONE_SHOT = ("magnitude_oneshot", "wanda", "sparsegpt")
 
 
-def run(method: str, sparsity: float, args: argparse.Namespace, out: Path, mask: str = "") -> dict:
-    config, metric = TASKS[args.task]
-    name = f"{method}-{sparsity}" if not mask else f"pst-{mask}"
-    run_dir = out / "runs" / name
-    lr = {"pst": args.lr_pst, "lora": args.lr_lora, "smp": args.lr_scores}.get(method, args.lr_weights)
-    overrides = [
-        f"method={method}", f"pst.final_sparsity={sparsity}", f"train.max_steps={args.steps}",
-        f"train.lr={lr}", f"train.score_lr={args.lr_scores}", f"train.seed={args.seed}", *args.overrides,
-    ]  # fmt: skip
-    if mask:
-        preset, importance = mask.rsplit("-", 1)
-        overrides += [*MASKS[preset][1], f"pst.importance={importance}"]
+def sparsity_overrides(sparsity: str, row: str) -> list[str]:
+    """The overrides of one sparsity column ('0.5', or '2:4' for the nm mask at 50%)."""
+    if row in ("dense", "lora"):
+        return []
+    if ":" in sparsity:
+        n, m = (int(v) for v in sparsity.split(":"))
+        fraction = 1 - n / m
+        overrides = ["pst.mask=nm", f"pst.mask_n={n}", f"pst.mask_m={m}", f"pst.final_sparsity={fraction:g}"]
+    else:
+        fraction = float(sparsity)
+        overrides = [f"pst.final_sparsity={sparsity}"]
+    if row == "magnitude_oneshot":  # no step: the mask at final sparsity from the start
+        overrides.append(f"pst.initial_sparsity={fraction:g}")
+    return overrides
+
+
+def run_row(row: str, sparsity: str, args: argparse.Namespace, out: Path) -> dict:
+    config, metric = args.config or TASKS[args.task][0], TASKS[args.task][1]
+    name = f"{row}-{sparsity.replace(':', 'of')}" if row not in ("dense", "lora") else row
+    saved = out / "rows" / f"{name}.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    label, overrides = ROWS[row]
+    overrides = [f"train.max_steps={args.steps}", f"train.seed={args.seed}", *overrides]
+    overrides += sparsity_overrides(sparsity, row) + args.overrides
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     summary, arguments = train_once(
-        args.num_gpus, args.ds_config, config, run_dir, overrides, out / f"{name}.log"
+        args.num_gpus, args.ds_config, config, out / "runs" / name, overrides, out / "logs" / f"{name}.log"
     )
-    return {
-        "method": method if not mask else f"pst {MASKS[preset][0]}, {importance}",
+    result = {
+        "row": row,
+        "label": label,
+        "column": sparsity if row not in ("dense", "lora") else "-",
         "sparsity": summary["final_sparsity"],
-        "lr": lr,
+        "steps": summary["steps"],
+        "seed": args.seed,
         "before": summary[f"eval_{metric}_before"],
         "after": summary[f"eval_{metric}_after"],
+        "texts_before": summary.get("eval_texts_before") or {},
+        "texts_after": summary.get("eval_texts_after") or {},
+        "after_warm_start": summary.get("eval_after_warm_start"),
         "trainable_params": summary["trainable_params"],
         "wall_s": summary["wall_time_s"],
         "command": "launch/train.py " + " ".join(arguments),
     }
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def plot(rows: list[dict], metric: str, path: Path) -> None:
-    import matplotlib
+def table(rows: list[dict], metric: str) -> str:
+    """Markdown: the dense model first (every run's 'before'), then one line per row."""
+    texts = sorted({name for r in rows for name in r["texts_after"]})
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def cells(main: float, others: dict) -> str:
+        return " | ".join([f"{main:.2f}", *(f"{others.get(t, float('nan')):.2f}" for t in texts)])
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = sorted((r["sparsity"], r["after"]) for r in rows if r["method"] == method)
-        ax.plot(
-            *zip(*points, strict=True), marker="o", label=method, linestyle="-" if len(points) > 1 else ""
+    head = f"| method | column | steps | validation {metric} | " + " | ".join(f"{t} ppl" for t in texts)
+    lines = [head + " | after the warm start | trainable params | wall |", "|---" * (7 + len(texts)) + "|"]
+    lines.append(
+        f"| dense, no training | - | 0 | {cells(rows[0]['before'], rows[0]['texts_before'])} | - | 0 | - |"
+    )
+    for r in rows:
+        warm = r.get("after_warm_start")
+        start = " / ".join(f"{v:.2f}" for v in warm.values()) if warm else "-"
+        lines.append(
+            f"| {r['label']} | {r['column']} | {r['steps']} | {cells(r['after'], r['texts_after'])} "
+            f"| {start} | {r['trainable_params']:,} | {r['wall_s']:.0f} s |"
         )
-    ax.axhline(rows[0]["before"], color="grey", linestyle="--", label="dense, before training")
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel(f"validation {metric}")
-    if metric == "ppl":
-        ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -90,46 +132,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--task", choices=TASKS, default="causal_lm")
-    parser.add_argument("--methods", nargs="+", default=[*PRUNING, "lora", "dense"])
-    parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--sparsities", nargs="+", default=["0.5", "0.7", "2:4"])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--num_gpus", type=int, default=1)
     parser.add_argument("--ds_config", default="configs/zero2.json")
-    parser.add_argument("--lr_pst", type=float, default=1e-3)
-    parser.add_argument("--lr_lora", type=float, default=1e-3)
-    parser.add_argument("--lr_weights", type=float, default=5e-5, help="magnitude, movement, dense")
-    parser.add_argument("--lr_scores", type=float, default=1e-2, help="movement and smp scores")
-    parser.add_argument("--masks", nargs="+", default=[], choices=MASKS, help="PST mask presets instead")
-    parser.add_argument(
-        "--importances", nargs="+", default=["magnitude"], choices=["magnitude", "activation"]
-    )
-    parser.add_argument("--out", default="runs/quality")
-    parser.add_argument("overrides", nargs="*", help="experiment overrides, key=value")
+    parser.add_argument("--config", default=None, help="experiment YAML (default: the task's)")
+    parser.add_argument("--table", action="store_true", help="only assemble the table from saved rows")
+    parser.add_argument("--out", default=None, help="default: runs/quality/<task>")
+    parser.add_argument("overrides", nargs="*", help="experiment overrides for every row, key=value")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or f"runs/quality/{args.task}")
     metric = TASKS[args.task][1]
-    rows = []
-    for preset in args.masks:
-        for importance in args.importances:  # the preset's own sparsity wins over 0.0
-            rows.append(run("pst", 0.0, args, out, mask=f"{preset}-{importance}"))
-    for method in args.methods if not args.masks else []:
-        for sparsity in args.sparsities if method in PRUNING else [0.0]:
-            rows.append(run(method, sparsity, args, out))
-    lines = [
-        f"| method | sparsity | lr | validation {metric} (before -> after) | trainable params | wall |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['sparsity']:.2f} | {r['lr']:g} | {r['before']:.4f} -> {r['after']:.4f} "
-            f"| {r['trainable_params']:,} | {r['wall_s']:.0f} s |"
-        )
-    (out / f"quality_{args.task}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    (out / f"quality_{args.task}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, metric, out / f"quality_{args.task}.png")
-    print("\n".join(lines))
+    if not args.table:
+        for row in args.rows:
+            for sparsity in args.sparsities if row not in ("dense", "lora") else ["-"]:
+                run_row(row, sparsity, args, out)
+    rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
+    order = {row: i for i, row in enumerate(ROWS)}
+    rows.sort(key=lambda r: (order.get(r["row"], len(order)), r["column"], r["steps"]))
+    markdown = table(rows, metric)
+    (out / f"quality_{args.task}.md").write_text(markdown)
+    (out / f"quality_{args.task}.json").write_text(json.dumps(rows, indent=1))
+    print(markdown)
 
 
 if __name__ == "__main__":
