@@ -67,8 +67,10 @@ def check_finished_run(tmp_path, output: str) -> None:
     assert [p.name for p in (cache / "models").iterdir() if p.is_dir()] == ["smollm2-135m-instruct-v2"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_ppl" in r]
-    assert [r["step"] for r in evals] == [0, STEPS]  # before training and at its end
+    assert [r["step"] for r in evals] == [0, 0, STEPS]  # before, after the Wanda warm start, at the end
     assert 1 < evals[-1]["eval_ppl"] < 1e4
+    # The out-of-domain text is evaluated at the same three points.
+    assert [r["step"] for r in records if "eval_mobydick_excerpt_ppl" in r] == [0, 0, STEPS]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
     # It ends with the pruned model exported, and says where and how to evaluate it.
     export = run / "export"
@@ -102,7 +104,8 @@ def test_first_command_from_an_empty_cache(tmp_path, ranks):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "eval_ppl" in r][-1]
     assert json.loads((tmp_path / "eval.json").read_text())["perplexity"] == pytest.approx(
         logged["eval_ppl"], rel=1e-3
     )
