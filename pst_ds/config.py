@@ -124,11 +124,6 @@ class PSTConfig:
             raise ConfigError(
                 "pst.activation_ema must be in [0, 1), pst.threshold_band > 0 and pst.update_init_std >= 0"
             )
-        if self.init == "wanda" and self.importance != "activation":
-            raise ConfigError(
-                "pst.init=wanda keeps Wanda's mask in force through |W'| * ||x||: "
-                "set pst.importance=activation"
-            )
         if self.init == "sparsegpt" and self.mask == "vnm":
             raise ConfigError("pst.init=sparsegpt supports pst.mask topk, threshold and nm, not vnm")
         if self.mask not in ("nm", "vnm"):
@@ -357,6 +352,11 @@ class ExperimentConfig:
                 init=self.method,
                 importance="activation" if wanda else self.pst.importance,
                 mask_scope="row" if wanda and self.pst.mask == "topk" else self.pst.mask_scope,
+            )
+        if self.pst.init == "wanda" and self.pst.importance != "activation":  # after the method's own
+            raise ConfigError(
+                "pst.init=wanda keeps Wanda's mask in force through |W'| * ||x||: "
+                "set pst.importance=activation"
             )
         if self.pst.init != "magnitude" and self.method not in WARM_STARTABLE:
             raise ConfigError(

@@ -35,7 +35,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     "lora": ("LoRA (no pruning)", ["method=lora", *PLAIN]),
     "magnitude_oneshot": ("magnitude, one-shot", ["method=pst", "train.max_steps=0", *PLAIN]),
     "wanda": ("Wanda, one-shot", ["method=wanda"]),
-    "sparsegpt": ("SparseGPT, one-shot", ["method=sparsegpt", "pst.importance=magnitude"]),
+    "sparsegpt": ("SparseGPT, one-shot", ["method=sparsegpt"]),
     "magnitude": ("magnitude, gradual (W trained)", ["method=magnitude", "train.lr=5e-5", *PLAIN]),
     "movement": (
         "movement (scores from |W|)",
