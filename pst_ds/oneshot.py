@@ -60,7 +60,6 @@ class CalibrationInputs:
         self.active, self.layers, self.want_hessians = True, layers, hessians
         self.stats = {name: InputStatistics() for name in layers}
         self.hessians: dict[str, torch.Tensor] = {}
-        self.tokens: dict[str, int] = {}  # the Hessians' own count (folding the norms resets theirs)
         self.handles = [
             layer.register_forward_pre_hook(self._hook(name, hessians)) for name, layer in layers.items()
         ]
@@ -74,7 +73,6 @@ class CalibrationInputs:
                 flat = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 gram = flat.t() @ flat
                 self.hessians[name] = gram if name not in self.hessians else self.hessians[name] + gram
-                self.tokens[name] = self.tokens.get(name, 0) + flat.shape[0]
 
         return hook
 
@@ -92,9 +90,10 @@ class CalibrationInputs:
                     )
 
     def hessian(self, name: str) -> torch.Tensor:
-        """X^T X / tokens over every rank's share (collective)."""
+        """X^T X / tokens over every rank's share (collective; before the norms are folded, which
+        resets the token counts)."""
         gram = self.hessians[name]
-        tokens = torch.tensor([float(self.tokens.get(name, 0))], dtype=gram.dtype, device=gram.device)
+        tokens = torch.tensor([float(self.stats[name].tokens)], dtype=gram.dtype, device=gram.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(gram)
             dist.all_reduce(tokens)
@@ -205,11 +204,12 @@ def _prune_group(
     damp: float,
     block_columns: int,
 ) -> None:
+    hessians = {name: calibration.hessian(name) for name in group} if method == "sparsegpt" else {}
     with_norms = [(layer.input_sq, calibration.stats[n]) for n, layer in group.items() if layer.input_stats]
     fold_step(with_norms, weight=1.0)  # input_sq = the calibration mean of x^2
     for name, layer in group.items():
-        if method == "sparsegpt":
-            _apply_sparsegpt(layer, calibration.hessian(name), sparsity, damp, block_columns)
+        if name in hessians:
+            _apply_sparsegpt(layer, hessians[name], sparsity, damp, block_columns)
         layer.sparsity = sparsity
 
 

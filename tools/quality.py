@@ -52,12 +52,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     "pst_distill": ("PST + distillation", ["method=pst", "train.distill.weight=0.5"]),
     "pst_wanda_row": ("PST + Wanda warm start, per-row top-k", ["method=pst", "pst.mask_scope=row"]),
 }
-ONE_SHOT = ("magnitude_oneshot", "wanda", "sparsegpt")
+UNPRUNED = ("dense", "lora")  # one column, "-": no sparsity to set
 
 
 def sparsity_overrides(sparsity: str, row: str) -> list[str]:
-    """The overrides of one sparsity column ('0.5', or '2:4' for the nm mask at 50%)."""
-    if row in ("dense", "lora"):
+    """The overrides of one sparsity column ('0.5', '2:4' for the nm mask at 50%, or '-': none)."""
+    if sparsity == "-":
         return []
     if ":" in sparsity:
         n, m = (int(v) for v in sparsity.split(":"))
@@ -73,7 +73,7 @@ def sparsity_overrides(sparsity: str, row: str) -> list[str]:
 
 def run_row(row: str, sparsity: str, args: argparse.Namespace, out: Path) -> dict:
     config, metric = args.config or TASKS[args.task][0], TASKS[args.task][1]
-    name = f"{row}-{sparsity.replace(':', 'of')}" if row not in ("dense", "lora") else row
+    name = row if sparsity == "-" else f"{row}-{sparsity.replace(':', 'of')}"
     saved = out / "rows" / f"{name}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
@@ -87,7 +87,7 @@ def run_row(row: str, sparsity: str, args: argparse.Namespace, out: Path) -> dic
     result = {
         "row": row,
         "label": label,
-        "column": sparsity if row not in ("dense", "lora") else "-",
+        "column": sparsity,
         "sparsity": summary["final_sparsity"],
         "steps": summary["steps"],
         "seed": args.seed,
@@ -147,7 +147,7 @@ def main() -> None:
     metric = TASKS[args.task][1]
     if not args.table:
         for row in args.rows:
-            for sparsity in args.sparsities if row not in ("dense", "lora") else ["-"]:
+            for sparsity in ["-"] if row in UNPRUNED else args.sparsities:
                 run_row(row, sparsity, args, out)
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
     order = {row: i for i, row in enumerate(ROWS)}
