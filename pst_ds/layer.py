@@ -29,6 +29,7 @@ from .config import PSTConfig
 from .importance import InputStatistics, column_scale
 from .mask_kinds import Selection, mask_kind
 from .pst_function import PSTHyper, PSTLinearFunction, extended_importance_factors, kernels
+from .settling import MaskSettling
 
 
 class WrappedLinear(nn.Module):
@@ -88,8 +89,7 @@ class SparseLinear(WrappedLinear):
             self.register_buffer("input_sq", torch.ones(self.in_features, dtype=torch.float32, device=device))
         # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
         self.track_mask = False
-        self.mask_changes: int | None = None  # entries changed since the previous noted mask
-        self._noted_mask: torch.Tensor | None = None
+        self.settling = MaskSettling()
 
     @property
     def sparsity(self) -> float:
@@ -107,13 +107,18 @@ class SparseLinear(WrappedLinear):
         return None if self.input_stats is None else column_scale(self.input_sq)
 
     def observe_inputs(self, x: torch.Tensor) -> None:
-        if self.input_stats is not None and self.input_stats.collecting and self.training:
+        if self.input_stats is None or not self.input_stats.collecting or not self.training:
+            return
+        # Not again in backward, where gradient checkpointing re-runs the forward: a private
+        # torch call, -1 outside any backward pass.
+        if torch._C._current_graph_task_id() == -1:
             self.input_stats.observe(x)
 
     def note_mask(self, mask: torch.Tensor) -> None:
-        """Count the entries that changed since the previously noted mask (for logging)."""
-        previous, self._noted_mask, self.track_mask = self._noted_mask, mask.cpu(), False
-        self.mask_changes = None if previous is None else int((self._noted_mask != previous).sum())
+        """Count the entries (of this rank's slice) changed since the previously noted mask;
+        once per logged step, so a checkpointed forward's recomputation notes nothing."""
+        self.track_mask = False
+        self.settling.note(mask)
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, the weight the mask applies to), both (out, in) fp32, without autograd."""

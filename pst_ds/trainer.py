@@ -28,7 +28,7 @@ from .export import export_checkpoint
 from .inject import build_model, iter_pst_layers
 from .logging import RunLogger
 from .masks import NonFiniteScoresError
-from .models import load_tokenizer
+from .models import enable_gradient_checkpointing, load_tokenizer
 from .oneshot import prune_one_shot
 from .optim import build_optimizer
 from .schedule import SparsityController
@@ -151,6 +151,8 @@ class Trainer:
         model, self.layer_names = build_model(
             cfg.model, tokenizer, self.data.labels, cfg.pst, cfg.method, cfg.lora
         )
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.collate = collate_for(cfg.model.task)
         self.metric = "ppl" if self.data.labels is None else "accuracy"
         self.one_shot = cfg.method in ONE_SHOT_METHODS  # prunes from calibration data, trains nothing
@@ -273,10 +275,13 @@ class Trainer:
         dist.barrier()
         return {"dir": str(out), **(total or {})}
 
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(tensor)
-        return (tensor / self.world_size).tolist()
+        return tensor.tolist()
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        return [value / self.world_size for value in self._sum_over_ranks(values)]
 
     def train(self) -> dict[str, Any]:
         """Train to train.max_steps, evaluate, export if asked; return the run's summary."""
@@ -469,9 +474,13 @@ class Trainer:
             ) from None
 
     def mask_changed_fraction(self) -> float | None:
-        """Share of all mask entries that changed since the previous logged step (None at first)."""
-        changes = [layer.mask_changes for layer in self.pst_layers.values()]
-        return None if not changes or None in changes else sum(changes) / self.sparsified_numel
+        """Share of all mask entries that changed since the previous logged step (None at
+        first). Each rank counted its slice of every mask: summed over ranks (collective)."""
+        changes = [layer.settling.changes for layer in self.pst_layers.values()]
+        if not changes or None in changes:
+            return None
+        (total,) = self._sum_over_ranks([float(sum(changes))])
+        return total / self.sparsified_numel
 
     def pst_sparsity(self) -> float:
         """The sparsity in force over all pruned matrices."""

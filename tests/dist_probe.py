@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import deepspeed
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,6 +39,26 @@ def optimizer_state_by_lr(engine) -> dict[str, int]:
     return by_lr
 
 
+def record_mask_changes(layers: dict) -> dict[str, list[int]]:
+    """Per layer, the entries changed between noted masks, counted the independent way (a whole
+    bool copy of every mask on the host), to check the trainer's sliced, packed count."""
+    changes: dict[str, list[int]] = {name: [] for name in layers}
+    previous: dict = {}
+
+    def wrap(name, note):
+        def noting(mask):
+            if name in previous:
+                changes[name].append(int((mask.cpu() != previous[name]).sum()))
+            previous[name] = mask.cpu().clone()
+            note(mask)
+
+        return noting
+
+    for name, layer in layers.items():
+        layer.settling.note = wrap(name, layer.settling.note)
+    return changes
+
+
 def main() -> None:
     probe = argparse.ArgumentParser()
     probe.add_argument("--report", required=True)
@@ -45,6 +66,7 @@ def main() -> None:
     args = parse_args(rest)
     trainer = Trainer(load_experiment(args.config, args.overrides), load_ds_config(args.ds_config))
     trainer.setup()
+    changes = record_mask_changes(trainer.pst_layers)
     trainer.train()
     engine, rank = trainer.engine, dist.get_rank()
 
@@ -56,9 +78,11 @@ def main() -> None:
             mask = layer.mask()
             dense = layer.oriented_weight().detach().float().clone()
             logit = layer.threshold_logit.tolist() if hasattr(layer, "threshold_logit") else None
+            factors = [p.detach().float().reshape(-1) for p in params if p.requires_grad]
         input_sq = getattr(layer, "input_sq", None)
         layers[name] = {
             "threshold_logit": logit,
+            "factors": torch.cat(factors).tolist() if factors else [],
             "pruned": layer.pruned.reshape(-1).tolist(),
             "input_sq": None if input_sq is None else input_sq.tolist(),
             "mask_sha256": hashlib.sha256(mask.numpy().tobytes()).hexdigest(),
@@ -79,6 +103,9 @@ def main() -> None:
         "optimizer_state_numel": optimizer_state_numel(engine),
         "optimizer_state_by_lr": optimizer_state_by_lr(engine),
         "global_sparsity": trainer.pst_sparsity(),
+        "mask_changed_reference": [
+            sum(counts) / trainer.sparsified_numel for counts in zip(*changes.values(), strict=True)
+        ],
         "frozen_with_grad": [
             n for n, p in engine.module.named_parameters() if not p.requires_grad and p.grad is not None
         ],

@@ -8,6 +8,7 @@ from transformers.pytorch_utils import Conv1D
 from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
 from pst_ds.mask_kinds import StraightThroughMask, TopK
 from pst_ds.masks import NonFiniteScoresError, select_threshold, topk_mask
+from pst_ds.settling import count_changed, pack_bits, rank_slice
 
 
 def pst_reference(W, U, V, A, B, R, C, x, g, mask_fn, a1, a2, beta, scale=1.0):
@@ -183,13 +184,13 @@ def test_mask_changes_are_counted_between_noted_forwards():
     x = torch.randn(3, 20)
     layer.sparsity, layer.track_mask = 0.3, True
     layer(x)
-    assert layer.mask_changes is None and not layer.track_mask  # first note: nothing to compare
+    assert layer.settling.changes is None and not layer.track_mask  # first note: nothing to compare
     first = layer.mask()
     layer.sparsity = 0.5
     layer(x)  # not tracked: the noted mask stays
     layer.track_mask = True
     layer(x)
-    assert layer.mask_changes == int((layer.mask() != first).sum()) == 40
+    assert layer.settling.changes == int((layer.mask() != first).sum()) == 40
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -253,3 +254,21 @@ def test_pst_layer_names_no_layer_but_refuses_nan_factors():
         layer.C[3] = float("nan")  # one column of S
     with pytest.raises(NonFiniteScoresError, match="8 NaN"):
         layer(torch.randn(2, 16))
+
+
+def test_packed_mask_changes_count_like_bool_masks():
+    generator = torch.Generator().manual_seed(6)
+    for numel in (1, 7, 8, 9, 1000, 4099):
+        first = torch.rand(numel, generator=generator) < 0.5
+        second = first ^ (torch.rand(numel, generator=generator) < 0.1)
+        assert count_changed(pack_bits(second), pack_bits(first)) == int((first != second).sum())
+        assert pack_bits(first).numel() == -(-numel // 8)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_rank_slices_split_every_entry_once(world_size):
+    for numel in (1, 5, 64, 1001):
+        covered = torch.zeros(numel, dtype=torch.int64)
+        for rank in range(world_size):
+            covered[rank_slice(numel, rank, world_size)] += 1
+        assert bool((covered == 1).all())
