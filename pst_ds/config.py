@@ -203,7 +203,7 @@ class ModelConfig:
     task: str = "causal_lm"  # or sequence_classification (a new head; list it in pst.trainable_modules)
     path: str | None = None
     random: dict[str, Any] | None = None  # transformers config fields, including model_type
-    tokenizer: str | None = None  # for source=random: "byte" (ByT5 bytes) or a folder
+    tokenizer: str | None = None  # source=random: "byte" (ByT5 bytes), "smollm2" (embedded) or a folder
 
     def __post_init__(self) -> None:
         sources = ("smollm2", "minilm", "path", "random")
@@ -220,7 +220,7 @@ class ModelConfig:
             if not self.random or "model_type" not in self.random:
                 raise ConfigError("model.source=random needs model.random with a model_type")
             if not self.tokenizer:
-                raise ConfigError("model.source=random needs model.tokenizer ('byte' or a folder)")
+                raise ConfigError("model.source=random needs model.tokenizer ('byte', 'smollm2' or a folder)")
 
 
 @dataclass
@@ -296,6 +296,9 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept
     resume: str = "auto"  # auto: continue from the latest complete checkpoint if any; never
     export: bool = False  # at the end: save a checkpoint and export it to <output_dir>/export
+    # Recompute each block's activations in backward instead of keeping them (torch's
+    # non-reentrant checkpoint): less activation memory for about one more forward per step
+    gradient_checkpointing: bool = False
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     # Fields that may change between a checkpoint and its resumption.
@@ -307,6 +310,7 @@ class TrainConfig:
         "log_every",
         "eval_every",
         "export",
+        "gradient_checkpointing",
     )
 
     def __post_init__(self) -> None:

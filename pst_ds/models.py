@@ -99,6 +99,8 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     if config.source == "random":
         if config.tokenizer == "byte":
             return ByT5Tokenizer()
+        if config.tokenizer == "smollm2":  # the embedded model's real BPE tokenizer
+            return AutoTokenizer.from_pretrained(embedded_smollm2_dir())
         return AutoTokenizer.from_pretrained(resolve_path(config.tokenizer))
     return AutoTokenizer.from_pretrained(model_dir(config))
 
@@ -135,6 +137,16 @@ def load_model(
         model_config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **config.random, **kwargs})
         return auto.from_config(model_config, dtype=torch.float32)
     return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block in backward (train.gradient_checkpointing), non-reentrant: the
+    reentrant path needs an input that requires grad, which a frozen, ZeRO-3-partitioned
+    backbone does not give, and would leave the factors without gradients."""
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is of no use in training and clashes with it
 
 
 if __name__ == "__main__":  # the conversion's own process: python -m pst_ds.models PACKAGE_DIR TARGET

@@ -106,6 +106,8 @@ def test_two_ranks_bf16(tmp_path, small_text, stage):
 
     ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
+    # Each rank counted its half of every mask, packed: the sum is the whole masks' count.
+    assert changed == ranks[0]["mask_changed_reference"] == ranks[1]["mask_changed_reference"]
     for name, layer in ranks[0]["layers"].items():
         assert layer["mask_sha256"] == ranks[1]["layers"][name]["mask_sha256"], name
         assert layer["zeros"] == layer["pruned_state"] == num_pruned(layer["weight_full_numel"], 0.5) > 0
@@ -267,3 +269,27 @@ def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small
         other = ranks[1]["layers"][name]
         assert layer["mask_sha256"] == other["mask_sha256"] and layer["input_sq"] == other["input_sq"], name
         assert layer["input_sq"] != [1.0] * len(layer["input_sq"])  # from the calibration
+
+
+def test_gradient_checkpointing_trains_alike_on_two_zero3_ranks(tmp_path, small_text):
+    """The non-reentrant recomputation under ZeRO-3 (frozen weights partitioned, gathered again in
+    backward): the same losses, factors and input norms as without it, step for step."""
+    runs = {}
+    for checkpointing in ("false", "true"):
+        out = tmp_path / checkpointing
+        out.mkdir()
+        extra = [
+            f"train.gradient_checkpointing={checkpointing}",
+            "pst.importance=activation",
+            "train.lr=0.02",
+        ]
+        probe_run(out, out / "report", small_text, extra, steps=6)
+        steps, _ = read_metrics(out / "run")
+        runs[checkpointing] = (steps, json.loads((out / "report" / "rank0.json").read_text()))
+    (plain_steps, plain), (steps, checkpointed) = runs["false"], runs["true"]
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in plain_steps], rel=1e-6)
+    for name, layer in checkpointed["layers"].items():
+        reference = plain["layers"][name]
+        assert layer["factors"] == pytest.approx(reference["factors"], rel=1e-5, abs=1e-6), name
+        assert layer["input_sq"] == pytest.approx(reference["input_sq"], rel=1e-6), name
+        assert layer["mask_sha256"] == reference["mask_sha256"], name
