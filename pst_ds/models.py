@@ -7,6 +7,7 @@ conversion runs in a process of its own, whatever the caller's state.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -118,11 +119,16 @@ def model_dir(config: ModelConfig) -> Path:
 
 
 def load_model(
-    config: ModelConfig, tokenizer: PreTrainedTokenizerBase, labels: list[str] | None = None
+    config: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: list[str] | None = None,
+    meta: bool = False,
 ) -> PreTrainedModel:
     """Load in fp32 (DeepSpeed casts to bf16/fp16 when its config asks for it).
 
-    For sequence classification, ``labels`` names the classes; the head is new.
+    For sequence classification, ``labels`` names the classes; the head is new. With ``meta``
+    the model is only built, on the meta device: its structure and shapes, no weights read
+    and no memory taken (the memory model and the streaming export).
     """
     kwargs = {}
     auto = AutoModelForCausalLM
@@ -135,8 +141,12 @@ def load_model(
         }
     if config.source == "random":
         model_config = AutoConfig.for_model(**{"vocab_size": len(tokenizer), **config.random, **kwargs})
+    elif meta:
+        model_config = AutoConfig.from_pretrained(model_dir(config), **kwargs)
+    else:
+        return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)
+    with torch.device("meta") if meta else contextlib.nullcontext():
         return auto.from_config(model_config, dtype=torch.float32)
-    return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

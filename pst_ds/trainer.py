@@ -28,6 +28,7 @@ from .export import export_checkpoint
 from .inject import build_model, iter_pst_layers
 from .logging import RunLogger
 from .masks import NonFiniteScoresError
+from .memory import MemoryEstimate, estimate
 from .models import enable_gradient_checkpointing, load_tokenizer
 from .oneshot import prune_one_shot
 from .optim import build_optimizer
@@ -144,6 +145,8 @@ class Trainer:
         self.data = rank_zero_first(lambda: load_splits(cfg.data, cfg.model.task, tokenizer))
         self.eval_texts = rank_zero_first(lambda: load_eval_texts(cfg.data, tokenizer))
         self._check_enough_data()
+        self.memory_estimate = self._estimate_memory()
+        self.peak_before_model = peak_memory_bytes()  # the process and its data, no model yet
         if self.ds_config.get("zero_optimization", {}).get("stage") == 3:
             # Kept alive so that from_pretrained builds the backbone already partitioned.
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
@@ -202,6 +205,21 @@ class Trainer:
             f"parameters ({100 * self.num_trainable() / self.sparsified_numel:.2f}% of the "
             f"{self.sparsified_numel:,} sparsified weights), world size {self.world_size}"
         )
+
+    def _estimate_memory(self) -> MemoryEstimate | None:
+        """The memory model's per-rank figure, printed before the model is built (rank 0)."""
+        if self.rank != 0:
+            return None
+        try:
+            with torch.random.fork_rng():  # rank 0 alone: the ranks' factor inits must not drift
+                result = estimate(self.config, self.ds_config, self.world_size, on_gpu=not on_cpu())
+        except Exception as err:  # a diagnostic only: an architecture it cannot trace must still train
+            print(
+                f"pst-ds: memory model unavailable for this model ({type(err).__name__}: {err})", flush=True
+            )
+            return None
+        print(f"pst-ds: memory model: {result.describe()}", flush=True)
+        return result
 
     def _check_enough_data(self) -> None:
         """Every rank needs one full micro-batch of training data (identical on all ranks)."""
@@ -403,6 +421,8 @@ class Trainer:
             "param_bytes_rank0": partitioned_param_bytes(self.engine.module),
             "optimizer_state_bytes_rank0": optimizer_state_bytes(self.optimizer),
             "peak_memory_bytes_rank0": peak_memory_bytes(),
+            "memory_estimate_bytes_rank0": self.memory_estimate and self.memory_estimate.to_dict(),
+            "peak_memory_before_model_bytes_rank0": self.peak_before_model,
             "step_times_s": step_times,  # this session's steps, rank 0
             "tokens_per_step": self.tokens_per_step(),
             "final_sparsity": self.pst_sparsity(),

@@ -106,6 +106,12 @@ def test_two_ranks_bf16(tmp_path, small_text, stage):
 
     ranks = [json.loads((report / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
+    # The memory model's stored bytes against what the engine holds (ZeRO pads a little).
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    predicted = summary["memory_estimate_bytes_rank0"]
+    if stage == 3:
+        assert predicted["parameters"] == summary["param_bytes_rank0"]
+    assert predicted["optimizer"] == pytest.approx(summary["optimizer_state_bytes_rank0"], abs=12 * 2048)
     # Each rank counted its half of every mask, packed: the sum is the whole masks' count.
     assert changed == ranks[0]["mask_changed_reference"] == ranks[1]["mask_changed_reference"]
     for name, layer in ranks[0]["layers"].items():
