@@ -4,30 +4,37 @@ Every PST layer becomes the plain layer it wrapped, with weight M * (W + beta U 
 the original name and layout; the factors are dropped. M comes from the mask state saved in
 the checkpoint (each layer's ``pruned`` counts, input norms and thresholds), never from the
 config and the step, and each mask is checked against its kind's exact pattern. Works from a
-ZeRO checkpoint of any world size: DeepSpeed consolidates it on one process.
+ZeRO checkpoint of any world size, on one process.
+
+It streams: the model is built on the meta device, and one module at a time is filled from
+the checkpoint (checkpoint_tensors.py), merged, and handed to safetensors shards of at most
+``max_shard_bytes`` (or the largest tensor). Peak memory is a shard and one layer's merge, not
+the model (an 8B model is 32 GB in fp32).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from . import checkpoint
+from .checkpoint_tensors import CheckpointTensors, ShardWriter
 from .config import PRUNING_METHODS, ConfigError, LoRAConfig, ModelConfig, PSTConfig, build_section
-from .inject import build_model
+from .inject import inject_pst
 from .layer import SparseLinear, WrappedLinear
 from .mask_kinds import mask_kind
-from .models import load_tokenizer
+from .models import load_model, load_tokenizer
 
 SPARSITY_REPORT = "pst_sparsity.json"
+DEFAULT_SHARD_BYTES = 1 << 30
 
 
 def _plain_layer(layer: WrappedLinear, weight: torch.Tensor) -> nn.Module:
@@ -76,24 +83,68 @@ def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return report
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's own parameters and saved buffers (what its state dict holds at this level)."""
+    buffers = [
+        (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+    ]
+    return [*module.named_parameters(recurse=False), *buffers]
+
+
+def _filled(module: nn.Module, prefix: str, tensors: CheckpointTensors) -> None:
+    """Give a meta module its checkpointed values (fp32, as training's model was built)."""
+    module.to_empty(device="cpu", recurse=False)
+    with torch.no_grad():
+        for name, tensor in _own_tensors(module):
+            tensor.copy_(tensors.get(prefix + name))
+
+
+def stream_merged(
+    model: nn.Module, tensors: CheckpointTensors
+) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
+    """(name, tensor, mask report or None) of the exported state dict, one module at a time:
+    each injected layer merged into its plain layer's weight and bias, the rest as saved.
+    A weight shared by two modules (tied embeddings) is written once, as save_pretrained does."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = [(n, t) for n, t in _own_tensors(module) if id(t) not in seen]
+        seen.update(id(t) for _, t in own)
+        if not own:
+            continue
+        if isinstance(module, WrappedLinear):
+            _filled(module, prefix, tensors)
+            weight, mask = _merged(module)
+            yield f"{prefix}weight", weight, {**_zeros(weight), **mask}
+            if module.bias is not None:
+                yield f"{prefix}bias", module.bias.detach().clone(), None
+            module.to_empty(device="meta", recurse=False)  # its memory goes back at once
+            continue
+        for local, _ in own:
+            value = tensors.get(prefix + local)
+            yield prefix + local, value.float() if value.is_floating_point() else value, None
+
+
 def _mask_description(pst: PSTConfig, method: str) -> dict[str, Any]:
     if method not in PRUNING_METHODS:
         return {"kind": "none"}
     return {**mask_kind(pst).describe(), "importance": pst.importance}
 
 
-def export_checkpoint(run_dir: Path, out_dir: Path, tag: str | None = None) -> dict[str, Any]:
+def export_checkpoint(
+    run_dir: Path, out_dir: Path, tag: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> dict[str, Any]:
     """Export checkpoint ``tag`` (default: the latest complete one) of a training run."""
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per load and save step says nothing useful here
     try:
-        return _export(Path(run_dir), Path(out_dir), tag)
+        return _export(Path(run_dir), Path(out_dir), tag, max_shard_bytes)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
 
-def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
+def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int) -> dict[str, Any]:
     root = run_dir / "checkpoints"
     tag = tag or checkpoint.latest_tag(root)
     if tag is None or not checkpoint.is_complete(root, tag):
@@ -109,19 +160,27 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None) -> dict[str, Any]:
     lora = build_section(LoRAConfig, saved.get("lora", {}), "lora.")
     step = checkpoint.read_manifest(root, tag)["step"]
 
-    # One process builds the whole model: a live HfDeepSpeedConfig (end of a ZeRO-3 run)
-    # would make from_pretrained partition it collectively and wait for the other ranks.
+    # One process builds the model, on the meta device: a live HfDeepSpeedConfig (end of a
+    # ZeRO-3 run) would make it partition collectively and wait for the other ranks.
     unset_hf_deepspeed_config()
     tokenizer = load_tokenizer(model_config)
     labels = json.loads((run_dir / "config.json").read_text()).get("labels")
-    model, layer_names = build_model(model_config, tokenizer, labels, pst, method, lora)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    model.load_state_dict(state, strict=True)  # with each layer's mask state (buffers)
-    with torch.no_grad():
-        layers = merge_pst_layers(model)
-        for name in layer_names if method == "dense" else ():  # nothing injected: report as is
-            layers[name] = _zeros(model.get_submodule(name).weight)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model = load_model(model_config, tokenizer, labels, meta=True)
+    layer_names = inject_pst(model, pst, method, lora)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = {}
+    with CheckpointTensors(root / tag) as tensors, ShardWriter(out_dir, max_shard_bytes) as shards:
+        for name, tensor, mask in stream_merged(model, tensors):
+            shards.add(name, tensor.contiguous())
+            layer = name.removesuffix(".weight")
+            if mask is not None:
+                layers[layer] = mask
+            elif method == "dense" and layer in layer_names:  # nothing injected: report as is
+                layers[layer] = _zeros(tensor)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     zeros = sum(v["zeros"] for v in layers.values())
     numel = sum(v["shape"][0] * v["shape"][1] for v in layers.values())

@@ -7,10 +7,15 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
+from pst_ds.checkpoint import latest_tag
 from pst_ds.config import load_experiment
 from pst_ds.data import load_text_blocks
+from pst_ds.export import export_checkpoint, merge_pst_layers
+from pst_ds.inject import build_model
 from pst_ds.masks import num_pruned
 from pst_ds.models import load_tokenizer
 
@@ -70,6 +75,32 @@ KINDS = {  # id: (overrides, the share pruned)
 }
 
 
+def whole_model_export(config, run, out) -> None:
+    """Export as it was done before it streamed: the whole model built and loaded from
+    DeepSpeed's consolidated fp32 state dict, merged, saved by save_pretrained."""
+    tokenizer = load_tokenizer(config.model)
+    model, _ = build_model(config.model, tokenizer, None, config.pst, config.method, config.lora)
+    root = run / "checkpoints"
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=latest_tag(root)))
+    with torch.no_grad():
+        merge_pst_layers(model)
+    model.save_pretrained(out)
+
+
+def assert_same_export(folder, reference) -> None:
+    """The same weights (all shards together) and the same config files, tensor by tensor."""
+
+    def weights(path):
+        return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    streamed, expected = weights(folder), weights(reference)
+    assert streamed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert streamed[name].dtype == tensor.dtype and torch.equal(streamed[name], tensor), name
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((folder / name).read_text()) == json.loads((reference / name).read_text()), name
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_export_from_two_rank_zero3(tmp_path, small_text, kind):
     run = tmp_path / "run"
@@ -114,6 +145,15 @@ def test_export_from_two_rank_zero3(tmp_path, small_text, kind):
     )
 
     config = load_experiment("configs/experiments/tiny_llama.yaml", overrides)
+    if kind == "topk":  # streamed, in one shard or many: the files of today's whole-model export
+        reference = tmp_path / "reference_export"
+        whole_model_export(config, run, reference)
+        assert_same_export(run / "export", reference)
+        sharded = tmp_path / "sharded_export"
+        export_checkpoint(run, sharded, max_shard_bytes=20_000)
+        index = json.loads((sharded / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 5
+        assert_same_export(sharded, reference)
     blocks = load_text_blocks(config.data, load_tokenizer(config.model)).validation
     blocks_file = tmp_path / "blocks.pt"
     torch.save(torch.stack([b["input_ids"] for b in blocks]), blocks_file)
