@@ -1,7 +1,7 @@
 """Export a PST run's checkpoint as a plain Hugging Face folder with the pruned weights.
 
     python launch/export.py --run runs/default [--tag step00000030] [--out runs/default/export]
-        [--max_shard_gb 1]
+        [--max_shard_gb 0.25]
 
 Reads a ZeRO checkpoint of any world size on this one process, one layer at a time (a ZeRO-3
 checkpoint is never consolidated whole), merges M * (W + beta U V) into the original weights,
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="the training run's output_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete)")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/export)")
-    parser.add_argument("--max_shard_gb", type=float, default=1.0, help="safetensors shard size (GiB)")
+    parser.add_argument("--max_shard_gb", type=float, default=0.25, help="safetensors shard size (GiB)")
     args = parser.parse_args(argv)
     from pst_ds.config import ConfigError
     from pst_ds.export import export_checkpoint

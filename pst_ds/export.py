@@ -34,7 +34,7 @@ from .mask_kinds import mask_kind
 from .models import load_model, load_tokenizer
 
 SPARSITY_REPORT = "pst_sparsity.json"
-DEFAULT_SHARD_BYTES = 1 << 30
+DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: the writer holds about twice a shard
 
 
 def _plain_layer(layer: WrappedLinear, weight: torch.Tensor) -> nn.Module:
