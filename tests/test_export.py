@@ -154,6 +154,10 @@ def test_export_from_two_rank_zero3(tmp_path, small_text, kind):
         index = json.loads((sharded / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 5
         assert_same_export(sharded, reference)
+        layer = "model.layers.1.mlp.down_proj"
+        report_tool = [sys.executable, "tools/sparsity_report.py", str(sharded), "--layer", layer]
+        subprocess.run(report_tool, cwd=ROOT, check=True, capture_output=True, timeout=300)
+        assert "| **total** (14 matrices)" in (sharded / "sparsity_report.md").read_text()
     blocks = load_text_blocks(config.data, load_tokenizer(config.model)).validation
     blocks_file = tmp_path / "blocks.pt"
     torch.save(torch.stack([b["input_ids"] for b in blocks]), blocks_file)

@@ -42,25 +42,32 @@ def pattern_check(kept: torch.Tensor, mask: dict) -> str:
     return "ok"
 
 
+def exported_weight(folder: Path, name: str) -> torch.Tensor:
+    """One tensor of an export, from ``model.safetensors`` or the shard its index names."""
+    index = folder / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
+    with safe_open(str(folder / file), framework="pt") as tensors:
+        return tensors.get_tensor(name)
+
+
 def layer_table(folder: Path) -> list[dict]:
     report = json.loads((folder / "pst_sparsity.json").read_text())
     mask = report.get("mask", {})
     rows = []
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
-        for name, recorded in report["layers"].items():
-            weight = tensors.get_tensor(f"{name}.weight")
-            zeros = int((weight == 0).sum())
-            kept = weight != 0
-            rows.append(
-                {
-                    "layer": name,
-                    "shape": list(weight.shape),
-                    "zeros": zeros,
-                    "sparsity": zeros / weight.numel(),
-                    "recorded": recorded.get("mask_pruned"),
-                    "pattern": pattern_check(kept.t() if recorded.get("conv1d") else kept, mask),  # (out, in)
-                }
-            )
+    for name, recorded in report["layers"].items():
+        weight = exported_weight(folder, f"{name}.weight")
+        zeros = int((weight == 0).sum())
+        kept = weight != 0
+        rows.append(
+            {
+                "layer": name,
+                "shape": list(weight.shape),
+                "zeros": zeros,
+                "sparsity": zeros / weight.numel(),
+                "recorded": recorded.get("mask_pruned"),
+                "pattern": pattern_check(kept.t() if recorded.get("conv1d") else kept, mask),  # (out, in)
+            }
+        )
     return rows
 
 
@@ -85,8 +92,7 @@ def markdown(rows: list[dict], mask: dict) -> str:
 
 
 def figure(folder: Path, rows: list[dict], layer: str, path: Path) -> None:
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as tensors:
-        kept = (tensors.get_tensor(f"{layer}.weight") != 0).float()
+    kept = (exported_weight(folder, f"{layer}.weight") != 0).float()
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [2, 1.2, 1]})
     axes[0].bar(range(len(rows)), [r["sparsity"] for r in rows], color="tab:blue")
     axes[0].set(
