@@ -13,7 +13,7 @@
     pst buffers  PST's weight-sized fp32 transients of the largest pruned layer in backward
                  (W', S, M*W', dS, dW' and the gradient; pst_function.py keeps none between passes)
     runtime      the process itself (torch, DeepSpeed, transformers, the data): measured once on
-                 CPU ranks (runtime_bytes); the CUDA context is outside torch's allocator
+                 CPU ranks (CPU_RUNTIME_BYTES); the CUDA context is outside torch's allocator
 
 The data flows one way: the experiment and DeepSpeed configs in, an estimate out.
 """
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ExperimentConfig
+from .config import ONE_SHOT_METHODS, ExperimentConfig
 from .inject import inject_pst, iter_pst_layers
 from .layer import WrappedLinear
 from .models import load_model, load_tokenizer
@@ -164,9 +164,9 @@ def estimate(
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     dtype = DTYPE_BYTES[precision(ds_config)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.method in ("wanda", "sparsegpt"):
-        trainable = []
+    # A one-shot method's factors only carry the mask: nothing is trained.
+    one_shot = config.method in ONE_SHOT_METHODS
+    trainable = [p for p in model.parameters() if p.requires_grad and not one_shot]
     numel = sum(p.numel() for p in model.parameters())
     trainable_numel = sum(p.numel() for p in trainable)
 

@@ -145,8 +145,8 @@ class Trainer:
         self.data = rank_zero_first(lambda: load_splits(cfg.data, cfg.model.task, tokenizer))
         self.eval_texts = rank_zero_first(lambda: load_eval_texts(cfg.data, tokenizer))
         self._check_enough_data()
-        self.memory_estimate = self._estimate_memory()
         self.peak_before_model = peak_memory_bytes()  # the process and its data, no model yet
+        self.memory_estimate = self._estimate_memory()
         if self.ds_config.get("zero_optimization", {}).get("stage") == 3:
             # Kept alive so that from_pretrained builds the backbone already partitioned.
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)

@@ -42,10 +42,15 @@ def pattern_check(kept: torch.Tensor, mask: dict) -> str:
     return "ok"
 
 
-def exported_weight(folder: Path, name: str) -> torch.Tensor:
-    """One tensor of an export, from ``model.safetensors`` or the shard its index names."""
+def weight_files(folder: Path) -> dict[str, str] | None:
+    """An export's tensor -> shard file map (None: a single ``model.safetensors``)."""
     index = folder / "model.safetensors.index.json"
-    file = json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors"
+    return json.loads(index.read_text())["weight_map"] if index.is_file() else None
+
+
+def exported_weight(folder: Path, files: dict[str, str] | None, name: str) -> torch.Tensor:
+    """One tensor of an export, from ``model.safetensors`` or the shard ``files`` names."""
+    file = files[name] if files is not None else "model.safetensors"
     with safe_open(str(folder / file), framework="pt") as tensors:
         return tensors.get_tensor(name)
 
@@ -53,9 +58,9 @@ def exported_weight(folder: Path, name: str) -> torch.Tensor:
 def layer_table(folder: Path) -> list[dict]:
     report = json.loads((folder / "pst_sparsity.json").read_text())
     mask = report.get("mask", {})
-    rows = []
+    rows, files = [], weight_files(folder)
     for name, recorded in report["layers"].items():
-        weight = exported_weight(folder, f"{name}.weight")
+        weight = exported_weight(folder, files, f"{name}.weight")
         zeros = int((weight == 0).sum())
         kept = weight != 0
         rows.append(
@@ -92,7 +97,7 @@ def markdown(rows: list[dict], mask: dict) -> str:
 
 
 def figure(folder: Path, rows: list[dict], layer: str, path: Path) -> None:
-    kept = (exported_weight(folder, f"{layer}.weight") != 0).float()
+    kept = (exported_weight(folder, weight_files(folder), f"{layer}.weight") != 0).float()
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [2, 1.2, 1]})
     axes[0].bar(range(len(rows)), [r["sparsity"] for r in rows], color="tab:blue")
     axes[0].set(
