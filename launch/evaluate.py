@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from pst_ds.config import ConfigError, load_experiment
-    from pst_ds.data import load_splits
-    from pst_ds.evaluate import evaluate_model
+    from pst_ds.io.data import load_splits
+    from pst_ds.io.evaluate import evaluate_model
 
     try:
         config = load_experiment(args.config, args.overrides)

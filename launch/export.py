@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_shard_gb", type=float, default=0.25, help="safetensors shard size (GiB)")
     args = parser.parse_args(argv)
     from pst_ds.config import ConfigError
-    from pst_ds.export import export_checkpoint
+    from pst_ds.io.export import export_checkpoint
 
     out = Path(args.out or Path(args.run) / "export")
     start = time.time()

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pst_ds.config import ConfigError, load_experiment
-    from pst_ds.trainer import Trainer, TrainingError, load_ds_config
+    from pst_ds.train.trainer import Trainer, TrainingError, load_ds_config
 
     rank_zero = os.environ.get("RANK", "0") == "0"
     try:

@@ -8,9 +8,9 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 
 from .config import ConfigError, ExperimentConfig, PSTConfig, load_experiment
-from .inject import inject_pst, iter_pst_layers, set_sparsity
-from .layer import PSTLinear
-from .schedule import cubic_sparsity
+from .layers.inject import inject_pst, iter_pst_layers, set_sparsity
+from .layers.pst import PSTLinear
+from .train.schedule import cubic_sparsity
 
 __all__ = [
     "ConfigError",

@@ -68,7 +68,7 @@ class PSTConfig:
     initial_warmup: float = 0.1  # fraction of steps held at initial_sparsity
     final_warmup: float = 0.3  # fraction of steps held at final_sparsity
     compile: bool = True  # fuse the layer's element-wise work with torch.compile (same math)
-    # Mask kind (mask_kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
+    # Mask kind (masks/kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
     mask: str = "topk"
     mask_scope: str = "matrix"  # topk, threshold: one count per matrix, or per output row
     mask_n: int = 2  # nm: keep N ...
@@ -76,7 +76,7 @@ class PSTConfig:
     mask_v: int = 64  # vnm: rows per block that share the 4 chosen columns
     threshold_band: float = 0.05  # threshold: |S - t| <= band * |t| estimates dL/d(keep fraction)
     # Importance's data term: magnitude |W'|, or activation |W'| * ||x_j|| (Wanda's score), with
-    # ||x_j|| gathered from the layer inputs during the dense warm-up (importance.py)
+    # ||x_j|| gathered from the layer inputs during the dense warm-up (layers/importance.py)
     importance: str = "magnitude"
     activation_ema: float = 0.0  # 0: keep the warm-up's norms; > 0: go on as a moving average
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))

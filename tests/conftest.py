@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pst_ds.config import load_experiment
-from pst_ds.models import load_model, load_tokenizer
+from pst_ds.io.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,8 +9,8 @@ import deepspeed
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from pst_ds.distributed import init_distributed
-from pst_ds.models import embedded_smollm2_dir
+from pst_ds.io.models import embedded_smollm2_dir
+from pst_ds.train.distributed import init_distributed
 
 if __name__ == "__main__":
     init_distributed()

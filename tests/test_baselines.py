@@ -6,9 +6,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig
-from pst_ds.baselines import LoRALinear, MagnitudeLinear, MovementLinear
 from pst_ds.config import ConfigError, ExperimentConfig, LoRAConfig
-from pst_ds.inject import head_parameters, inject_pst, iter_pst_layers
+from pst_ds.layers.baselines import LoRALinear, MagnitudeLinear, MovementLinear
+from pst_ds.layers.inject import head_parameters, inject_pst, iter_pst_layers
 
 
 def argsort_mask(scores, sparsity):

@@ -8,8 +8,8 @@ from conftest import ROOT
 from test_distributed import ds_env
 
 from pst_ds.config import load_experiment
-from pst_ds.data import load_classification
-from pst_ds.models import load_tokenizer
+from pst_ds.io.data import load_classification
+from pst_ds.io.models import load_tokenizer
 
 CONFIG = "configs/experiments/minilm_rotten_tomatoes.yaml"
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pst_ds.config import ExperimentConfig, build_section
-from pst_ds.distill import distillation_loss, soft_kl, teacher_mode
-from pst_ds.inject import inject_pst, iter_pst_layers
+from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.train.distill import distillation_loss, soft_kl, teacher_mode
 
 IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pst_ds.masks import num_pruned
+from pst_ds.masks.select import num_pruned
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

@@ -8,9 +8,9 @@ from test_distributed import DEEPSPEED, ds_env, free_port
 from transformers import AutoModelForCausalLM
 
 from pst_ds import PSTConfig, inject_pst
-from pst_ds.cache import CACHE_ENV
-from pst_ds.export import merge_pst_layers
-from pst_ds.models import SMOLLM2_FOLDER, embedded_smollm2_dir
+from pst_ds.io.cache import CACHE_ENV
+from pst_ds.io.export import merge_pst_layers
+from pst_ds.io.models import SMOLLM2_FOLDER, embedded_smollm2_dir
 
 
 def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):

@@ -11,13 +11,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
-from pst_ds.checkpoint import latest_tag
 from pst_ds.config import load_experiment
-from pst_ds.data import load_text_blocks
-from pst_ds.export import export_checkpoint, merge_pst_layers
-from pst_ds.inject import build_model
-from pst_ds.masks import num_pruned
-from pst_ds.models import load_tokenizer
+from pst_ds.io.data import load_text_blocks
+from pst_ds.io.export import export_checkpoint, merge_pst_layers
+from pst_ds.io.models import load_tokenizer
+from pst_ds.layers.inject import build_model
+from pst_ds.masks.select import num_pruned
+from pst_ds.train.checkpoint import latest_tag
 
 CLEAN_CHECK = r"""
 import json, math, sys

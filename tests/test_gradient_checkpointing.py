@@ -4,8 +4,8 @@ activations (in one process); the same training under ZeRO-3 on two ranks: test_
 import torch
 
 from pst_ds.config import PSTConfig
-from pst_ds.inject import inject_pst, iter_pst_layers
-from pst_ds.models import enable_gradient_checkpointing
+from pst_ds.io.models import enable_gradient_checkpointing
+from pst_ds.layers.inject import inject_pst, iter_pst_layers
 
 
 def loss_grads_and_saved_bytes(model, batch):

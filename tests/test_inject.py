@@ -5,7 +5,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from pst_ds import ConfigError, PSTConfig, PSTLinear, inject_pst, iter_pst_layers, set_sparsity
-from pst_ds.inject import FACTOR_NAMES
+from pst_ds.layers.inject import FACTOR_NAMES
 
 EXPECTED = {
     "tiny_gpt2": [

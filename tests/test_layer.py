@@ -6,9 +6,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
-from pst_ds.mask_kinds import StraightThroughMask, TopK
-from pst_ds.masks import NonFiniteScoresError, select_threshold, topk_mask
-from pst_ds.settling import count_changed, pack_bits, rank_slice
+from pst_ds.layers.settling import count_changed, pack_bits, rank_slice
+from pst_ds.masks.kinds import StraightThroughMask, TopK
+from pst_ds.masks.select import NonFiniteScoresError, select_threshold, topk_mask
 
 
 def pst_reference(W, U, V, A, B, R, C, x, g, mask_fn, a1, a2, beta, scale=1.0):

@@ -10,13 +10,13 @@ from test_layer import pst_reference
 from torch import nn
 
 from pst_ds import PSTConfig, PSTLinear
-from pst_ds.allocation import allocate_kept
 from pst_ds.config import ConfigError
-from pst_ds.importance import InputStatistics, fold_step
-from pst_ds.inject import inject_pst, iter_pst_layers
-from pst_ds.mask_kinds import NM, VNM, TopK
-from pst_ds.masks import num_pruned
-from pst_ds.schedule import SparsityController, cubic_sparsity
+from pst_ds.layers.importance import InputStatistics, fold_step
+from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.masks.allocation import allocate_kept
+from pst_ds.masks.kinds import NM, VNM, TopK
+from pst_ds.masks.select import num_pruned
+from pst_ds.train.schedule import SparsityController, cubic_sparsity
 
 # ---------------------------------------------------------------- references
 

@@ -1,12 +1,12 @@
-"""The memory model (pst_ds/memory.py) against what a real PST model does on a tiny Llama; its
+"""The memory model (pst_ds/train/memory.py) against what a real PST model does on a tiny Llama; its
 stored bytes against a 2-rank ZeRO-3 engine's: test_distributed.py."""
 
 import torch
 
 from pst_ds.config import load_experiment
-from pst_ds.inject import inject_pst, iter_pst_layers
-from pst_ds.memory import estimate, meta_model, saved_activation_bytes, trained_weights
-from pst_ds.models import load_model, load_tokenizer
+from pst_ds.io.models import load_model, load_tokenizer
+from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.train.memory import estimate, meta_model, saved_activation_bytes, trained_weights
 
 BATCH, LENGTH = 2, 64
 

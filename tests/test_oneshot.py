@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from pst_ds.config import ConfigError, ExperimentConfig, PSTConfig, build_section
-from pst_ds.inject import inject_pst, iter_pst_layers
-from pst_ds.mask_kinds import NM, TopK
-from pst_ds.oneshot import chained, in_blocks, prune_one_shot
-from pst_ds.schedule import SparsityController
-from pst_ds.sparsegpt import sparsegpt_prune
+from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.masks.kinds import NM, TopK
+from pst_ds.oneshot.calibrate import chained, in_blocks, prune_one_shot
+from pst_ds.oneshot.sparsegpt import sparsegpt_prune
+from pst_ds.train.schedule import SparsityController
 
 # ---------------------------------------------------------------- references
 

@@ -16,8 +16,8 @@ from conftest import ROOT
 from test_distributed import ds_env, free_port
 from transformers import AutoModelForCausalLM
 
-from pst_ds.cache import CACHE_ENV
-from pst_ds.masks import num_pruned
+from pst_ds.io.cache import CACHE_ENV
+from pst_ds.masks.select import num_pruned
 
 STEPS = 2
 

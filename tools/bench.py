@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from train_runs import train_once  # noqa: E402
 
 from pst_ds import PSTConfig, PSTLinear  # noqa: E402
-from pst_ds.baselines import LoRALinear  # noqa: E402
 from pst_ds.config import METHODS, ONE_SHOT_METHODS, LoRAConfig  # noqa: E402
+from pst_ds.layers.baselines import LoRALinear  # noqa: E402
 
 # (out, in, tokens) per named shape: the SmolLM2-135M and LLaMA-7B block linears.
 SHAPES = {

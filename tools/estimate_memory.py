@@ -6,7 +6,7 @@
 Prints what holds the bytes (parameters, gathered ZeRO-3 weights, gradients, optimizer state,
 activations, PST's transient buffers, the process itself) and their total, the figure a rank
 must fit; --json FILE also writes it. The same model runs at the start of every training run
-(pst_ds/memory.py), and docs/results.md sets it beside measured peaks.
+(pst_ds/train/memory.py), and docs/results.md sets it beside measured peaks.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pst_ds.config import ConfigError, load_experiment  # noqa: E402
-from pst_ds.memory import GIB, estimate, precision  # noqa: E402
-from pst_ds.trainer import load_ds_config  # noqa: E402
+from pst_ds.train.memory import GIB, estimate, precision  # noqa: E402
+from pst_ds.train.trainer import load_ds_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .config import ConfigError
+from ..config import ConfigError
 
 DIST_TIMEOUT = timedelta(minutes=30)
 T = TypeVar("T")

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from .config import PSTConfig, TrainConfig
-from .inject import head_parameters
-from .layer import SparseLinear
+from ..config import PSTConfig, TrainConfig
+from ..layers.base import SparseLinear
+from ..layers.inject import head_parameters
 
 IMPORTANCE_FACTORS = ("A", "B", "R", "C")
 

@@ -1,21 +1,6 @@
-"""PSTLinear: a frozen linear layer pruned by PST (Li et al., IJCAI 2022), trained through tiny factors.
-
-Also the bases the baselines share: WrappedLinear and SparseLinear.
-
-For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
-
-    W' = W + beta * U @ V                                         (low-rank weight update)
-    S  = |W'| + alpha1 * A @ B + alpha2 * (R[:, None] + C[None, :])  (importance)
-    M  = the mask kind's kept set of S (mask_kinds.py), straight-through gradient to S
-    y  = x @ (M * W').T + b
-
-Init U ~ N(0, pst.update_init_std^2), A ~ N(0, 1) and V, B, R, C = 0, so training starts as
-magnitude pruning (S = |W|), or from a one-shot method's mask with pst.init (oneshot.py).
-With ``pst.importance=activation`` |W'| is scaled per input column (importance.py); with
-``pst.mask=threshold`` a trained logit per matrix (or row) sets its share (allocation.py).
-S and the masked weight are computed in fp32 whatever the model's dtype, so ties from a
-low-precision W cannot make the sparsity inexact. The forward and backward themselves live
-in pst_function.py, which keeps nothing weight-sized between them.
+"""The bases every injected layer shares: WrappedLinear (a Linear or GPT-2 Conv1D whose weight
+and bias Parameter objects are kept) and SparseLinear (a pruned layer: its mask kind, mask
+state and activation importance). PST's own layer is in pst.py, the baselines' in baselines.py.
 """
 
 from __future__ import annotations
@@ -25,10 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import PSTConfig
+from ..config import PSTConfig
+from ..masks.kinds import Selection, mask_kind
 from .importance import InputStatistics, column_scale
-from .mask_kinds import Selection, mask_kind
-from .pst_function import PSTHyper, PSTLinearFunction, extended_importance_factors, kernels
 from .settling import MaskSettling
 
 
@@ -138,85 +122,3 @@ class SparseLinear(WrappedLinear):
         """The masked weight in the base layer's own layout and dtype (for export)."""
         scores, weight = self.scores_and_weight()
         return self.to_base_layout(weight * self.selection(scores).mask(scores))
-
-
-class PSTLinear(SparseLinear):
-    """PST on an ``nn.Linear`` or a GPT-2 ``Conv1D``: the weight frozen, six small factors trained.
-
-    The factors are shaped for the (out, in) orientation whatever the base layout.
-    """
-
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
-        super().__init__(base, config)
-        out_features, in_features = self.out_features, self.in_features
-        self.hyper = PSTHyper(
-            config.alpha1, config.alpha2, config.beta, self.transposed, config.compile, config.threshold_band
-        )
-        self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
-        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.U = nn.Parameter(
-            config.update_init_std * torch.randn(out_features, config.weight_rank, **factory)
-        )
-        self.V = nn.Parameter(torch.zeros(config.weight_rank, in_features, **factory))
-        self.A = nn.Parameter(torch.randn(out_features, config.mask_rank, **factory))
-        self.B = nn.Parameter(torch.zeros(config.mask_rank, in_features, **factory))
-        self.R = nn.Parameter(torch.zeros(out_features, **factory))
-        self.C = nn.Parameter(torch.zeros(in_features, **factory))
-        if self.mask_kind.learned:  # the threshold's logit: 0, a uniform share, to start
-            self.threshold_logit = nn.Parameter(
-                torch.zeros(out_features if self.mask_kind.per_row else 1, **factory)
-            )
-            self.threshold_shift = 0.0  # the model-wide shift c, set by the sparsity controller
-
-    def updated_and_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W', S), (out, in), fp32, without autograd (needs the whole weight gathered).
-
-        Through the forward's own kernel, so the mask reported and exported is bit for bit
-        the one training used (the compiled and eager roundings of W' may differ).
-        """
-        hyper = self.hyper
-        with torch.no_grad():
-            Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, hyper.alpha1, hyper.alpha2)
-            run = kernels(hyper.compiled)["updated_and_scores"]
-            return run(self.weight, self.U, self.V, Ae, Be, hyper.beta, hyper.transposed, self.column_scale())
-
-    def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        updated, scores = self.updated_and_scores()
-        return scores, updated
-
-    def keep_fraction(self) -> torch.Tensor | None:
-        """rho = sigmoid(logit + c) of a learned threshold, for its gradient (allocation.py)."""
-        if not self.mask_kind.learned:
-            return None
-        return torch.sigmoid(self.threshold_logit + self.threshold_shift)
-
-    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.observe_inputs(x)
-        record = [] if self.track_mask else None
-        y = PSTLinearFunction.apply(
-            x,
-            self.weight,
-            self.bias,
-            self.U,
-            self.V,
-            self.A,
-            self.B,
-            self.R,
-            self.C,
-            self.keep_fraction(),
-            self.column_scale(),
-            self.hyper,
-            self.mask_kind,
-            self.pruned,
-            record,
-        )
-        if record:
-            self.note_mask(record[0])
-        return y
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"weight_rank={self.weight_rank}, mask_rank={self.mask_rank}, "
-            f"mask={self.mask_kind.describe()}, sparsity={self.sparsity:.4f}, conv1d={self.transposed}"
-        )

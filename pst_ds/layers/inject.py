@@ -12,10 +12,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from ..config import DEFAULT_TARGET_MODULES, ConfigError, LoRAConfig, ModelConfig, PSTConfig, name_matches
+from ..io.models import load_model
+from .base import SparseLinear
 from .baselines import LoRALinear, MagnitudeLinear, MovementLinear
-from .config import DEFAULT_TARGET_MODULES, ConfigError, LoRAConfig, ModelConfig, PSTConfig, name_matches
-from .layer import PSTLinear, SparseLinear
-from .models import load_model
+from .pst import PSTLinear
 
 FACTOR_NAMES = ("U", "V", "A", "B", "R", "C")
 

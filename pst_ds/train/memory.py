@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ONE_SHOT_METHODS, ExperimentConfig
-from .inject import inject_pst, iter_pst_layers
-from .layer import WrappedLinear
-from .models import load_model, load_tokenizer
+from ..config import ONE_SHOT_METHODS, ExperimentConfig
+from ..io.models import load_model, load_tokenizer
+from ..layers.base import WrappedLinear
+from ..layers.inject import inject_pst, iter_pst_layers
 
 GIB = 2**30
 CPU_RUNTIME_BYTES = int(0.75 * GIB)  # measured: one CPU rank's RSS before the model is built

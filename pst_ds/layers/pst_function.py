@@ -8,7 +8,7 @@ recomputes W' and S from the weight, which ZeRO-3 gathers again for backward any
     W' = W + beta U V
     S  = a * |W'| + Ae Be      Ae = [a1 A, a2 R, a2 1], Be = [B; 1^T; C^T]
                                (a1 A B + a2 (R 1^T + 1 C^T) as one rank r_m + 2 product)
-    M  = the mask kind's kept set of S (mask_kinds.py), e.g. top-k at the count in force
+    M  = the mask kind's kept set of S (masks/kinds.py), e.g. top-k at the count in force
     y  = x (M * W')^T + b
 
     G   = dy^T x                          (the gradient of the masked weight)
@@ -17,7 +17,7 @@ recomputes W' and S from the weight, which ZeRO-3 gathers again for backward any
     dU  = beta dW' V^T,  dV = beta U^T dW'
     [dA/a1, dR/a2] = dS [B^T, 1],   [dB/a1; dC/a2] = [A^T; 1^T] dS
 
-With a learned threshold (allocation.py) the layer also passes its keep fraction rho, whose
+With a learned threshold (masks/allocation.py) the layer also passes its keep fraction rho, whose
 gradient is the mean of dS over the entries at the threshold, times the group's size.
 
 The element-wise blocks are plain functions; with ``pst.compile`` (the default) they run
@@ -34,7 +34,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .mask_kinds import MaskKind
+from ..masks.kinds import MaskKind
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def keep_fraction_gradient(
     grad_scores: torch.Tensor, scores: torch.Tensor, value: torch.Tensor, band: float
 ) -> torch.Tensor:
     """dL/drho per group (the matrix, or each row when ``value`` is (out, 1)): the group's size
-    times the mean of dL/dM over the entries with |S - t| <= band |t| (allocation.py)."""
+    times the mean of dL/dM over the entries with |S - t| <= band |t| (masks/allocation.py)."""
     near = (scores - value).abs() <= band * value.abs()
     dims = (0, 1) if value.dim() == 0 else (1,)
     count = near.sum(dims).clamp(min=1)

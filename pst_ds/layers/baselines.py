@@ -10,7 +10,7 @@
     lora       y = x W^T + b + (alpha / r) x A^T B^T; A ~ Kaiming, B = 0; no pruning
     dense      no layer: every parameter of the model trains (handled by the injector)
 
-The masks come from the same mask kinds as PST's (mask_kinds.py), so sparsities and patterns match.
+The masks come from the same mask kinds as PST's (masks/kinds.py), so sparsities and patterns match.
 These layers use plain autograd: they train weight-sized tensors anyway.
 """
 
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import LoRAConfig, PSTConfig
-from .layer import SparseLinear, WrappedLinear
-from .mask_kinds import StraightThroughMask
+from ..config import LoRAConfig, PSTConfig
+from ..masks.kinds import StraightThroughMask
+from .base import SparseLinear, WrappedLinear
 
 
 class MagnitudeLinear(SparseLinear):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import WrappedLinear
+from ..layers.base import WrappedLinear
 
 
 @contextlib.contextmanager

@@ -18,19 +18,19 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from ..config import ONE_SHOT_METHODS, ConfigError, ExperimentConfig, TrainConfig, resolve_path
+from ..io.data import TrainingBatches, collate_for, load_eval_texts, load_splits
+from ..io.evaluate import evaluate_model
+from ..io.export import export_checkpoint
+from ..io.models import enable_gradient_checkpointing, load_tokenizer
+from ..layers.inject import build_model, iter_pst_layers
+from ..masks.select import NonFiniteScoresError
+from ..oneshot.calibrate import prune_one_shot
 from . import checkpoint
-from .config import ONE_SHOT_METHODS, ConfigError, ExperimentConfig, TrainConfig, resolve_path
-from .data import TrainingBatches, collate_for, load_eval_texts, load_splits
 from .distill import distillation_loss, teacher_mode
 from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
-from .evaluate import evaluate_model
-from .export import export_checkpoint
-from .inject import build_model, iter_pst_layers
 from .logging import RunLogger
-from .masks import NonFiniteScoresError
 from .memory import MemoryEstimate, estimate
-from .models import enable_gradient_checkpointing, load_tokenizer
-from .oneshot import prune_one_shot
 from .optim import build_optimizer
 from .schedule import SparsityController
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask_kinds import NM, VNM, MaskKind, TopK
+from ..masks.kinds import NM, VNM, MaskKind, TopK
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import deepspeed
 import torch
 
-from .allocation import allocate_kept
-from .config import PRUNING_METHODS, PSTConfig
-from .importance import fold_step
-from .layer import SparseLinear
-from .masks import num_pruned
+from ..config import PRUNING_METHODS, PSTConfig
+from ..layers.base import SparseLinear
+from ..layers.importance import fold_step
+from ..masks.allocation import allocate_kept
+from ..masks.select import num_pruned
 
 
 def cubic_sparsity(

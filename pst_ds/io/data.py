@@ -12,8 +12,8 @@ from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from transformers import PreTrainedTokenizerBase
 
+from ..config import ConfigError, DataConfig, resolve_path
 from .cache import cache_dir
-from .config import ConfigError, DataConfig, resolve_path
 
 
 @dataclass

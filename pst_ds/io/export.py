@@ -7,7 +7,7 @@ config and the step, and each mask is checked against its kind's exact pattern. 
 ZeRO checkpoint of any world size, on one process.
 
 It streams: the model is built on the meta device, and one module at a time is filled from
-the checkpoint (checkpoint_tensors.py), merged, and handed to safetensors shards of at most
+the checkpoint (io/checkpoint_tensors.py), merged, and handed to safetensors shards of at most
 ``max_shard_bytes`` (or the largest tensor). Peak memory is a shard and one layer's merge, not
 the model (an 8B model is 32 GB in fp32).
 """
@@ -25,12 +25,12 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from . import checkpoint
+from ..config import PRUNING_METHODS, ConfigError, LoRAConfig, ModelConfig, PSTConfig, build_section
+from ..layers.base import SparseLinear, WrappedLinear
+from ..layers.inject import inject_pst
+from ..masks.kinds import mask_kind
+from ..train import checkpoint
 from .checkpoint_tensors import CheckpointTensors, ShardWriter
-from .config import PRUNING_METHODS, ConfigError, LoRAConfig, ModelConfig, PSTConfig, build_section
-from .inject import inject_pst
-from .layer import SparseLinear, WrappedLinear
-from .mask_kinds import mask_kind
 from .models import load_model, load_tokenizer
 
 SPARSITY_REPORT = "pst_sparsity.json"

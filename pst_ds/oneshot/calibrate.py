@@ -5,7 +5,7 @@ The methods write what the layer's own importance needs for its first mask to be
 
     wanda      the input norms ||x_j|| (``input_sq``): with S = a |W| the mask is Wanda's
                |W_ij| ||x_j||, compared within the mask kind's groups (rows for the paper)
-    sparsegpt  the pruned and OBS-updated weight W (sparsegpt.py): its zeros are the mask,
+    sparsegpt  the pruned and OBS-updated weight W (oneshot/sparsegpt.py): its zeros are the mask,
                so S = |W| selects exactly them
 
 then put the final sparsity in force. ``method: wanda | sparsegpt`` stops there (and exports);
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .importance import InputStatistics, fold_step
-from .layer import SparseLinear
+from ..layers.base import SparseLinear
+from ..layers.importance import InputStatistics, fold_step
 from .sparsegpt import sparsegpt_prune
 
 

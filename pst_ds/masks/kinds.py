@@ -12,7 +12,7 @@ Forward, backward, the reported mask and export all call these two, so they cann
 row), written by the sparsity controller, saved in checkpoints and read back by export.
 
     topk       exact top-k of S per matrix, or per row (the same count in every output row)
-    threshold  topk whose per-matrix (or per-row) counts come from learned thresholds (allocation.py)
+    threshold  topk whose per-matrix (or per-row) counts come from learned thresholds (masks/allocation.py)
     nm         N:M: the N largest S of every M consecutive inputs of a row (2:4 by default)
     vnm        V:N:M with N = 2: in each block of V rows x M inputs, the 4 columns of largest
                summed S, then 2:4 inside them in every row (sparsity 1 - 2/M)
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PSTConfig
-from .masks import (
+from ..config import PSTConfig
+from .select import (
     check_finite,
     keep_from,
     keep_n_of_m,
