@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pst_ds.config import load_experiment
+from pst_ds.config import ExperimentConfig, PSTConfig, load_experiment
 from pst_ds.io.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +37,10 @@ def tiny_model():
         return load_model(config.model, load_tokenizer(config.model)).eval()  # no dropout
 
     return build
+
+
+def pst_method(config: PSTConfig, name: str = "pst"):
+    """The method ``name`` (PST by default) built around a bare PST section, as a run builds it."""
+    from pst_ds.methods import method_class
+
+    return method_class(name)(ExperimentConfig(method=name, pst=config))

@@ -3,7 +3,7 @@
 import pytest
 
 from pst_ds import ConfigError, PSTConfig, load_experiment
-from pst_ds.config import DEFAULT_TARGET_MODULES, PROJECT_ROOT
+from pst_ds.config import DEFAULT_TARGET_MODULES, PROJECT_ROOT, check_files
 
 
 def test_defaults_are_the_release_defaults():
@@ -39,7 +39,6 @@ def test_overrides_reach_nested_fields():
         ("pst.final_sparsity=1.0", r"pst.final_sparsity must be in \[0, 1\)"),
         ("pst.initial_sparsity=-0.1", r"pst.initial_sparsity must be in \[0, 1\)"),
         ("pst.initial_warmup=0.8", "initial_warmup \\+ pst.final_warmup"),
-        ("data.train_files=[nope.txt]", "data file not found: nope.txt"),
         ("pst.target_modules=['(']", "invalid module pattern"),
         ("model.source=hub", "model.source must be one of"),
         ("train", "not of the form key=value"),
@@ -48,6 +47,17 @@ def test_overrides_reach_nested_fields():
 def test_bad_values_get_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment("configs/experiments/tiny_llama.yaml", [override])
+
+
+def test_files_are_checked_when_a_run_starts_not_when_a_config_is_built(tmp_path):
+    """A saved config.json must rebuild after its data has moved; a run still refuses it."""
+    config = load_experiment("configs/experiments/tiny_llama.yaml", ["data.train_files=[nope.txt]"])
+    with pytest.raises(ConfigError, match="data file not found: nope.txt"):
+        check_files(config)
+    moved = load_experiment(None, ["model.source=path", f"model.path={tmp_path / 'gone'}"])
+    with pytest.raises(ConfigError, match="is not a folder"):
+        check_files(moved)
+    check_files(load_experiment("configs/experiments/tiny_llama.yaml"))
 
 
 def test_missing_config_file():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pst_ds.config import ExperimentConfig, build_section
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
-from pst_ds.train.distill import distillation_loss, soft_kl, teacher_mode
+from pst_ds.train.distill import distillation_loss, soft_kl, teacher_forward
 
 IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -39,13 +39,12 @@ def test_teacher_is_the_dense_backbone_and_leaves_no_graph(tiny_model):
         for _, layer in iter_pst_layers(model):
             layer.V.normal_()
     plain = tiny_model("tiny_llama")  # the same seed: the untouched dense model
-    with torch.no_grad(), teacher_mode(model):
+    with torch.no_grad(), teacher_forward():
         teacher = model(input_ids=IDS).logits
     assert teacher.grad_fn is None and not teacher.requires_grad
     torch.testing.assert_close(teacher, plain(input_ids=IDS).logits.detach())
     student = model(input_ids=IDS).logits
     assert student.grad_fn is not None and not torch.allclose(student, teacher)
-    assert all(not layer.as_teacher for _, layer in iter_pst_layers(model))  # switched back
 
 
 @pytest.mark.parametrize("method", ["pst", "lora"])
@@ -53,7 +52,7 @@ def test_at_sparsity_zero_the_kl_is_zero_and_its_gradient_vanishes(tiny_model, m
     """lambda = 1, masks dense, U V = 0 (V = 0; LoRA's B = 0): student == teacher."""
     model, _ = injected(tiny_model, method)
     model.train()
-    with torch.no_grad(), teacher_mode(model):
+    with torch.no_grad(), teacher_forward():
         teacher = model(input_ids=IDS).logits
     output = model(input_ids=IDS, labels=IDS)
     loss, kl = distillation_loss(output.loss, output.logits, teacher, weight=1.0, temperature=2.0)

@@ -4,12 +4,12 @@ import subprocess
 
 import torch
 from conftest import ROOT
+from reference_export import merge_layers
 from test_distributed import DEEPSPEED, ds_env, free_port
 from transformers import AutoModelForCausalLM
 
 from pst_ds import PSTConfig, inject_pst
 from pst_ds.io.cache import CACHE_ENV
-from pst_ds.io.export import merge_pst_layers
 from pst_ds.io.models import SMOLLM2_FOLDER, embedded_smollm2_dir
 
 
@@ -26,7 +26,7 @@ def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):
     pruned = [model.get_submodule(n) for n in names]
     assert trainable == sum(17 * (m.out_features + m.in_features) for m in pruned) == 5_189_760
 
-    merge_pst_layers(model)  # the export path: plain layers again, then a plain save
+    merge_layers(model)  # the export path: plain layers again, then a plain save
     model.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").stat().st_size > 500e6
 

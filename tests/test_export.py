@@ -8,20 +8,23 @@ import pytest
 import torch
 from conftest import ROOT
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from reference_export import merge_layers
 from safetensors.torch import load_file
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
 from pst_ds.config import load_experiment
 from pst_ds.io.data import load_text_blocks
-from pst_ds.io.export import export_checkpoint, merge_pst_layers
+from pst_ds.io.export import export_checkpoint
 from pst_ds.io.models import load_tokenizer
 from pst_ds.layers.inject import build_model
 from pst_ds.masks.select import num_pruned
+from pst_ds.methods import method_class
 from pst_ds.train.checkpoint import latest_tag
 
 CLEAN_CHECK = r"""
 import json, math, sys
 import torch
+from reference_export import merge_layers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 folder, blocks_file = sys.argv[1], sys.argv[2]
@@ -79,11 +82,11 @@ def whole_model_export(config, run, out) -> None:
     """Export as it was done before it streamed: the whole model built and loaded from
     DeepSpeed's consolidated fp32 state dict, merged, saved by save_pretrained."""
     tokenizer = load_tokenizer(config.model)
-    model, _ = build_model(config.model, tokenizer, None, config.pst, config.method, config.lora)
+    model, _ = build_model(method_class(config.method)(config), tokenizer, None)
     root = run / "checkpoints"
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=latest_tag(root)))
     with torch.no_grad():
-        merge_pst_layers(model)
+        merge_layers(model)
     model.save_pretrained(out)
 
 

@@ -2,14 +2,19 @@
 activations (in one process); the same training under ZeRO-3 on two ranks: test_distributed.py."""
 
 import torch
+from conftest import pst_method
 
 from pst_ds.config import PSTConfig
 from pst_ds.io.models import enable_gradient_checkpointing
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.train.schedule import SparsityController
+
+CONFIG = PSTConfig(weight_rank=4, mask_rank=4, importance="activation")
 
 
 def loss_grads_and_saved_bytes(model, batch):
-    """(loss, every factor's gradient, bytes autograd saved for backward) of one step."""
+    """(loss, every factor's gradient, bytes autograd saved for backward) of one step, with the
+    input statistics gathered in forward only, as the trainer runs it."""
     saved = []
 
     def pack(tensor):
@@ -19,14 +24,16 @@ def loss_grads_and_saved_bytes(model, batch):
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(**batch).loss
-    loss.backward()
+    controller = SparsityController(pst_method(CONFIG), 1, dict(iter_pst_layers(model)))
+    with controller.inputs_unobserved():  # checkpointing runs each block's forward again here
+        loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, sum(saved)
 
 
 def test_checkpointing_keeps_loss_and_factor_gradients_and_saves_less(tiny_model):
     model = tiny_model("tiny_llama")
-    inject_pst(model, PSTConfig(weight_rank=4, mask_rank=4, importance="activation"), "pst")
+    inject_pst(model, CONFIG, "pst")
     model.train()
     torch.manual_seed(3)
     for _, layer in iter_pst_layers(model):

@@ -5,7 +5,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from pst_ds import ConfigError, PSTConfig, PSTLinear, inject_pst, iter_pst_layers, set_sparsity
-from pst_ds.layers.inject import FACTOR_NAMES
+
+FACTOR_NAMES = ("U", "V", "A", "B", "R", "C")  # PST's trained factors
 
 EXPECTED = {
     "tiny_gpt2": [

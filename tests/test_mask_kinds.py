@@ -6,6 +6,7 @@ over groups and blocks, so a shared mistake cannot pass on both sides.
 
 import pytest
 import torch
+from conftest import pst_method
 from test_layer import pst_reference
 from torch import nn
 
@@ -206,7 +207,7 @@ def test_activation_statistics_are_gathered_in_warmup_only(tiny_model):
     config = PSTConfig(importance="activation", final_sparsity=0.5, initial_warmup=0.2)
     inject_pst(model, config)
     layers = dict(iter_pst_layers(model))
-    controller = SparsityController("pst", config, 10, layers)
+    controller = SparsityController(pst_method(config), 10, layers)
     model.train()
     seen = []
     for step in range(4):
@@ -251,7 +252,7 @@ def test_controller_keeps_the_global_count_exact_at_every_step(tiny_model, scope
     with torch.no_grad():
         for layer in layers.values():
             layer.threshold_logit.normal_(0, 1.0)
-    controller = SparsityController("pst", config, 20, layers)
+    controller = SparsityController(pst_method(config), 20, layers)
     total = sum(layer.out_features * layer.in_features for layer in layers.values())
     for step in range(21):
         controller.apply(step)

@@ -6,6 +6,7 @@ import torch
 from pst_ds.config import load_experiment
 from pst_ds.io.models import load_model, load_tokenizer
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.methods import method_class
 from pst_ds.train.memory import estimate, meta_model, saved_activation_bytes, trained_weights
 
 BATCH, LENGTH = 2, 64
@@ -41,7 +42,7 @@ def test_activations_on_the_meta_device_match_a_real_pst_forward():
     adapted = {name for name, _ in iter_pst_layers(model)}
     predicted, checkpointed = [], []
     for checkpointing, out in ((False, predicted), (True, checkpointed)):
-        plain = meta_model(config, inject=False)
+        plain = meta_model(method_class(config.method)(config), inject=False)
         trained_weights(plain, adapted, everything=False)
         out.append(saved_activation_bytes(plain, BATCH, LENGTH, 4, checkpointing))
     (predicted,), (checkpointed,) = predicted, checkpointed
@@ -52,7 +53,7 @@ def test_activations_on_the_meta_device_match_a_real_pst_forward():
 
 def test_estimate_counts_what_zero3_shards_and_what_it_does_not():
     config = load_experiment("configs/experiments/tiny_llama.yaml")
-    model = meta_model(config)
+    model = meta_model(method_class(config.method)(config))
     numel = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}

@@ -9,12 +9,14 @@ import copy
 
 import pytest
 import torch
+from conftest import pst_method
 from torch import nn
 
-from pst_ds.config import ConfigError, ExperimentConfig, PSTConfig, build_section
+from pst_ds.config import ConfigError, ExperimentConfig, OneShotConfig, PSTConfig, build_section
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
 from pst_ds.masks.kinds import NM, TopK
-from pst_ds.oneshot.calibrate import chained, in_blocks, prune_one_shot
+from pst_ds.methods import Calibration, method_class
+from pst_ds.oneshot.calibrate import chained, in_blocks
 from pst_ds.oneshot.sparsegpt import sparsegpt_prune
 from pst_ds.train.schedule import SparsityController
 
@@ -111,6 +113,17 @@ def calibration(n=3, length=24, seed=1):
     return [{"input_ids": torch.randint(0, 200, (2, length), generator=g)} for _ in range(n)]
 
 
+def one_shot(method, model, layers, batches, sparsity, **oneshot):
+    """One-shot ``method`` (wanda, sparsegpt) on ``layers`` from ``batches``, as a warm start runs it."""
+
+    def put_in_force(group, value):
+        for layer in group.values():
+            layer.sparsity = value
+
+    run = Calibration(model, layers, batches, lambda b: model(**b), sparsity, put_in_force)
+    method_class(method).calibrate(run, OneShotConfig(**oneshot))
+
+
 def experiment(method, **pst):
     return build_section(ExperimentConfig, {"method": method, "pst": {"compile": False, **pst}}, "")
 
@@ -179,10 +192,11 @@ def test_sparsegpt_refuses_what_it_cannot_do():
 @pytest.mark.parametrize("sequential", [True, False])
 def test_wanda_on_a_tiny_llama_matches_the_reference(tiny_model, sequential):
     config = experiment("wanda", final_sparsity=0.5)
-    assert (config.pst.init, config.pst.importance, config.pst.mask_scope) == ("wanda", "activation", "row")
+    pst = method_class("wanda").layer_config(config.pst)  # what Wanda's layers are built with
+    assert (pst.init, pst.importance, pst.mask_scope) == ("wanda", "activation", "row")
     model, reference, layers = injected(tiny_model, config)
     batches = calibration()
-    prune_one_shot("wanda", model, layers, batches, lambda b: model(**b), 0.5, sequential=sequential)
+    one_shot("wanda", model, layers, batches, 0.5, sequential=sequential)
 
     def wanda(weight, inputs):
         x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
@@ -202,7 +216,7 @@ def test_sparsegpt_on_a_tiny_llama_matches_the_sequential_reference(tiny_model, 
     config = experiment("sparsegpt", final_sparsity=0.5, importance=importance)
     model, reference, layers = injected(tiny_model, config)
     batches = calibration()
-    prune_one_shot("sparsegpt", model, layers, batches, lambda b: model(**b), 0.5, block_columns=16)
+    one_shot("sparsegpt", model, layers, batches, 0.5, block_columns=16)
     ref_sequential(
         reference, batches, lambda w, inputs: ref_sparsegpt(w, ref_hessian(inputs), 0.5, block=16)[0]
     )
@@ -218,9 +232,9 @@ def test_pst_warm_start_first_mask_is_the_one_shot_mask(tiny_model):
     config = experiment("pst", init="wanda", importance="activation", mask_scope="row", final_sparsity=0.5)
     model, reference, layers = injected(tiny_model, config)
     batches = calibration()
-    controller = SparsityController("pst", config.pst, 10, layers)
+    controller = SparsityController(pst_method(config.pst), 10, layers)
     assert controller.sparsity_at(0) == controller.sparsity_at(7) == 0.5  # held at final from the start
-    prune_one_shot("wanda", model, layers, batches, lambda b: model(**b), controller.sparsity_at(0))
+    one_shot("wanda", model, layers, batches, controller.sparsity_at(0))
     controller.apply(0)
     for layer in layers.values():
         assert layer.input_stats.collecting is False  # calibration gathered the norms, not the first step
@@ -261,7 +275,7 @@ def test_blocks_run_one_at_a_time_only_when_they_chain():
         ({"method": "magnitude", "train": {"distill": {"weight": 0.5}}}, "frozen dense backbone"),
         ({"pst": {"init": "sparsegpt"}, "train": {"distill": {"weight": 0.5}}}, "rewrites it"),
         ({"train": {"distill": {"weight": 1.5}}}, r"distill.weight must be in \[0, 1\]"),
-        ({"oneshot": {"damp": 0}}, "oneshot.damp > 0"),
+        ({"oneshot": {"damp": 0}}, "oneshot.damp must be > 0"),
     ],
 )
 def test_bad_one_shot_and_distill_settings_are_refused(data, message):

@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 from train_runs import train_once  # noqa: E402
 
 from pst_ds import PSTConfig, PSTLinear  # noqa: E402
-from pst_ds.config import METHODS, ONE_SHOT_METHODS, LoRAConfig  # noqa: E402
+from pst_ds.config import LoRAConfig  # noqa: E402
 from pst_ds.layers.baselines import LoRALinear  # noqa: E402
+from pst_ds.methods import METHODS  # noqa: E402
 
 # (out, in, tokens) per named shape: the SmolLM2-135M and LLaMA-7B block linears.
 SHAPES = {
@@ -147,7 +148,7 @@ def bench_layers(args: argparse.Namespace) -> dict:
 
 
 # Methods that train (one-shot ones take no step), and variants of them: name -> overrides.
-TRAINED = {m: [f"method={m}"] for m in METHODS if m not in ONE_SHOT_METHODS}
+TRAINED = {name: [f"method={name}"] for name, method in METHODS.items() if method.trains}
 TRAINED["pst_distill"] = ["method=pst", "train.distill.weight=0.5"]  # + the teacher's forward
 
 

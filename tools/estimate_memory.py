@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pst_ds.config import ConfigError, load_experiment  # noqa: E402
+from pst_ds.train.engine import load_ds_config  # noqa: E402
 from pst_ds.train.memory import GIB, estimate, precision  # noqa: E402
-from pst_ds.train.trainer import load_ds_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

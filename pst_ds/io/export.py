@@ -22,32 +22,19 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from ..config import PRUNING_METHODS, ConfigError, LoRAConfig, ModelConfig, PSTConfig, build_section
+from ..config import ConfigError, ExperimentConfig, build_section
 from ..layers.base import SparseLinear, WrappedLinear
-from ..layers.inject import inject_pst
+from ..layers.inject import build_model
 from ..masks.kinds import mask_kind
+from ..methods import Method, method_class
 from ..train import checkpoint
 from .checkpoint_tensors import CheckpointTensors, ShardWriter
-from .models import load_model, load_tokenizer
+from .models import load_tokenizer
 
 SPARSITY_REPORT = "pst_sparsity.json"
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: the writer holds about twice a shard
-
-
-def _plain_layer(layer: WrappedLinear, weight: torch.Tensor) -> nn.Module:
-    """The base layer type again, holding the merged, masked ``weight``."""
-    has_bias = layer.bias is not None
-    if layer.transposed:
-        plain = Conv1D(layer.out_features, layer.in_features)
-    else:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias)
-    plain.weight = nn.Parameter(weight, requires_grad=False)
-    if has_bias:
-        plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-    return plain
 
 
 def _zeros(weight: torch.Tensor) -> dict[str, Any]:
@@ -69,20 +56,6 @@ def _merged(layer: WrappedLinear) -> tuple[torch.Tensor, dict[str, Any]]:
     return layer.to_base_layout(weight * keep), verified
 
 
-def merge_pst_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Replace every injected layer (PST or a baseline's) by its plain merged layer; return
-    per-layer sparsity figures (and, for pruned layers, the verified mask's pruned count)."""
-    report = {}
-    injected = [(n, m) for n, m in model.named_modules() if isinstance(m, WrappedLinear)]
-    for name, layer in injected:
-        weight, mask = _merged(layer)
-        plain = _plain_layer(layer, weight)
-        report[name] = {**_zeros(plain.weight), **mask}
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, plain)
-    return report
-
-
 def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """A module's own parameters and saved buffers (what its state dict holds at this level)."""
     buffers = [
@@ -92,11 +65,11 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _filled(module: nn.Module, prefix: str, tensors: CheckpointTensors) -> None:
-    """Give a meta module its checkpointed values (fp32, as training's model was built)."""
+    """Give a meta module its checkpointed values (fp32, as training's model was built); through
+    load_state_dict, so a pruned layer puts the saved mask state in force."""
     module.to_empty(device="cpu", recurse=False)
-    with torch.no_grad():
-        for name, tensor in _own_tensors(module):
-            tensor.copy_(tensors.get(prefix + name))
+    own = {name: tensors.get(prefix + name) for name, _ in _own_tensors(module)}
+    module.load_state_dict(own, strict=False)
 
 
 def stream_merged(
@@ -125,10 +98,10 @@ def stream_merged(
             yield prefix + local, value.float() if value.is_floating_point() else value, None
 
 
-def _mask_description(pst: PSTConfig, method: str) -> dict[str, Any]:
-    if method not in PRUNING_METHODS:
+def _mask_description(method: Method) -> dict[str, Any]:
+    if not method.prunes:
         return {"kind": "none"}
-    return {**mask_kind(pst).describe(), "importance": pst.importance}
+    return {**mask_kind(method.pst).describe(), "importance": method.pst.importance}
 
 
 def export_checkpoint(
@@ -152,21 +125,17 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int)
     problem = checkpoint.damage(root, tag)
     if problem is not None:
         raise ConfigError(f"checkpoint {root / tag} is damaged: {problem}")
-    # Only the sections export needs: the training data may be gone by now.
+    # The config as saved: building it reads no file, so the training data may be gone by now.
     saved = json.loads((run_dir / "config.json").read_text())["experiment"]
-    model_config = build_section(ModelConfig, saved["model"], "model.")
-    pst = build_section(PSTConfig, saved["pst"], "pst.")
-    method = saved.get("method", "pst")
-    lora = build_section(LoRAConfig, saved.get("lora", {}), "lora.")
+    method = method_class(saved.get("method", "pst"))(build_section(ExperimentConfig, saved, ""))
     step = checkpoint.read_manifest(root, tag)["step"]
 
     # One process builds the model, on the meta device: a live HfDeepSpeedConfig (end of a
     # ZeRO-3 run) would make it partition collectively and wait for the other ranks.
     unset_hf_deepspeed_config()
-    tokenizer = load_tokenizer(model_config)
+    tokenizer = load_tokenizer(method.config.model)
     labels = json.loads((run_dir / "config.json").read_text()).get("labels")
-    model = load_model(model_config, tokenizer, labels, meta=True)
-    layer_names = inject_pst(model, pst, method, lora)
+    model, layer_names = build_model(method, tokenizer, labels, meta=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = {}
     with CheckpointTensors(root / tag) as tensors, ShardWriter(out_dir, max_shard_bytes) as shards:
@@ -175,7 +144,7 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int)
             layer = name.removesuffix(".weight")
             if mask is not None:
                 layers[layer] = mask
-            elif method == "dense" and layer in layer_names:  # nothing injected: report as is
+            elif not method.injects and layer in layer_names:  # nothing injected: report as is
                 layers[layer] = _zeros(tensor)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out_dir)
@@ -187,8 +156,8 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int)
     report = {
         "checkpoint": str(root / tag),
         "step": step,
-        "method": method,
-        "mask": _mask_description(pst, method),
+        "method": method.name,
+        "mask": _mask_description(method),
         "sparsity_in_force": sum(v.get("mask_pruned", 0) for v in layers.values()) / numel,
         "total": {"layers": len(layers), "params": numel, "zeros": zeros, "sparsity": zeros / numel},
         "layers": layers,

@@ -5,6 +5,10 @@ state and activation importance). PST's own layer is in pst.py, the baselines' i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,8 +16,23 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import PSTConfig
 from ..masks.kinds import Selection, mask_kind
+from ..masks.select import NonFiniteScoresError
 from .importance import InputStatistics, column_scale
 from .settling import MaskSettling
+
+# Set by dense_forward(): every injected layer computes x W^T + b (the frozen dense layer).
+_DENSE = contextvars.ContextVar("pst_ds_dense_forward", default=False)
+
+
+@contextlib.contextmanager
+def dense_forward() -> Iterator[None]:
+    """Within: every injected layer runs as the frozen dense layer it wraps (no mask, no
+    update), e.g. for distillation's teacher pass. Nothing is written to the layers."""
+    token = _DENSE.set(True)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
 
 
 class WrappedLinear(nn.Module):
@@ -30,12 +49,16 @@ class WrappedLinear(nn.Module):
         # Under ZeRO-3 the weight may already be partitioned: its real shape is ds_shape.
         shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
         self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
-        self.as_teacher = False  # distill.py: run as the frozen dense layer (no mask, no update)
+        self.layer_name = ""  # its qualified name in the model, given by the injector (for errors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.as_teacher:
+        if _DENSE.get():
             return F.linear(x, self.oriented_weight(), self.bias)
         return self.adapted_forward(x)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """This layer's own trainable parameters by job (train/optim.py gives each job its rate)."""
+        raise NotImplementedError
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The method's own forward (pruned, updated)."""
@@ -57,8 +80,9 @@ class SparseLinear(WrappedLinear):
     the scores.
 
     The mask state is the ``pruned`` buffer (entries pruned now: one count, or one per row),
-    written by the sparsity controller, saved with the model and read back by export, so the
-    exported mask is the one in force, never recomputed from the config and the step.
+    written by the sparsity controller (``put_in_force``), saved with the model and read back by
+    export, so the exported mask is the one in force, never recomputed from the config and the
+    step. A host copy beside it is what the selection reads: no device sync per forward.
     """
 
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
@@ -67,6 +91,9 @@ class SparseLinear(WrappedLinear):
         device = base.weight.device
         pruned = self.mask_kind.pruned_count(self.out_features, self.in_features, config.initial_sparsity)
         self.register_buffer("pruned", pruned.to(device))
+        self._pruned_host = pruned
+        # A checkpoint's mask state (resume, export) replaces the buffer: the host copy follows.
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_host_state())
         self.input_stats: InputStatistics | None = None
         if config.importance == "activation":
             self.input_stats = InputStatistics()
@@ -75,27 +102,44 @@ class SparseLinear(WrappedLinear):
         self.track_mask = False
         self.settling = MaskSettling()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return super().forward(x)
+        except NonFiniteScoresError as err:  # name the layer: which one diverged is the clue
+            raise NonFiniteScoresError(f"{err} in layer {self.layer_name or '?'}") from None
+
+    def put_in_force(self, pruned: torch.Tensor) -> None:
+        """Write the mask state: ``pruned`` entries (one count, or one per row). The sparsity
+        controller's job; export's when it puts a checkpoint's state back."""
+        self.pruned.copy_(pruned.reshape(self.pruned.shape))
+        self._refresh_host_state()
+
+    def _refresh_host_state(self) -> None:
+        self._pruned_host = self.pruned.detach().to("cpu", copy=True)
+
+    @property
+    def pruned_count(self) -> torch.Tensor:
+        """The mask state in force, on the host (reading it never waits for the device)."""
+        return self._pruned_host
+
     @property
     def sparsity(self) -> float:
         """The share of this matrix pruned now."""
-        return int(self.pruned.sum()) / (self.out_features * self.in_features)
+        return int(self._pruned_host.sum()) / (self.out_features * self.in_features)
 
     @sparsity.setter
     def sparsity(self, sparsity: float) -> None:
         """Put the kind's mask for the scheduled ``sparsity`` in force."""
-        counts = self.mask_kind.pruned_count(self.out_features, self.in_features, sparsity)
-        self.pruned.copy_(counts)
+        self.put_in_force(self.mask_kind.pruned_count(self.out_features, self.in_features, sparsity))
 
     def column_scale(self) -> torch.Tensor | None:
         """Activation importance's per-input scale of |W| (None: magnitude importance)."""
         return None if self.input_stats is None else column_scale(self.input_sq)
 
     def observe_inputs(self, x: torch.Tensor) -> None:
-        if self.input_stats is None or not self.input_stats.collecting or not self.training:
-            return
-        # Not again in backward, where gradient checkpointing re-runs the forward: a private
-        # torch call, -1 outside any backward pass.
-        if torch._C._current_graph_task_id() == -1:
+        """Add x to this step's input statistics when they are being gathered (the trainer stops
+        that for backward, where gradient checkpointing runs the forward again)."""
+        if self.input_stats is not None and self.input_stats.collecting and self.training:
             self.input_stats.observe(x)
 
     def note_mask(self, mask: torch.Tensor) -> None:
@@ -104,12 +148,18 @@ class SparseLinear(WrappedLinear):
         self.track_mask = False
         self.settling.note(mask)
 
+    def mask_changes(self) -> int | None:
+        """Entries of this rank's slice changed between the last two noted masks (None: one so far)."""
+        return self.settling.changes
+
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, the weight the mask applies to), both (out, in) fp32, without autograd."""
         raise NotImplementedError
 
-    def selection(self, scores: torch.Tensor) -> Selection:
-        return self.mask_kind.select(scores, self.pruned)
+    def selection(self, scores: torch.Tensor, check: bool = True) -> Selection:
+        """The kind's mask of ``scores`` at the state in force; ``check``: refuse non-finite scores
+        (a device sync, so training checks on logged steps only where the selection has none)."""
+        return self.mask_kind.select(scores, self._pruned_host, check)
 
     @torch.no_grad()
     def mask(self) -> torch.Tensor:

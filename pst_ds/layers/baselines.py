@@ -8,7 +8,7 @@
                with a straight-through gradient dS = G * W; W trained (dW = G * M)
     smp        as movement with W frozen: only the scores train (static model pruning)
     lora       y = x W^T + b + (alpha / r) x A^T B^T; A ~ Kaiming, B = 0; no pruning
-    dense      no layer: every parameter of the model trains (handled by the injector)
+    dense      no layer: every parameter of the model trains
 
 The masks come from the same mask kinds as PST's (masks/kinds.py), so sparsities and patterns match.
 These layers use plain autograd: they train weight-sized tensors anyway.
@@ -45,10 +45,14 @@ class MagnitudeLinear(SparseLinear):
         self.observe_inputs(x)
         weight = self.oriented_weight()
         with torch.no_grad():
-            keep = self.mask()
+            scores, _ = self.scores_and_weight()
+            keep = self.selection(scores, check=self.track_mask).mask(scores)
             if self.track_mask:
                 self.note_mask(keep)
         return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"method": [self.weight]}
 
 
 class MovementLinear(SparseLinear):
@@ -64,8 +68,11 @@ class MovementLinear(SparseLinear):
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scores.detach().float(), self.oriented_weight().detach().float()
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"method": [self.weight], "scores": [self.scores]}
+
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = StraightThroughMask.apply(self.scores, self.mask_kind, self.pruned)
+        mask = StraightThroughMask.apply(self.scores, self.mask_kind, self.pruned_count, self.track_mask)
         if self.track_mask:
             self.note_mask(mask.detach() > 0)
         weight = self.oriented_weight()
@@ -82,6 +89,9 @@ class LoRALinear(WrappedLinear):
         self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"method": [self.lora_A, self.lora_B]}
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         low_rank = F.linear(F.linear(x, self.lora_A), self.lora_B)

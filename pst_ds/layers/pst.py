@@ -55,6 +55,12 @@ class PSTLinear(SparseLinear):
             )
             self.threshold_shift = 0.0  # the model-wide shift c, set by the sparsity controller
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"method": [self.U, self.V], "importance": [self.A, self.B, self.R, self.C]}
+        if self.mask_kind.learned:
+            groups["thresholds"] = [self.threshold_logit]
+        return groups
+
     def updated_and_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', S), (out, in), fp32, without autograd (needs the whole weight gathered).
 
@@ -94,7 +100,7 @@ class PSTLinear(SparseLinear):
             self.column_scale(),
             self.hyper,
             self.mask_kind,
-            self.pruned,
+            self.pruned_count,
             record,
         )
         if record:

@@ -155,8 +155,9 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
 class PSTLinearFunction(torch.autograd.Function):
     """y = x (M * W')^T + b with the gradients above.
 
-    ``kind`` and ``pruned`` (the layer's mask state) give M; ``keep_fraction`` (learned
-    thresholds only) receives its gradient; ``record``, when a list, receives the bool mask.
+    ``kind`` and ``pruned`` (the host copy of the layer's mask state) give M; ``keep_fraction``
+    (learned thresholds only) receives its gradient; ``record``, when a list (a logged step),
+    receives the bool mask, and the scores are checked for NaN and inf.
     """
 
     @staticmethod
@@ -183,7 +184,7 @@ class PSTLinearFunction(torch.autograd.Function):
         updated, scores = kernels(hyper.compiled)["updated_and_scores"](
             weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale
         )
-        selection = kind.select(scores, pruned)
+        selection = kind.select(scores, pruned, check=record is not None)
         given = selection.for_kernels(scores)
         if record is not None:
             record.append(given.mask(scores))

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import PSTConfig
+from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import PSTConfig
 from .select import (
     check_finite,
     keep_from,
@@ -81,24 +85,43 @@ DENSE = Selection(keep_all)
 
 
 class MaskKind:
-    """One way to pick the kept set. Subclasses set ``name`` and implement ``pruned_count`` and
-    ``_select`` (the dense case is handled here, once for all kinds)."""
+    """One way to pick the kept set. Subclasses set ``name``, the flags that differ, and implement
+    ``from_config``, ``pruned_count`` and ``_select`` (the dense case is handled here, once for
+    all kinds); ``check`` refuses the PST settings a kind cannot give."""
 
-    name = ""
-    learned = False  # True: the counts are allocated from trained thresholds (threshold kind)
-    per_row = False  # True: the layer's mask state holds one count per output row
+    name: ClassVar[str] = ""
+    learned: ClassVar[bool] = False  # the counts are allocated from trained thresholds
+    scoped: ClassVar[bool] = False  # pst.mask_scope applies: one count per matrix or per row
+    obs_prunable: ClassVar[bool] = False  # SparseGPT's sweep can choose this pattern
+    per_row = False  # this instance's mask state holds one count per output row
+
+    @classmethod
+    def from_config(cls, config: PSTConfig) -> MaskKind:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, config: PSTConfig) -> None:
+        """Refuse (ConfigError) settings of ``config`` this kind cannot give."""
 
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> torch.Tensor:
         """The mask state at the scheduled ``sparsity``: entries pruned (long, () or (rows,))."""
         raise NotImplementedError
 
-    def select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
-        """The mask of ``scores`` with ``pruned`` in force; dense when nothing is pruned.
-        Raises NonFiniteScoresError on NaN or infinite scores either way (training diverged)."""
-        if not bool(pruned.any()):
+    def select(self, scores: torch.Tensor, pruned: torch.Tensor, check: bool = True) -> Selection:
+        """The mask of ``scores`` with ``pruned`` (the host copy of the mask state) in force;
+        dense when nothing is pruned. With ``check``, NaN or infinite scores raise
+        NonFiniteScoresError (training diverged); that test waits for the device, so training
+        runs it on logged steps only, except where the selection counts entries anyway (top-k of
+        a whole matrix checks at every selection)."""
+        dense = not bool(pruned.any())
+        if check and (dense or not self.checks_while_selecting):
             check_finite(scores.detach().reshape(-1))
-            return DENSE
-        return self._select(scores, pruned)
+        return DENSE if dense else self._select(scores, pruned)
+
+    @property
+    def checks_while_selecting(self) -> bool:
+        """Whether ``_select`` itself refuses non-finite scores (it must count them anyway)."""
+        return False
 
     def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
         raise NotImplementedError
@@ -118,6 +141,12 @@ class TopK(MaskKind):
     """Exact top-k of S over the whole matrix or within each row."""
 
     name = "topk"
+    scoped = True
+    obs_prunable = True
+
+    @classmethod
+    def from_config(cls, config: PSTConfig) -> MaskKind:
+        return cls(config.mask_scope)
 
     def __init__(self, scope: str = "matrix") -> None:
         self.per_row = scope == "row"
@@ -128,9 +157,13 @@ class TopK(MaskKind):
             return torch.full((rows,), num_pruned(cols, sparsity), dtype=torch.long)
         return torch.tensor(num_pruned(rows * cols, sparsity), dtype=torch.long)
 
+    @property
+    def checks_while_selecting(self) -> bool:
+        return not self.per_row  # select_pruned counts entries around the k-th: it checks too
+
     def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
         if self.per_row:
-            threshold = select_row_thresholds(scores, pruned)
+            threshold = select_row_thresholds(scores, pruned, check=False)
             return Selection(keep_rows, (threshold.value, threshold.first_kept_tie))
         threshold = select_pruned(scores, int(pruned))
         return Selection(keep_from, (threshold.value, threshold.first_kept_tie))
@@ -160,9 +193,36 @@ class NM(MaskKind):
     """N of every M consecutive inputs of a row; dense while the schedule holds sparsity 0."""
 
     name = "nm"
+    obs_prunable = True
 
     def __init__(self, n: int = 2, m: int = 4) -> None:
         self.n, self.m = n, m
+
+    @classmethod
+    def from_config(cls, config: PSTConfig) -> MaskKind:
+        return cls(config.mask_n, config.mask_m)
+
+    @classmethod
+    def kept_of(cls, config: PSTConfig) -> int:
+        """How many of every mask_m inputs the pattern keeps."""
+        if not 1 <= config.mask_n < config.mask_m:
+            raise ConfigError(f"pst.mask=nm needs 1 <= mask_n < mask_m, got {config.mask_n}:{config.mask_m}")
+        return config.mask_n
+
+    @classmethod
+    def check(cls, config: PSTConfig) -> None:
+        """The pattern prunes its own share: the schedule must say it, and start dense or there."""
+        kept = cls.kept_of(config)
+        pattern = 1 - kept / config.mask_m
+        if abs(config.final_sparsity - pattern) > 1e-9:
+            raise ConfigError(
+                f"pst.mask={cls.name} prunes {pattern:g} of the weights ({kept} of every {config.mask_m}): "
+                f"set pst.final_sparsity={pattern:g} (got {config.final_sparsity})"
+            )
+        if config.initial_sparsity not in (0.0, pattern):
+            raise ConfigError(
+                f"pst.mask={cls.name}: pst.initial_sparsity must be 0 (dense warm-up) or {pattern:g}"
+            )
 
     def kept_per_row(self, cols: int) -> int:
         return cols // self.m * self.n + min(self.n, cols % self.m)
@@ -171,7 +231,6 @@ class NM(MaskKind):
         return torch.tensor(0 if sparsity == 0 else rows * (cols - self.kept_per_row(cols)), dtype=torch.long)
 
     def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
-        check_finite(scores.detach().reshape(-1))
         return Selection(keep_n_of_m, (self.n, self.m), fusable=False)
 
     def describe(self) -> dict:
@@ -201,13 +260,25 @@ class VNM(NM):
     """V:2:M: 4 chosen columns of every M per block of V rows, then 2:4 among them per row."""
 
     name = "vnm"
+    obs_prunable = False  # SparseGPT's sweep chooses per row; V:N:M's columns are per block
 
     def __init__(self, v: int = 64, m: int = 5) -> None:
         super().__init__(n=2, m=m)
         self.v = v
 
+    @classmethod
+    def from_config(cls, config: PSTConfig) -> MaskKind:
+        return cls(config.mask_v, config.mask_m)
+
+    @classmethod
+    def kept_of(cls, config: PSTConfig) -> int:
+        if config.mask_m < 4 or config.mask_v < 1:
+            raise ConfigError(
+                f"pst.mask=vnm needs mask_m >= 4 and mask_v >= 1, got {config.mask_v}:2:{config.mask_m}"
+            )
+        return 2
+
     def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
-        check_finite(scores.detach().reshape(-1))
         rows, cols = scores.shape
         pad = (-rows) % self.v  # a shorter last block: zero rows add nothing to the sums
         block_sums = torch.nn.functional.pad(scores.detach(), (0, 0, 0, pad)).view(-1, self.v, cols).sum(1)
@@ -235,20 +306,20 @@ class StraightThroughMask(torch.autograd.Function):
     """M = a kind's mask of S in the forward; dL/dS = dL/dM in the backward (straight-through)."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, kind: MaskKind, pruned: torch.Tensor) -> torch.Tensor:
-        return kind.select(scores, pruned).mask(scores).to(scores.dtype)
+    def forward(
+        ctx, scores: torch.Tensor, kind: MaskKind, pruned: torch.Tensor, check: bool = True
+    ) -> torch.Tensor:
+        return kind.select(scores, pruned, check).mask(scores).to(scores.dtype)
 
     @staticmethod
-    def backward(ctx, grad_mask: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad_mask, None, None
+    def backward(ctx, grad_mask: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return grad_mask, None, None, None
+
+
+# Every mask kind by its pst.mask name: one class each, one line here.
+MASK_KINDS: dict[str, type[MaskKind]] = {kind.name: kind for kind in (TopK, LearnedThreshold, NM, VNM)}
 
 
 def mask_kind(config: PSTConfig) -> MaskKind:
     """The mask kind ``config.mask`` names, with its parameters."""
-    if config.mask == "topk":
-        return TopK(config.mask_scope)
-    if config.mask == "threshold":
-        return LearnedThreshold(config.mask_scope)
-    if config.mask == "nm":
-        return NM(config.mask_n, config.mask_m)
-    return VNM(config.mask_v, config.mask_m)
+    return MASK_KINDS[config.mask].from_config(config)

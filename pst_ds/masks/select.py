@@ -145,16 +145,19 @@ def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep_from(scores, threshold.value, threshold.first_kept_tie)
 
 
-def select_row_thresholds(scores: torch.Tensor, pruned: torch.Tensor) -> Threshold:
+def select_row_thresholds(scores: torch.Tensor, pruned: torch.Tensor, check: bool = True) -> Threshold:
     """Per-row thresholds that prune exactly ``pruned[r]`` entries of row r (smallest scores,
-    ties pruned lowest column first): ``value`` (out, 1) and ``first_kept_tie`` (out, 1), a column."""
+    ties pruned lowest column first): ``value`` (out, 1) and ``first_kept_tie`` (out, 1), a column.
+    ``pruned`` is read on the host (one count for all rows, or one per row)."""
     scores = scores.detach()
-    check_finite(scores.reshape(-1))
+    if check:
+        check_finite(scores.reshape(-1))
     rows, cols = scores.shape
-    pruned = pruned.to(device=scores.device, dtype=torch.long).expand(rows)
-    if bool((pruned == pruned[0]).all()):  # one count for all rows: kthvalue, no sort
-        k = int(pruned[0])
-        value = scores.kthvalue(max(k, 1), dim=1, keepdim=True).values
+    pruned = pruned.to(dtype=torch.long).expand(rows)
+    uniform, first = bool((pruned == pruned[0]).all()), int(pruned[0])  # on the host: no device sync
+    pruned = pruned.to(scores.device)
+    if uniform:  # one count for all rows: kthvalue, no sort
+        value = scores.kthvalue(max(first, 1), dim=1, keepdim=True).values
     else:
         ordered = scores.sort(dim=1).values
         value = ordered.gather(1, (pruned - 1).clamp(min=0)[:, None])

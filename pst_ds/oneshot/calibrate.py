@@ -8,9 +8,10 @@ The methods write what the layer's own importance needs for its first mask to be
     sparsegpt  the pruned and OBS-updated weight W (oneshot/sparsegpt.py): its zeros are the mask,
                so S = |W| selects exactly them
 
-then put the final sparsity in force. ``method: wanda | sparsegpt`` stops there (and exports);
-``pst.init`` trains on from it. With ``oneshot.sequential`` (the papers' way) the layers are
-taken block by block, each calibrated on the outputs of the blocks pruned before it: one
+then put the final sparsity in force (methods/wanda.py and methods/sparsegpt.py say which).
+``method: wanda | sparsegpt`` stops there (and exports); ``pst.init`` trains on from it. With
+``oneshot.sequential`` (the papers' way) the layers are taken block by block, each calibrated
+on the outputs of the blocks pruned before it: one
 whole forward captures the first block's inputs, then each block runs alone (about three
 forwards' cost in all), and only one block's statistics are held at a time.
 
@@ -24,15 +25,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..layers.base import SparseLinear
 from ..layers.importance import InputStatistics, fold_step
-from .sparsegpt import sparsegpt_prune
+
+if TYPE_CHECKING:
+    from ..methods.base import Calibration
 
 
 def block_of(name: str) -> str:
@@ -142,28 +145,25 @@ def chained(blocks: list[str]) -> bool:
 
 
 def prune_one_shot(
-    method: str,
-    model: nn.Module,
-    layers: dict[str, SparseLinear],
-    batches: list[dict[str, torch.Tensor]],
-    forward: Callable[[dict[str, torch.Tensor]], object],
-    sparsity: float,
+    calibration: Calibration,
     sequential: bool = True,
-    damp: float = 0.01,
-    block_columns: int = 128,
-    progress: Callable[[str], None] = lambda _: None,
+    name: str = "one-shot",
+    prune_with_hessian: Callable[[SparseLinear, torch.Tensor, float], None] | None = None,
 ) -> None:
-    """Prune ``layers`` (model order) of ``model`` to ``sparsity`` with ``method`` (wanda or sparsegpt).
+    """Prune ``calibration.layers`` (model order) to ``calibration.sparsity``, block by block.
 
-    ``forward(batch)`` runs the whole model on one batch; it is called without autograd, in the
-    caller's mode (eval), the same number of times on every rank. Sequentially, one whole forward
-    captures the first block's inputs; then each block runs alone on them, is pruned, and runs
-    again to give the next block its inputs. Collective."""
+    Each group's input norms are folded into its layers' ``input_sq`` (Wanda's score, and the
+    activation importance PST trains on from there); with ``prune_with_hessian`` each layer is
+    then pruned from its X^T X (SparseGPT's weight update) before its mask state is put in force.
+    ``calibration.forward(batch)`` runs the whole model on one batch; it is called without
+    autograd, in the caller's mode (eval), the same number of times on every rank. Sequentially,
+    one whole forward captures the first block's inputs; then each block runs alone on them, is
+    pruned, and runs again to give the next block its inputs. Collective."""
+    layers, batches, forward = calibration.layers, calibration.batches, calibration.forward
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = [rank + r * world for r in range(math.ceil(len(batches) / world))]
     active = [index < len(batches) for index in mine]  # a spare call repeats batch 0, uncounted
-    for layer in layers.values():
-        layer.sparsity = 0.0  # calibrate on the dense layers; each block is pruned once gathered
+    calibration.put_in_force(layers, 0.0)  # calibrate on the dense layers; each block is pruned once gathered
     groups = in_blocks(layers, sequential)
     blocks = [block_of(names[0]) for names in groups]
     direct = sequential and chained(blocks)
@@ -174,51 +174,38 @@ def prune_one_shot(
 
     with torch.no_grad():
         if direct:
-            inputs = capture_block_inputs(model.get_submodule(blocks[0]), run_all)
+            inputs = capture_block_inputs(calibration.model.get_submodule(blocks[0]), run_all)
         for g, names in enumerate(groups, 1):
             group = {name: layers[name] for name in names}
-            calibration = CalibrationInputs(group, hessians=method == "sparsegpt")
+            inputs_seen = CalibrationInputs(group, hessians=prune_with_hessian is not None)
             if direct:
-                block = model.get_submodule(blocks[g - 1])
+                block = calibration.model.get_submodule(blocks[g - 1])
                 for (args, kwargs), counted in zip(inputs, active, strict=True):
-                    calibration.active = counted
+                    inputs_seen.active = counted
                     block(*args, **kwargs)
             else:
                 for index, counted in zip(mine, active, strict=True):
-                    calibration.active = counted
+                    inputs_seen.active = counted
                     forward(batches[index if counted else 0])
-            calibration.remove()
-            _prune_group(method, group, calibration, sparsity, damp, block_columns)
+            inputs_seen.remove()
+            _prune_group(group, inputs_seen, calibration, prune_with_hessian)
             if direct and g < len(groups):  # the next block's inputs: this block's pruned outputs
                 inputs = [
                     _with_hidden(args, kwargs, _hidden(block(*args, **kwargs))) for args, kwargs in inputs
                 ]
-            progress(f"{method}: block {g}/{len(groups)} pruned ({len(names)} layers)")
+            calibration.progress(f"{name}: block {g}/{len(groups)} pruned ({len(names)} layers)")
 
 
 def _prune_group(
-    method: str,
     group: dict[str, SparseLinear],
-    calibration: CalibrationInputs,
-    sparsity: float,
-    damp: float,
-    block_columns: int,
+    inputs_seen: CalibrationInputs,
+    calibration: Calibration,
+    prune_with_hessian: Callable[[SparseLinear, torch.Tensor, float], None] | None,
 ) -> None:
-    hessians = {name: calibration.hessian(name) for name in group} if method == "sparsegpt" else {}
-    with_norms = [(layer.input_sq, calibration.stats[n]) for n, layer in group.items() if layer.input_stats]
+    hessians = {name: inputs_seen.hessian(name) for name in group} if prune_with_hessian else {}
+    with_norms = [(layer.input_sq, inputs_seen.stats[n]) for n, layer in group.items() if layer.input_stats]
     fold_step(with_norms, weight=1.0)  # input_sq = the calibration mean of x^2
     for name, layer in group.items():
-        if name in hessians:
-            _apply_sparsegpt(layer, hessians[name], sparsity, damp, block_columns)
-        layer.sparsity = sparsity
-
-
-def _apply_sparsegpt(
-    layer: SparseLinear, hessian: torch.Tensor, sparsity: float, damp: float, block_columns: int
-) -> None:
-    pruned = layer.mask_kind.pruned_count(layer.out_features, layer.in_features, sparsity)
-    with torch.no_grad(), deepspeed.zero.GatheredParameters([layer.weight], modifier_rank=0):
-        updated = sparsegpt_prune(
-            layer.oriented_weight(), hessian, layer.mask_kind, pruned, block_columns, damp
-        )
-        layer.oriented_weight().copy_(updated.to(layer.weight.dtype))
+        if prune_with_hessian is not None:
+            prune_with_hessian(layer, hessians[name], calibration.sparsity)
+    calibration.put_in_force(group, calibration.sparsity)

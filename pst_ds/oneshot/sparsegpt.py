@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks.kinds import NM, VNM, MaskKind, TopK
+from ..masks.kinds import NM, MaskKind
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +65,7 @@ def sparsegpt_prune(
 
     ``kind`` and ``pruned`` are the layer's mask kind and the count(s) it prunes: topk (per
     matrix or per row, learned thresholds included) or nm."""
-    if isinstance(kind, VNM) or not isinstance(kind, (TopK, NM)):
+    if not kind.obs_prunable:
         raise ValueError(f"sparsegpt supports topk and nm masks, not {kind.name}")
     nm = isinstance(kind, NM)
     if nm and block_columns % kind.m:

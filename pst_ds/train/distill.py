@@ -12,27 +12,12 @@ T^2 keeps the soft term's gradient on the scale of the hard one (Hinton et al. 2
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..layers.base import WrappedLinear
+from ..layers.base import dense_forward as teacher_forward
 
-
-@contextlib.contextmanager
-def teacher_mode(model: nn.Module) -> Iterator[None]:
-    """Within: every injected layer runs as its frozen dense layer."""
-    layers = [m for m in model.modules() if isinstance(m, WrappedLinear)]
-    for layer in layers:
-        layer.as_teacher = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.as_teacher = False
+__all__ = ["distillation_loss", "soft_kl", "teacher_forward"]
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
-from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
 
-from ..config import ONE_SHOT_METHODS, ExperimentConfig
+from ..config import ExperimentConfig
 from ..io.models import load_model, load_tokenizer
-from ..layers.base import WrappedLinear
-from ..layers.inject import inject_pst, iter_pst_layers
+from ..layers.inject import build_model, iter_injected, iter_pst_layers
+from ..methods import Method, method_class
 
 GIB = 2**30
 CPU_RUNTIME_BYTES = int(0.75 * GIB)  # measured: one CPU rank's RSS before the model is built
-PST_TRANSIENT_FP32_COPIES = 6  # W', S, M*W', dS, dW' and G (fp32), alive at once in backward
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -72,13 +70,14 @@ def precision(ds_config: dict[str, Any]) -> str:
     return "fp32"
 
 
-def meta_model(config: ExperimentConfig, inject: bool = True) -> nn.Module:
+def meta_model(method: Method, inject: bool = True) -> nn.Module:
     """The run's model, with its method's layers if ``inject``, on the meta device."""
+    config = method.config
     labels = ["0", "1"] if config.model.task == "sequence_classification" else None
-    model = load_model(config.model, load_tokenizer(config.model), labels, meta=True)
+    tokenizer = load_tokenizer(config.model)
     if inject:
-        inject_pst(model, config.pst, config.method, config.lora)
-    return model
+        return build_model(method, tokenizer, labels, meta=True)[0]
+    return load_model(config.model, tokenizer, labels, meta=True)
 
 
 def saved_activation_bytes(
@@ -115,11 +114,10 @@ def saved_activation_bytes(
     plain.train()
     # On the meta device SDPA falls back to its math path, which keeps the (length x length)
     # attention probabilities; the fused kernels a run uses (flash, memory-efficient, CPU flash)
-    # keep q, k, v, the output and one log-sum-exp per row.
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
-        mock.patch.object(F, "scaled_dot_product_attention", _fused_attention),
-    ):
+    # keep q, k, v, the output and one log-sum-exp per row: counted through an attention
+    # function of transformers' public registry that saves just those.
+    plain.set_attn_implementation(FUSED_ATTENTION)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         plain(input_ids=ids, labels=ids)
     hidden = batch * length * plain.config.hidden_size * dtype_bytes
     kept = sum(per_block) if not checkpointing else len(blocks) * hidden + max(per_block, default=0)
@@ -138,9 +136,15 @@ class _FusedAttention(torch.autograd.Function):
 
 
 def _fused_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any, **__: Any
-) -> torch.Tensor:
-    return _FusedAttention.apply(query, key, value)
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any, **__: Any
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: (batch, heads, length, dim) in, (batch, length, heads,
+    dim) out, no attention weights."""
+    return _FusedAttention.apply(query, key, value).transpose(1, 2), None
+
+
+FUSED_ATTENTION = "pst_ds_meta_fused"
+AttentionInterface.register(FUSED_ATTENTION, _fused_attention)
 
 
 def trained_weights(plain: nn.Module, adapted: set[str], everything: bool) -> None:
@@ -160,13 +164,13 @@ def estimate(
     config: ExperimentConfig, ds_config: dict[str, Any], world_size: int, on_gpu: bool
 ) -> MemoryEstimate:
     """The per-rank memory of training ``config`` under ``ds_config`` on ``world_size`` ranks."""
-    model = meta_model(config)
+    method = method_class(config.method)(config)
+    model = meta_model(method)
     zero = ds_config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     dtype = DTYPE_BYTES[precision(ds_config)]
-    # A one-shot method's factors only carry the mask: nothing is trained.
-    one_shot = config.method in ONE_SHOT_METHODS
-    trainable = [p for p in model.parameters() if p.requires_grad and not one_shot]
+    # A method that takes no step (one-shot) trains nothing: its layers only carry the mask.
+    trainable = [p for p in model.parameters() if p.requires_grad and method.trains]
     numel = sum(p.numel() for p in model.parameters())
     trainable_numel = sum(p.numel() for p in trainable)
 
@@ -195,9 +199,9 @@ def estimate(
     on_host = optimizer if offloaded and on_gpu else 0  # on CPU ranks the host is the device
 
     train = config.train
-    plain = meta_model(config, inject=False)
-    adapted = {name for name, module in model.named_modules() if isinstance(module, WrappedLinear)}
-    trained_weights(plain, adapted, everything=config.method == "dense")
+    plain = meta_model(method, inject=False)
+    adapted = {name for name, _ in iter_injected(model)}
+    trained_weights(plain, adapted, everything=not method.injects)
     activations = saved_activation_bytes(
         plain,
         train.micro_batch_size,
@@ -207,7 +211,7 @@ def estimate(
     )
     pruned = [layer for _, layer in iter_pst_layers(model)]
     largest_pruned = max((layer.out_features * layer.in_features for layer in pruned), default=0)
-    pst_buffers = PST_TRANSIENT_FP32_COPIES * 4 * largest_pruned if config.method == "pst" else 0
+    pst_buffers = method.transient_weight_copies * 4 * largest_pruned
     runtime = 0 if on_gpu else CPU_RUNTIME_BYTES
     return MemoryEstimate(
         parameters, gathered, gradients, optimizer, activations, pst_buffers, runtime, on_host

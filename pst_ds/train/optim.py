@@ -16,28 +16,20 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import PSTConfig, TrainConfig
-from ..layers.base import SparseLinear
-from ..layers.inject import head_parameters
+from ..layers.inject import head_parameters, iter_injected
 
-IMPORTANCE_FACTORS = ("A", "B", "R", "C")
+JOBS = ("method", "importance", "scores", "thresholds", "head")
 
 
-def parameter_groups(
-    model: nn.Module, layers: list[SparseLinear], pst: PSTConfig
-) -> dict[str, list[nn.Parameter]]:
-    """The trainable parameters of ``model`` by the job (and so the learning rate) they have."""
+def parameter_groups(model: nn.Module, pst: PSTConfig) -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of ``model`` by the job (and so the learning rate) they have:
+    what each injected layer declares, the modules of pst.trainable_modules, and the rest
+    (a dense run's whole model) with the method's own rate."""
     group_of = {id(p): "head" for p in head_parameters(model, pst)}
-    for layer in layers:
-        for name in IMPORTANCE_FACTORS:
-            if hasattr(layer, name):
-                group_of[id(getattr(layer, name))] = "importance"
-        if hasattr(layer, "scores"):
-            group_of[id(layer.scores)] = "scores"
-        if hasattr(layer, "threshold_logit"):
-            group_of[id(layer.threshold_logit)] = "thresholds"
-    groups: dict[str, list[nn.Parameter]] = {
-        n: [] for n in ("method", "importance", "scores", "thresholds", "head")
-    }
+    for _, layer in iter_injected(model):
+        for job, params in layer.parameter_groups().items():
+            group_of.update({id(p): job for p in params})
+    groups: dict[str, list[nn.Parameter]] = {job: [] for job in JOBS}
     for p in model.parameters():
         if p.requires_grad:
             groups[group_of.get(id(p), "method")].append(p)
@@ -45,7 +37,7 @@ def parameter_groups(
 
 
 def build_optimizer(
-    model: nn.Module, layers: list[SparseLinear], pst: PSTConfig, train: TrainConfig
+    model: nn.Module, pst: PSTConfig, train: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with one group per job (empty ones left out) and the linear warm-up/decay schedule."""
     rates = {
@@ -57,7 +49,7 @@ def build_optimizer(
     }
     groups = [
         {"params": params, "lr": rates[name] or train.lr}
-        for name, params in parameter_groups(model, layers, pst).items()
+        for name, params in parameter_groups(model, pst).items()
         if params
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)

@@ -3,14 +3,17 @@ and the controller that puts it in force in the layers."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import deepspeed
 import torch
 
-from ..config import PRUNING_METHODS, PSTConfig
 from ..layers.base import SparseLinear
 from ..layers.importance import fold_step
 from ..masks.allocation import allocate_kept
 from ..masks.select import num_pruned
+from ..methods import Method
 
 
 def cubic_sparsity(
@@ -37,50 +40,51 @@ def cubic_sparsity(
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-def scheduled_sparsity(method: str, config: PSTConfig, step: int, total_steps: int) -> float:
-    """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune, the
-    final sparsity throughout after a one-shot warm start (pst.init), else the cubic schedule."""
-    if method not in PRUNING_METHODS:
-        return 0.0
-    if config.init != "magnitude":
-        return config.final_sparsity
-    return cubic_sparsity(
-        step,
-        total_steps,
-        config.initial_sparsity,
-        config.final_sparsity,
-        config.initial_warmup,
-        config.final_warmup,
-    )
-
-
 class SparsityController:
-    """Puts the schedule in force in every pruned layer, after each optimizer step.
+    """The one writer of every pruned layer's mask state, after each optimizer step.
 
-    It writes each layer's mask state (the ``pruned`` counts: the kind's count at the
-    scheduled sparsity, or, for learned thresholds, the counts allocated from all logits so
-    that the model as a whole prunes exactly the scheduled count), and tells activation
-    importance when to gather input statistics (the dense warm-up, unless a warm start's
-    calibration gathered them; always with a moving average).
-    Every rank computes the same state from the same (gathered) values.
+    It writes each layer's ``pruned`` counts (the kind's count at the scheduled sparsity, or, for
+    learned thresholds, the counts allocated from all logits so that the model as a whole prunes
+    exactly the scheduled count), and tells activation importance when to gather input statistics
+    (the dense warm-up, unless a warm start's calibration gathered them; always with a moving
+    average). Every rank computes the same state from the same (gathered) values.
     """
 
-    def __init__(
-        self, method: str, config: PSTConfig, total_steps: int, layers: dict[str, SparseLinear]
-    ) -> None:
-        self.method, self.config, self.total_steps, self.layers = method, config, total_steps, layers
-        self.learned = config.mask == "threshold" and method == "pst"
-        self.activation = config.importance == "activation"
+    def __init__(self, method: Method, total_steps: int, layers: dict[str, SparseLinear]) -> None:
+        self.method, self.config, self.total_steps, self.layers = method, method.pst, total_steps, layers
+        self.learned = method.pst.kind().learned
+        self.activation = method.pst.importance == "activation"
 
     def sparsity_at(self, step: int) -> float:
-        return scheduled_sparsity(self.method, self.config, step, self.total_steps)
+        """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune,
+        the final sparsity throughout after a one-shot start (or without training), else the
+        cubic schedule."""
+        config = self.config
+        if not self.method.prunes:
+            return 0.0
+        if self.method.holds_final_sparsity():
+            return config.final_sparsity
+        return cubic_sparsity(
+            step,
+            self.total_steps,
+            config.initial_sparsity,
+            config.final_sparsity,
+            config.initial_warmup,
+            config.final_warmup,
+        )
 
     def _in_warmup(self, step: int) -> bool:
         """Step ``step`` (0-based) gathers the warm-up's input norms: it still runs at the initial
         sparsity (the first one always counts), and no calibration gathered them (pst.init)."""
-        if self.config.init != "magnitude":
+        if self.method.warm_start_method() is not None:
             return False
         return step == 0 or step <= self.config.initial_warmup * self.total_steps
+
+    def put_in_force(self, layers: dict[str, SparseLinear], sparsity: float) -> None:
+        """``sparsity`` in ``layers`` now, whatever the schedule says (the dense model evaluated
+        before a warm start; a one-shot method's blocks as it prunes them)."""
+        for layer in layers.values():
+            layer.sparsity = sparsity
 
     def apply(self, step: int) -> None:
         """The state in force for the forward of step ``step + 1`` (after ``step`` steps)."""
@@ -88,12 +92,25 @@ class SparsityController:
         if self.learned:
             self._allocate(sparsity)
         else:
-            for layer in self.layers.values():
-                layer.sparsity = sparsity
+            self.put_in_force(self.layers, sparsity)
         collecting = self.activation and (self._in_warmup(step) or self.config.activation_ema > 0)
         for layer in self.layers.values():
             if layer.input_stats is not None:
                 layer.input_stats.collecting = collecting
+
+    @contextlib.contextmanager
+    def inputs_unobserved(self) -> Iterator[None]:
+        """Within (backward): no layer gathers input statistics, so a forward that gradient
+        checkpointing runs again is not counted twice."""
+        stats = [layer.input_stats for layer in self.layers.values() if layer.input_stats is not None]
+        collecting = [s.collecting for s in stats]
+        for s in stats:
+            s.collecting = False
+        try:
+            yield
+        finally:
+            for s, was in zip(stats, collecting, strict=True):
+                s.collecting = was
 
     def end_step(self, step: int) -> None:
         """After step ``step + 1``'s optimizer step: fold its input statistics (collective)."""
@@ -115,8 +132,7 @@ class SparsityController:
         offset = 0
         for layer, logit in zip(layers, logits, strict=True):
             count = logit.ds_numel if hasattr(logit, "ds_numel") else logit.numel()
-            pruned = sizes[offset : offset + count] - kept[offset : offset + count]
-            layer.pruned.copy_(pruned.reshape(layer.pruned.shape))
+            layer.put_in_force(sizes[offset : offset + count] - kept[offset : offset + count])
             layer.threshold_shift = shift
             offset += count
 
@@ -131,7 +147,7 @@ class SparsityController:
         return {name: layer.sparsity for name, layer in self.layers.items()}
 
     def global_sparsity(self) -> float:
-        """Pruned share over all pruned matrices, from the counts in force."""
-        pruned = sum(int(layer.pruned.sum()) for layer in self.layers.values())
+        """Pruned share over all pruned matrices, from the counts in force (on the host)."""
+        pruned = sum(int(layer.pruned_count.sum()) for layer in self.layers.values())
         numel = sum(layer.out_features * layer.in_features for layer in self.layers.values())
         return pruned / numel if numel else 0.0

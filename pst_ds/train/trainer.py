@@ -1,16 +1,20 @@
-"""The training loop over a DeepSpeed engine: step, sparsity schedule, evaluation, logging."""
+"""The training loop over a DeepSpeed engine: step, sparsity schedule, evaluation, logging.
+
+``Trainer.setup`` builds the run (data, model with the method's layers, engine) before anything
+is written; ``Trainer.train`` evaluates, warm-starts if asked, runs the steps and exports. The
+method (methods/) says what is injected and whether it trains; the sparsity controller is the
+one writer of the layers' mask state; the loop asks the layers for what it logs.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -18,110 +22,39 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from ..config import ONE_SHOT_METHODS, ConfigError, ExperimentConfig, TrainConfig, resolve_path
+from ..config import ConfigError, ExperimentConfig, TrainConfig, check_files
 from ..io.data import TrainingBatches, collate_for, load_eval_texts, load_splits
 from ..io.evaluate import evaluate_model
 from ..io.export import export_checkpoint
 from ..io.models import enable_gradient_checkpointing, load_tokenizer
 from ..layers.inject import build_model, iter_pst_layers
 from ..masks.select import NonFiniteScoresError
-from ..oneshot.calibrate import prune_one_shot
+from ..methods import Calibration, method_class
 from . import checkpoint
-from .distill import distillation_loss, teacher_mode
+from .distill import distillation_loss, teacher_forward
 from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
+from .engine import (
+    load_ds_config,
+    optimizer_state_bytes,
+    partitioned_param_bytes,
+    peak_memory_bytes,
+    prepare_ds_config,
+    resolve_output_dir,
+)
 from .logging import RunLogger
 from .memory import MemoryEstimate, estimate
 from .optim import build_optimizer
 from .schedule import SparsityController
+
+__all__ = ["Trainer", "TrainingError", "load_ds_config"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (it diverged, say); the message is the whole explanation."""
 
 
-def load_ds_config(path: str) -> dict[str, Any]:
-    file = resolve_path(path)
-    if not file.is_file():
-        raise ConfigError(f"DeepSpeed config not found: {path}")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
-
-
-def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str, Any]:
-    """Complete a DeepSpeed config from the experiment config; reject what would conflict.
-
-    The DeepSpeed JSON owns the engine (ZeRO stage, precision, offload, clipping); batch
-    sizes, the optimizer and the LR schedule come from the experiment config alone.
-    """
-    config = copy.deepcopy(ds_config)
-    for key, ours in (
-        ("optimizer", "train.lr / train.weight_decay"),
-        ("scheduler", "train.warmup_steps"),
-        ("train_batch_size", "train.micro_batch_size"),
-        ("train_micro_batch_size_per_gpu", "train.micro_batch_size"),
-        ("gradient_accumulation_steps", "train.gradient_accumulation_steps"),
-    ):
-        if key in config:
-            raise ConfigError(f"the DeepSpeed config sets {key!r}; pst-ds takes it from {ours}")
-    if config.get("fp16", {}).get("enabled") and on_cpu():
-        raise ConfigError("fp16 needs a GPU and none was found: use a bf16 or fp32 config on CPU")
-    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
-    config.setdefault("steps_per_print", 10**9)  # the progress bar reports progress
-    offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
-    if offload.get("device") == "cpu":
-        # Our torch AdamW steps the factors' state on the CPU; DeepSpeedCPUAdam would need a
-        # JIT compile for parameters this small.
-        config.setdefault("zero_force_ds_cpu_optimizer", False)
-    return config
-
-
-def partitioned_param_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters this rank stores (its ZeRO-3 partition where one exists)."""
-    total = 0
-    for param in model.parameters():
-        stored = getattr(param, "ds_tensor", param)
-        total += stored.numel() * stored.element_size()
-    return total
-
-
-def optimizer_state_bytes(optimizer: Any) -> int:
-    """Bytes of optimizer state this rank holds (Adam moments, and ZeRO's fp32 master
-    partitions where the engine keeps them), read from the wrapped torch optimizer."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(tensor: Any) -> None:
-        nonlocal total
-        if torch.is_tensor(tensor) and id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    for state in inner.state.values():
-        for value in state.values():
-            add(value)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        for tensor in getattr(optimizer, name, []) or []:
-            add(tensor)
-    return total
-
-
-def peak_memory_bytes() -> int:
-    """This process's peak accelerator memory, or its peak resident memory on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 class Trainer:
-    """Builds the run (model, PST layers, data, engine) and trains it.
+    """Builds the run (model, the method's layers, data, engine) and trains it.
 
     ``setup`` validates and loads everything before the output directory is created, so a
     bad configuration fails without leaving a half-written run behind.
@@ -129,8 +62,10 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, ds_config: dict[str, Any]) -> None:
         self.config = config
+        self.method = method_class(config.method)(config)
         self.ds_config = prepare_ds_config(ds_config, config.train)
         self.output_dir = resolve_output_dir(config.train.output_dir)
+        check_files(config)  # before the process group: a missing file stops every rank alike
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -151,25 +86,18 @@ class Trainer:
             # Kept alive so that from_pretrained builds the backbone already partitioned.
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         # Collective under ZeRO-3: every rank at once.
-        model, self.layer_names = build_model(
-            cfg.model, tokenizer, self.data.labels, cfg.pst, cfg.method, cfg.lora
-        )
+        model, self.layer_names = build_model(self.method, tokenizer, self.data.labels)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.collate = collate_for(cfg.model.task)
         self.metric = "ppl" if self.data.labels is None else "accuracy"
-        self.one_shot = cfg.method in ONE_SHOT_METHODS  # prunes from calibration data, trains nothing
-        self.max_steps = 0 if self.one_shot else cfg.train.max_steps
+        self.max_steps = cfg.train.max_steps if self.method.trains else 0
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.pst_layers = dict(iter_pst_layers(model))
-        # The layer whose forward runs (or ran last), to name it if its scores are not finite.
-        self._running_layer = "?"
-        for name, layer in self.pst_layers.items():
-            layer.register_forward_pre_hook(lambda *_, name=name: setattr(self, "_running_layer", name))
         weights = [model.get_submodule(name).weight for name in self.layer_names]
         self.sparsified_numel = sum(getattr(w, "ds_numel", w.numel()) for w in weights)
-        self.controller = SparsityController(cfg.method, cfg.pst, self.max_steps, self.pst_layers)
-        optimizer, schedule = build_optimizer(model, list(self.pst_layers.values()), cfg.pst, cfg.train)
+        self.controller = SparsityController(self.method, self.max_steps, self.pst_layers)
+        optimizer, schedule = build_optimizer(model, self.method.pst, cfg.train)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
@@ -186,20 +114,13 @@ class Trainer:
         self.step = self._resume() if cfg.train.resume == "auto" else 0
         self.controller.apply(self.step)
         self.logger = RunLogger(
-            self.output_dir,
-            self.max_steps,
-            enabled=self.rank == 0,
-            resumed=self.step > 0,
-            label=cfg.method,
+            self.output_dir, self.max_steps, enabled=self.rank == 0, resumed=self.step > 0, label=cfg.method
         )
         self.logger.advance(self.step)
         if self.rank == 0:
-            (self.output_dir / "config.json").write_text(
-                json.dumps(
-                    {"experiment": cfg.to_dict(), "deepspeed": self.ds_config, "labels": self.data.labels},
-                    indent=2,
-                )
-            )
+            saved = {"experiment": cfg.to_dict(), "deepspeed": self.ds_config, "labels": self.data.labels}
+            saved["layers"] = dataclasses.asdict(self.method.pst)  # the PST section the method's layers use
+            (self.output_dir / "config.json").write_text(json.dumps(saved, indent=2))
         self.logger.info(
             f"pst-ds: {cfg.method} on {len(self.layer_names)} layers, {self.num_trainable():,} trainable "
             f"parameters ({100 * self.num_trainable() / self.sparsified_numel:.2f}% of the "
@@ -233,11 +154,11 @@ class Trainer:
             )
 
     def num_trainable(self) -> int:
-        """Parameters trained (0 for a one-shot method, whose unused factors only carry the mask)."""
+        """Parameters trained (0 for a method that takes no step: its layers only carry the mask)."""
         # ds_numel: ZeRO-3 has replaced the data of partitioned parameters by their shards.
-        return 0 if self.one_shot else sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable)
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable) if self.method.trains else 0
 
-    # ----------------------------------------------------------------- train
+    # ----------------------------------------------------------------- checkpoints
     def manifest(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be resumed: the config and the world size."""
         experiment = self.config.to_dict()
@@ -301,6 +222,7 @@ class Trainer:
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
         return [value / self.world_size for value in self._sum_over_ranks(values)]
 
+    # ----------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         """Train to train.max_steps, evaluate, export if asked; return the run's summary."""
         try:
@@ -317,15 +239,19 @@ class Trainer:
                 f"pst-ds: {self.output_dir} is already trained to step {self.step} (train.max_steps); "
                 "nothing to train (train.resume=never or another train.output_dir trains afresh)"
             )
-        warm_start = self.step == 0 and not self.resumed and self.config.pst.init != "magnitude"
-        for layer in self.pst_layers.values() if warm_start else ():
-            layer.sparsity = 0.0  # "before" is the dense model, as for every run
+        # A run that holds its final sparsity from the start (a one-shot start, or no training):
+        # "before" is still the dense model, as for every run.
+        starts_pruned = self.step == 0 and not self.resumed and self.method.holds_final_sparsity()
+        if starts_pruned:
+            self.controller.put_in_force(self.pst_layers, 0.0)
         before = None if finished else self.evaluate()
         after_warm_start = None
-        if warm_start:
-            self.warm_start()
+        if starts_pruned:
+            warm = self.method.warm_start_method() is not None
+            if warm:
+                self.warm_start()
             self.controller.apply(0)
-            after_warm_start = self.evaluate() if not self.one_shot else None
+            after_warm_start = self.evaluate() if warm and self.method.trains else None
         batches = self.batches.from_position(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
         step_times = []
@@ -336,9 +262,8 @@ class Trainer:
             step_times.append(time.time() - step_start)
             if logged:
                 tokens_per_s = self.tokens_per_step() / (time.time() - step_start)
-                self.logger.log_step(
-                    self.step, loss, lr, sparsity, tokens_per_s, mask_changed=self.mask_changed_fraction()
-                )
+                changed = self.mask_changed_fraction()
+                self.logger.log_step(self.step, loss, lr, sparsity, tokens_per_s, mask_changed=changed)
                 if self.controller.learned:  # the learned split among matrices
                     self.logger.log_layers(self.step, layer_sparsities)
             self.logger.advance()
@@ -368,12 +293,13 @@ class Trainer:
         """One optimizer step; then the schedule moves (after each step, as in the release).
         Returns (the loss averaged over ranks, the LR, the sparsity and per-layer sparsities it ran at)."""
         for layer in self.pst_layers.values():
-            layer.track_mask = logged  # noted in the forward that follows
+            layer.track_mask = logged  # noted (and its scores checked) in the forward that follows
         losses = []
         for _ in range(self.config.train.gradient_accumulation_steps):
             with self._layer_failures_named(f"step {self.step + 1}"):
                 loss = self._loss(self._to_device(next(batches)))
-                self.engine.backward(loss)
+                with self.controller.inputs_unobserved():  # a checkpointed block's forward again
+                    self.engine.backward(loss)
             lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
             self.engine.step()
             losses.append(loss.item())
@@ -439,7 +365,7 @@ class Trainer:
         distill = self.config.train.distill
         if not distill.weight:
             return self.engine(**batch).loss
-        with torch.no_grad(), teacher_mode(self.engine.module):
+        with torch.no_grad(), teacher_forward():
             teacher_logits = self.engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
         output = self.engine(**batch)
         loss, _ = distillation_loss(
@@ -449,7 +375,7 @@ class Trainer:
 
     def warm_start(self) -> None:
         """Prune with the one-shot method of pst.init from calibration blocks of the training split."""
-        cfg = self.config
+        cfg, init = self.config, self.method.warm_start_method()
         count = min(cfg.oneshot.calibration_blocks, len(self.data.train))
         chosen = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(cfg.train.seed))
         blocks = [self.data.train[int(i)] for i in chosen[:count]]
@@ -457,22 +383,21 @@ class Trainer:
         batches = [self._to_device(self.collate(blocks[i : i + size])) for i in range(0, count, size)]
         start, was_training = time.time(), self.engine.module.training
         self.engine.eval()
-        with self._layer_failures_named(f"{cfg.pst.init} calibration"):
-            prune_one_shot(
-                cfg.pst.init,
-                self.engine.module,
-                self.pst_layers,
-                batches,
-                lambda batch: self.engine(**batch),
-                self.controller.sparsity_at(0),
-                cfg.oneshot.sequential,
-                cfg.oneshot.damp,
-                cfg.oneshot.block_columns,
-                progress=self.logger.info if self.rank == 0 else lambda _: None,
+        with self._layer_failures_named(f"{init.name} calibration"):
+            self.method.warm_start(
+                Calibration(
+                    self.engine.module,
+                    self.pst_layers,
+                    batches,
+                    lambda batch: self.engine(**batch),
+                    self.controller.sparsity_at(0),
+                    self.controller.put_in_force,
+                    progress=self.logger.info if self.rank == 0 else lambda _: None,
+                )
             )
         self.engine.train(was_training)
         self.logger.info(
-            f"pst-ds: {cfg.pst.init} pruned {len(self.pst_layers)} layers to "
+            f"pst-ds: {init.name} pruned {len(self.pst_layers)} layers to "
             f"{self.controller.sparsity_at(0):.3f} from {count} blocks of {cfg.data.block_size} tokens "
             f"in {time.time() - start:.1f} s"
         )
@@ -483,20 +408,20 @@ class Trainer:
 
     @contextlib.contextmanager
     def _layer_failures_named(self, when: str) -> Iterator[None]:
-        """Turn non-finite importance scores into a TrainingError naming the layer and ``when``."""
+        """Turn non-finite importance scores (the layer names itself) into a TrainingError at ``when``."""
         try:
             yield
         except NonFiniteScoresError as err:
             raise TrainingError(
-                f"{err} in layer {self._running_layer} at {when}: S comes from the frozen weight and "
-                "the factors, so either training diverged (try a lower train.lr) or the model's "
-                f"weights hold NaN or inf{self._last_checkpoint_note()}"
+                f"{err} at {when}: S comes from the frozen weight and the factors, so either training "
+                "diverged (try a lower train.lr) or the model's weights hold NaN or inf"
+                f"{self._last_checkpoint_note()}"
             ) from None
 
     def mask_changed_fraction(self) -> float | None:
         """Share of all mask entries that changed since the previous logged step (None at
         first). Each rank counted its slice of every mask: summed over ranks (collective)."""
-        changes = [layer.settling.changes for layer in self.pst_layers.values()]
+        changes = [layer.mask_changes() for layer in self.pst_layers.values()]
         if not changes or None in changes:
             return None
         (total,) = self._sum_over_ranks([float(sum(changes))])
@@ -532,14 +457,3 @@ class Trainer:
             else:
                 results[name] = self.logger.log_eval_text(self.step, name, result["loss"])
         return results
-
-
-def resolve_output_dir(name: str) -> Path:
-    """The run's folder (relative to the current directory); refused if it cannot be one."""
-    path = Path(name) if Path(name).is_absolute() else Path.cwd() / name
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"train.output_dir {name}: {existing} exists and is not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"train.output_dir {name}: {existing} is not writable")
-    return path

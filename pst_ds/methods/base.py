@@ -1,0 +1,136 @@
+"""What a method is: its capabilities, the layer it injects and its hooks in a run's life.
+
+A method (pst, a baseline, a one-shot pruner) is one subclass of ``Method`` in its own module,
+registered by one line in ``methods/__init__.py``. The config, the injector, the controller,
+the trainer, export and the memory model ask the class (its flags and hooks); none of them
+compares method names. Modelled on llm-compressor's Modifiers and PEFT's tuner registry.
+
+    capabilities    class flags: prunes, trains, calibrates, frozen_backbone, ...
+    check           its cross-section rules, run when the experiment config is validated
+    layer_config    the PST section its layers are built from (a one-shot method fixes its own)
+    build_layer     the layer that replaces one targeted Linear / Conv1D (None: keep it)
+    warm_start      its first mask from calibration data (calibrating methods; pst.init)
+    memory terms    transient_weight_copies: fp32 weight-sized buffers alive in backward
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, OneShotConfig, PSTConfig
+
+if TYPE_CHECKING:
+    from transformers.pytorch_utils import Conv1D
+
+    from ..config import ExperimentConfig
+    from ..layers.base import SparseLinear
+
+
+@dataclass
+class Calibration:
+    """What a calibrating method needs to prune a model once, from the run that hosts it."""
+
+    model: nn.Module
+    layers: dict[str, SparseLinear]  # model order
+    batches: list[dict[str, torch.Tensor]]
+    forward: Callable[[dict[str, torch.Tensor]], object]  # the whole model on one batch
+    sparsity: float
+    put_in_force: Callable[[dict[str, SparseLinear], float], None]  # the controller's writer
+    progress: Callable[[str], None] = lambda _: None
+
+
+class Method:
+    """One way to train (or prune once) the targeted layers. Subclasses set ``name`` and the
+    flags that differ, and implement ``build_layer``."""
+
+    name: ClassVar[str] = ""
+    prunes: ClassVar[bool] = True  # its layers carry a mask (SparseLinear) on the schedule
+    trains: ClassVar[bool] = True  # takes optimizer steps (False: train.max_steps is not used)
+    calibrates: ClassVar[bool] = False  # prunes once from calibration data; can be a pst.init
+    starts_training: ClassVar[bool] = False  # pst.init's cold start: S = |W| on the cubic schedule
+    frozen_backbone: ClassVar[bool] = True  # W never changes (the distillation teacher is W itself)
+    rewrites_backbone: ClassVar[bool] = False  # as a warm start, writes new weights into W
+    warm_startable: ClassVar[bool] = False  # may start from a calibrating method's mask (pst.init)
+    learns_scores: ClassVar[bool] = False  # trains a score per weight: no activation importance
+    learns_thresholds: ClassVar[bool] = False  # may use a learned mask kind (pst.mask=threshold)
+    injects: ClassVar[bool] = True  # replaces the targeted layers (dense trains them as they are)
+    transient_weight_copies: ClassVar[int] = 0  # memory model: fp32 weight-sized buffers in backward
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.pst = self.layer_config(config.pst)
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def layer_config(cls, pst: PSTConfig) -> PSTConfig:
+        """The PST section this method's layers use (a one-shot method fixes its own start)."""
+        return pst
+
+    @classmethod
+    def check(cls, config: ExperimentConfig) -> None:
+        """Refuse what this method cannot do with the rest of ``config`` (ConfigError)."""
+        from . import method_class, names_with
+
+        pst = cls.layer_config(config.pst)
+        init = method_class(pst.init)
+        if init.calibrates:
+            if not (cls.warm_startable or init is cls):
+                starts = ", ".join(names_with("warm_startable"))
+                raise ConfigError(f"pst.init={init.name} warm-starts {starts}, not {cls.name}")
+            init.check_as_warm_start(pst)
+        distill = config.train.distill
+        if distill.weight > 0:
+            if not cls.frozen_backbone or init.rewrites_backbone:
+                frozen = ", ".join(names_with("frozen_backbone", "trains"))
+                raise ConfigError(
+                    f"train.distill takes the teacher from the frozen dense backbone: methods {frozen} "
+                    f"without a pst.init that rewrites it, not method={cls.name} pst.init={pst.init}"
+                )
+            if pst.trainable_modules:  # the teacher would share the student's trained head
+                raise ConfigError(
+                    "train.distill's teacher is the frozen dense model, but pst.trainable_modules "
+                    f"({', '.join(pst.trainable_modules)}) train in the model it shares: a new head has "
+                    "no teacher; set train.distill.weight=0 or train no extra modules"
+                )
+        if pst.kind().learned and not cls.learns_thresholds:
+            raise ConfigError(f"pst.mask={pst.mask} learns PST's thresholds; method={cls.name} has none")
+        if pst.importance == "activation" and cls.learns_scores:
+            raise ConfigError(f"pst.importance=activation scales |W|; method={cls.name} learns its scores")
+
+    @classmethod
+    def check_as_warm_start(cls, pst: PSTConfig) -> None:
+        """Refuse a PST section this calibrating method cannot start (ConfigError)."""
+
+    # ------------------------------------------------------------------ layers
+    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module | None:
+        """The layer that replaces ``base``, the module called ``name`` (None: leave it in place)."""
+        raise NotImplementedError
+
+    def warm_start_method(self) -> type[Method] | None:
+        """The calibrating method whose mask this run starts from (pst.init), if any."""
+        from . import method_class
+
+        init = method_class(self.pst.init)
+        return init if init.calibrates else None
+
+    def holds_final_sparsity(self) -> bool:
+        """True: the final sparsity is in force from the first step (a one-shot start, or no
+        training at all); False: the cubic schedule ramps to it."""
+        return self.warm_start_method() is not None or not self.trains
+
+    # ------------------------------------------------------------------ lifecycle
+    def warm_start(self, calibration: Calibration) -> None:
+        """Prune once from calibration data (calibrating methods override ``calibrate``)."""
+        init = self.warm_start_method()
+        if init is not None:
+            init.calibrate(calibration, self.config.oneshot)
+
+    @classmethod
+    def calibrate(cls, calibration: Calibration, oneshot: OneShotConfig) -> None:
+        """Prune ``calibration.layers`` once (calibrating methods only)."""
+        raise NotImplementedError(f"{cls.name} does not prune from calibration data")

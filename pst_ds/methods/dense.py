@@ -1,0 +1,18 @@
+"""Full fine-tuning: no layer is replaced, every parameter of the model trains; nothing pruned."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .base import Method
+
+
+class Dense(Method):
+    name = "dense"
+    prunes = False
+    frozen_backbone = False
+    injects = False
+
+    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> None:
+        return None

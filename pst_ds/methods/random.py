@@ -1,0 +1,48 @@
+"""Random pruning, the floor every method must beat: a uniformly random mask at the scheduled
+sparsity (the final one, held from the start), the backbone frozen and nothing trained.
+
+The scores are uniform noise drawn again at each use from a generator seeded by the layer's
+name, so every rank, every forward and export select the same mask and nothing weight-sized
+is stored. The layer is PST's, whose factors stay at their init (U V = 0) and are never stepped.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import PSTConfig
+from ..layers.pst import PSTLinear
+from .base import Method
+
+
+class RandomMaskLinear(PSTLinear):
+    """A PST layer whose importance is seeded noise: its mask is a uniformly random kept set."""
+
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, seed: int) -> None:
+        super().__init__(base, config)
+        self.seed = seed
+
+    def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed)
+        scores = torch.rand(self.out_features, self.in_features, generator=generator)
+        weight = self.oriented_weight().detach().float()
+        return scores.to(weight.device), weight
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            keep = self.mask()
+        weight = self.oriented_weight()
+        return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
+
+
+class Random(Method):
+    name = "random"
+    trains = False
+
+    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
+        return RandomMaskLinear(base, self.pst, seed=zlib.crc32(name.encode()))
