@@ -14,7 +14,10 @@ import json
 import os
 import sys
 
-import pst_ds  # noqa: F401  (first: it sets the offline defaults transformers reads)
+# Nothing is fetched from a hub: models and data are local or shipped by packages. Set here, in
+# the program, before transformers and datasets are imported (they read these once).
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import concatenate_datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pst_ds.config import ConfigError, load_experiment
+    from pst_ds.config import ConfigError, check_files, load_experiment
     from pst_ds.io.data import load_splits
     from pst_ds.io.evaluate import evaluate_model
 
     try:
         config = load_experiment(args.config, args.overrides)
+        check_files(config)
         if not os.path.isdir(args.model):
             raise ConfigError(f"model folder not found: {args.model}")
     except ConfigError as err:

@@ -11,9 +11,15 @@ drops the factors, and writes safetensors shards, the tokenizer and pst_sparsity
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+# Nothing is fetched from a hub: models and data are local or shipped by packages. Set here, in
+# the program, before transformers and datasets are imported (they read these once).
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
 
 
 def main(argv: list[str] | None = None) -> int:

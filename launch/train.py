@@ -13,6 +13,10 @@ import os
 import sys
 import warnings
 
+# Nothing is fetched from a hub: models and data are local or shipped by packages. Set here, in
+# the program, before transformers and datasets are imported (they read these once).
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Transparent huge pages for PyTorch's large CPU buffers (read by torch at import): fresh
 # weight-sized tensors then cost far fewer page faults. See docs/results.md for the figures.

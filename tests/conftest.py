@@ -9,6 +9,7 @@ from pst_ds.config import ExperimentConfig, PSTConfig, load_experiment
 from pst_ds.io.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # launch/ and tools/ scripts, imported by the in-process tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -1,7 +1,6 @@
 """Export as it was done before it streamed, kept as the tests' reference: the whole model in
 memory, each injected layer replaced by its plain layer holding the merged weight."""
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -28,8 +27,3 @@ def merge_layers(model: nn.Module) -> None:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, plain)
 
-
-def with_layers_merged(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        merge_layers(model)
-    return model

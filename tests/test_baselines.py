@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import pst_method
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -9,6 +10,8 @@ from pst_ds import PSTConfig
 from pst_ds.config import ConfigError, ExperimentConfig, LoRAConfig
 from pst_ds.layers.baselines import LoRALinear, MagnitudeLinear, MovementLinear
 from pst_ds.layers.inject import head_parameters, inject_pst, iter_pst_layers
+from pst_ds.methods.random import RandomMaskLinear
+from pst_ds.train.schedule import SparsityController
 
 
 def argsort_mask(scores, sparsity):
@@ -139,3 +142,33 @@ def test_dense_trains_everything_and_unknown_method_is_refused(tiny_model):
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="method must be one of"):
         ExperimentConfig(method="obc")
+
+
+def test_random_mask_is_exact_seeded_and_blind_to_the_weights():
+    base = base_layer("linear", out_f=64, in_f=80)
+    layers = [RandomMaskLinear(base, PSTConfig(), seed=seed) for seed in (1, 1, 2)]
+    for layer in layers:
+        layer.sparsity = 0.5
+    mask = layers[0].mask()
+    noise = torch.rand(64, 80, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mask, argsort_mask(noise, 0.5).bool())  # top-k of the seeded noise
+    assert torch.equal(mask, layers[1].mask()) and not torch.equal(mask, layers[2].mask())
+    agreement = (mask == argsort_mask(oriented(base).abs(), 0.5).bool()).float().mean()
+    assert 0.4 < agreement < 0.6  # about half, as chance gives: not magnitude pruning's mask
+    x = torch.randn(3, 80)
+    expected = x @ (mask * oriented(base)).T + base.bias.detach()
+    torch.testing.assert_close(layers[0](x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_random_baseline_trains_nothing_and_holds_the_final_sparsity(tiny_model):
+    model = tiny_model("tiny_llama")
+    config = PSTConfig(final_sparsity=0.6)
+    method = pst_method(config, "random")
+    names = inject_pst(model, config, "random")
+    layers = dict(iter_pst_layers(model))
+    assert not method.trains and set(layers) == set(names)
+    controller = SparsityController(method, 0, layers)
+    controller.apply(0)
+    for name, layer in layers.items():
+        assert int((~layer.mask()).sum()) == int(layer.out_features * layer.in_features * 0.6), name
+    assert controller.global_sparsity() == pytest.approx(0.6, abs=1e-4)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
-from pst_ds import checkpoint
+from pst_ds.train import checkpoint
 
 
 def make_tag(root, step, complete=True):
@@ -77,6 +77,8 @@ def losses_by_step(run):
     return {r["step"]: r["loss"] for r in steps}  # the last record of a step wins
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_killed_rank_then_rerun_resumes_with_identical_losses(tmp_path, small_text):
     # The reference: uninterrupted. GPT-2 has dropout, so the RNG state must be restored too.
     reference = tmp_path / "reference"
@@ -131,6 +133,8 @@ def test_killed_rank_then_rerun_resumes_with_identical_losses(tmp_path, small_te
     assert "experiment.pst.final_sparsity: checkpoint 0.5, now 0.6" in changed.stderr + changed.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, small_text, python):
     run = tmp_path / "run"
     root = run / "checkpoints"

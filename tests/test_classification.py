@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 from test_distributed import ds_env
 
@@ -26,6 +27,8 @@ def test_split_is_reproducible_and_disjoint():
     assert len(train & test) < 0.02 * len(test)  # only duplicate snippets in the CSV itself
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_short_run_learns_above_the_majority_class(tmp_path):
     out = tmp_path / "run"
     cmd = [

@@ -8,6 +8,8 @@ import pytest
 from conftest import ROOT
 from test_distributed import DEEPSPEED, ds_env, free_port
 
+from launch import train
+
 TINY = "configs/experiments/tiny_llama.yaml"
 
 
@@ -16,49 +18,70 @@ def write(path, text):
     return str(path)
 
 
+# Found before the process group exists: run in this process (launch/train.py's main).
 CASES = {
     "unknown key": ([], ["train.max_stepz=3"], "unknown config key train.max_stepz"),
     "mistyped value": ([], ["train.micro_batch_size=two"], "train.micro_batch_size must be int"),
     "sparsity out of range": ([], ["pst.final_sparsity=1.2"], "pst.final_sparsity must be in [0, 1)"),
-    "pattern matches nothing": ([], ["pst.target_modules=[qq_proj]"], "'qq_proj' matches no module"),
     "missing data file": ([], ["data.train_files=[no/such.txt]"], "data file not found: no/such.txt"),
     "missing ds config": (["--ds_config", "configs/nope.json"], [], "DeepSpeed config not found"),
     "fp16 on cpu": (["--ds_config", "configs/zero3_fp16.json"], [], "fp16 needs a GPU"),
 }
 
 
+def train_main(capsys, args: list[str]) -> tuple[int, str]:
+    """launch/train.py's main in this process: (exit status, what it wrote to stderr)."""
+    status = train.main(args)
+    return status, capsys.readouterr().err
+
+
+def one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("pst-ds: error:")]
+    assert len(errors) == 1, stderr[-2000:]
+    return errors[0]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_cleanly(tmp_path, python, case):
+def test_bad_input_fails_cleanly(tmp_path, capsys, case):
     args, overrides, message = CASES[case]
     out = tmp_path / "out"
-    cmd = [python, "launch/train.py", "--config", TINY, *args, f"train.output_dir={out}", *overrides]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("pst-ds: error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    status, stderr = train_main(capsys, ["--config", TINY, *args, f"train.output_dir={out}", *overrides])
+    assert status == 2, stderr[-2000:]
+    assert message in one_error_line(stderr)
     assert not out.exists()
 
 
-def test_unknown_key_in_yaml_file(tmp_path, python):
+@pytest.mark.slow
+def test_a_pattern_that_matches_nothing_stops_the_launched_run(tmp_path, python):
+    """Found once the model is built, inside the process group: the script still exits 2 with one line."""
+    out = tmp_path / "out"
+    cmd = [
+        python,
+        "launch/train.py",
+        "--config",
+        TINY,
+        f"train.output_dir={out}",
+        "pst.target_modules=[qq_proj]",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "'qq_proj' matches no module" in one_error_line(result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_unknown_key_in_yaml_file(tmp_path, capsys):
     config = write(tmp_path / "exp.yaml", "train:\n  max_steps: 2\n  learning_rate: 0.1\n")
-    result = subprocess.run(
-        [python, "launch/train.py", "--config", config], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 2
-    assert "unknown config key train.learning_rate" in result.stderr
+    status, stderr = train_main(capsys, ["--config", config])
+    assert status == 2
+    assert "unknown config key train.learning_rate" in one_error_line(stderr)
 
 
-def test_ds_config_may_not_set_what_the_experiment_owns(tmp_path, python):
+def test_ds_config_may_not_set_what_the_experiment_owns(tmp_path, capsys):
     ds = write(tmp_path / "ds.json", json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 2}}))
-    result = subprocess.run(
-        [python, "launch/train.py", "--config", TINY, "--ds_config", ds],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert "'train_batch_size'" in result.stderr and "train.micro_batch_size" in result.stderr
+    status, stderr = train_main(capsys, ["--config", TINY, "--ds_config", ds])
+    assert status == 2
+    assert "'train_batch_size'" in stderr and "train.micro_batch_size" in stderr
 
 
 def austen_bytes(n: int) -> bytes:
@@ -78,6 +101,7 @@ BAD_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_bad_training_file_fails_cleanly(tmp_path, python, case):
     name, content, message = BAD_FILES[case]
@@ -94,22 +118,18 @@ def test_bad_training_file_fails_cleanly(tmp_path, python, case):
     assert not out.exists()
 
 
-def test_output_dir_that_is_a_file(tmp_path, python):
+def test_output_dir_that_is_a_file(tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("not a folder")
     for out in (taken, taken / "run"):
-        result = subprocess.run(
-            [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert f"pst-ds: error: train.output_dir {out}: {taken} exists and is not a folder" in result.stderr
+        status, stderr = train_main(capsys, ["--config", TINY, f"train.output_dir={out}"])
+        assert status == 2, stderr[-2000:]
+        assert f"pst-ds: error: train.output_dir {out}: {taken} exists and is not a folder" in stderr
         assert taken.read_text() == "not a folder"
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "case, content, message",
     [
@@ -144,6 +164,7 @@ def test_two_ranks_stop_alike_on_bad_data(tmp_path, case, content, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "lr, message",
     [

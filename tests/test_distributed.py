@@ -12,6 +12,8 @@ import pytest
 
 from pst_ds.masks.select import num_pruned
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 

@@ -2,6 +2,7 @@
 
 import subprocess
 
+import pytest
 import torch
 from conftest import ROOT
 from reference_export import merge_layers
@@ -11,6 +12,8 @@ from transformers import AutoModelForCausalLM
 from pst_ds import PSTConfig, inject_pst
 from pst_ds.io.cache import CACHE_ENV
 from pst_ds.io.models import SMOLLM2_FOLDER, embedded_smollm2_dir
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):

@@ -80,6 +80,8 @@ def check_finished_run(tmp_path, output: str) -> None:
     assert report["step"] == STEPS and report["total"]["layers"] == 210
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_first_command_from_an_empty_cache(tmp_path, ranks):
     _, output = run_first_command(tmp_path, ranks)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pst_ds.config import ConfigError, load_experiment  # noqa: E402
+from pst_ds.config import ConfigError, check_files, load_experiment  # noqa: E402
 from pst_ds.train.engine import load_ds_config  # noqa: E402
 from pst_ds.train.memory import GIB, estimate, precision  # noqa: E402
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_experiment(args.config, args.overrides)
+        check_files(config)
         ds_config = load_ds_config(args.ds_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

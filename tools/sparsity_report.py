@@ -4,8 +4,8 @@
 
 Counts the zeros in the exported weights themselves (not in pst_sparsity.json), so it
 also checks the export: each matrix's zeros against the pruned count the export recorded,
-and, for N:M and V:N:M masks, the pattern itself (at most N nonzeros in every M inputs of
-a row; at most 4 columns used per V x M block). The figure shows the sparsity of every
+and, for N:M and V:N:M masks, the pattern itself, with the mask kind's own check (N kept in
+every M inputs of a row; at most 4 columns used per V x M block). The figure shows the sparsity of every
 pruned matrix (learned thresholds make them differ) and, for one matrix (--layer, default
 the first), its mask and the share kept per row and column.
 """
@@ -24,22 +24,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pst_ds.masks.kinds import MASK_KINDS, described_kind  # noqa: E402
 
-def pattern_check(kept: torch.Tensor, mask: dict) -> str:
-    """'ok' if the nonzeros ``kept`` (out, in) follow the mask's N:M or V:N:M pattern, else why not."""
-    if mask.get("kind") not in ("nm", "vnm"):
+
+def pattern_check(kept: torch.Tensor, mask: dict, recorded: int | None) -> str:
+    """'ok' if the nonzeros ``kept`` (out, in) follow the recorded N:M or V:N:M pattern, else why
+    not ('-' for masks with no pattern beyond their count): the mask kind's own check, as export ran it."""
+    if mask.get("kind") not in MASK_KINDS or recorded is None:
         return "-"
-    n, m = mask["n"], mask["m"]
-    rows, cols = kept.shape
-    padded = torch.nn.functional.pad(kept, (0, (-cols) % m)).view(rows, -1, m)
-    if bool((padded.sum(-1) > n).any()):
-        return f"broken: a group keeps more than {n} of {m}"
-    if mask["kind"] == "vnm":
-        v = mask["v"]
-        blocks = torch.nn.functional.pad(padded, (0, 0, 0, 0, 0, (-rows) % v)).view(-1, v, padded.shape[1], m)
-        if bool((blocks.any(1).sum(-1) > 4).any()):
-            return f"broken: a block of {v} rows uses more than 4 of {m} columns"
-    return "ok"
+    kind = described_kind(mask)
+    if not kind.grouped:
+        return "-"
+    problem = kind.pattern_problem(kept, torch.tensor(recorded))
+    return "ok" if problem is None else f"broken: {problem}"
 
 
 def weight_files(folder: Path) -> dict[str, str] | None:
@@ -70,7 +68,9 @@ def layer_table(folder: Path) -> list[dict]:
                 "zeros": zeros,
                 "sparsity": zeros / weight.numel(),
                 "recorded": recorded.get("mask_pruned"),
-                "pattern": pattern_check(kept.t() if recorded.get("conv1d") else kept, mask),  # (out, in)
+                "pattern": pattern_check(  # on (out, in)
+                    kept.t() if recorded.get("conv1d") else kept, mask, recorded.get("mask_pruned")
+                ),
             }
         )
     return rows

@@ -93,10 +93,16 @@ class MaskKind:
     learned: ClassVar[bool] = False  # the counts are allocated from trained thresholds
     scoped: ClassVar[bool] = False  # pst.mask_scope applies: one count per matrix or per row
     obs_prunable: ClassVar[bool] = False  # SparseGPT's sweep can choose this pattern
+    grouped: ClassVar[bool] = False  # a pattern within groups of inputs, beyond the pruned count
     per_row = False  # this instance's mask state holds one count per output row
 
     @classmethod
     def from_config(cls, config: PSTConfig) -> MaskKind:
+        raise NotImplementedError
+
+    @classmethod
+    def from_description(cls, described: dict) -> MaskKind:
+        """The kind ``describe()`` wrote (pst_sparsity.json's ``mask``)."""
         raise NotImplementedError
 
     @classmethod
@@ -148,6 +154,10 @@ class TopK(MaskKind):
     def from_config(cls, config: PSTConfig) -> MaskKind:
         return cls(config.mask_scope)
 
+    @classmethod
+    def from_description(cls, described: dict) -> MaskKind:
+        return cls(described.get("scope", "matrix"))
+
     def __init__(self, scope: str = "matrix") -> None:
         self.per_row = scope == "row"
         self.scope = scope
@@ -194,6 +204,7 @@ class NM(MaskKind):
 
     name = "nm"
     obs_prunable = True
+    grouped = True
 
     def __init__(self, n: int = 2, m: int = 4) -> None:
         self.n, self.m = n, m
@@ -201,6 +212,10 @@ class NM(MaskKind):
     @classmethod
     def from_config(cls, config: PSTConfig) -> MaskKind:
         return cls(config.mask_n, config.mask_m)
+
+    @classmethod
+    def from_description(cls, described: dict) -> MaskKind:
+        return cls(described["n"], described["m"])
 
     @classmethod
     def kept_of(cls, config: PSTConfig) -> int:
@@ -271,6 +286,10 @@ class VNM(NM):
         return cls(config.mask_v, config.mask_m)
 
     @classmethod
+    def from_description(cls, described: dict) -> MaskKind:
+        return cls(described["v"], described["m"])
+
+    @classmethod
     def kept_of(cls, config: PSTConfig) -> int:
         if config.mask_m < 4 or config.mask_v < 1:
             raise ConfigError(
@@ -323,3 +342,8 @@ MASK_KINDS: dict[str, type[MaskKind]] = {kind.name: kind for kind in (TopK, Lear
 def mask_kind(config: PSTConfig) -> MaskKind:
     """The mask kind ``config.mask`` names, with its parameters."""
     return MASK_KINDS[config.mask].from_config(config)
+
+
+def described_kind(described: dict) -> MaskKind:
+    """The mask kind an export recorded (``describe()``'s dict), to check its weights against."""
+    return MASK_KINDS[described["kind"]].from_description(described)
