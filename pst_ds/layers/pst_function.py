@@ -132,6 +132,13 @@ def keep_fraction_gradient(
 _compiled: dict = {}
 
 
+def _allow_a_variant_per_mask_kind() -> None:
+    """Each mask test and dtype is one more compiled variant of the same function; dynamo's
+    default limit of 8 would send a process that uses several kinds back to eager. torch has no
+    per-function setting for it, so this raises the process-wide one (never lowers it)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def kernels(compiled: bool, keep: Callable | None = None) -> dict:
     """The element-wise blocks (the masking ones for mask test ``keep``), eager or through
     ``torch.compile``: fused into single passes, with dynamic shapes for every layer shape."""
@@ -139,9 +146,7 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
     blocks["backward_terms"] = backward_terms
     if compiled:
         if not _compiled:  # in-place writes to an input break fusion: the mask is applied out of place
-            # Each mask test and dtype is one more compiled variant of the same function; the
-            # default limit of 8 would send a process that uses several kinds back to eager.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _allow_a_variant_per_mask_kind()
             fused = {"updated_and_scores": updated_and_scores, "apply_mask": apply_mask}
             fused["backward_terms"] = backward_terms
             _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in fused.items()})

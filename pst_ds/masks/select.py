@@ -93,11 +93,6 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch
     return value, below + int(torch.count_nonzero(inside < value)), where[inside == value]
 
 
-def select_threshold(scores: torch.Tensor, sparsity: float) -> Threshold:
-    """The threshold that prunes exactly ``int(numel * sparsity)`` entries with the smallest scores."""
-    return select_pruned(scores, num_pruned(scores.numel(), sparsity))
-
-
 def select_pruned(scores: torch.Tensor, k: int) -> Threshold:
     """The threshold that prunes exactly the ``k`` entries with the smallest scores.
 
@@ -139,12 +134,6 @@ def keep_from(scores: torch.Tensor, value: torch.Tensor, first_kept_tie: int) ->
     return keep | ties
 
 
-def topk_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool mask that drops exactly ``int(numel * sparsity)`` entries with the smallest scores."""
-    threshold = select_threshold(scores, sparsity)
-    return keep_from(scores, threshold.value, threshold.first_kept_tie)
-
-
 def select_row_thresholds(scores: torch.Tensor, pruned: torch.Tensor, check: bool = True) -> Threshold:
     """Per-row thresholds that prune exactly ``pruned[r]`` entries of row r (smallest scores,
     ties pruned lowest column first): ``value`` (out, 1) and ``first_kept_tie`` (out, 1), a column.
@@ -179,7 +168,7 @@ def keep_rows(scores: torch.Tensor, value: torch.Tensor, first_kept_tie: torch.T
 def keep_n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool mask keeping the ``n`` largest scores of every ``m`` consecutive entries of a row.
 
-    Ties keep the later position (lower positions are pruned first, as in ``select_threshold``).
+    Ties keep the later position (lower positions are pruned first, as in ``select_pruned``).
     A last group narrower than ``m`` keeps its ``n`` largest. Each entry's rank is counted
     against the ``m`` entries of its group: element-wise work that ``torch.compile`` fuses.
     """

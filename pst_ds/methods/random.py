@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import PSTConfig
 from ..layers.pst import PSTLinear
 from .base import Method
+from .magnitude import Magnitude
 
 
 class RandomMaskLinear(PSTLinear):
@@ -43,6 +44,11 @@ class RandomMaskLinear(PSTLinear):
 class Random(Method):
     name = "random"
     trains = False
+
+    @classmethod
+    def layer_config(cls, pst: PSTConfig) -> PSTConfig:
+        # Its seeded noise is its start: a YAML's one-shot warm start (pst.init) does not apply.
+        return pst.replaced(init=Magnitude.name)
 
     def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
         return RandomMaskLinear(base, self.pst, seed=zlib.crc32(name.encode()))
