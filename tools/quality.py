@@ -33,6 +33,7 @@ PLAIN = ["pst.importance=magnitude", "pst.init=magnitude"]  # for methods that h
 ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task's experiment YAML)
     "dense": ("dense (fine-tuned; 'before' is the dense model)", ["method=dense", "train.lr=5e-5", *PLAIN]),
     "lora": ("LoRA (no pruning)", ["method=lora", *PLAIN]),
+    "random": ("random mask, no training (the floor)", ["method=random"]),
     "magnitude_oneshot": ("magnitude, one-shot", ["method=pst", "train.max_steps=0", *PLAIN]),
     "wanda": ("Wanda, one-shot", ["method=wanda"]),
     "sparsegpt": ("SparseGPT, one-shot", ["method=sparsegpt"]),
