@@ -52,6 +52,14 @@ def name_matches(name: str, patterns: list[str]) -> bool:
     return any(re.fullmatch(rf"(?:.*\.)?(?:{p})", name) for p in patterns)
 
 
+def _registered(key: str, name: str, names: typing.Iterable[str]) -> str:
+    """``name`` if a registry holds it; else a ConfigError listing what it holds."""
+    names = list(names)
+    if name not in names:
+        raise ConfigError(f"{key} must be one of {', '.join(names)}, got {name!r}")
+    return name
+
+
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Sparsity = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -97,21 +105,18 @@ class PSTConfig:
     @field_validator("mask")
     @classmethod
     def _known_kind(cls, mask: str) -> str:
-        from .masks.kinds import MASK_KINDS  # the kinds' own modules know their names
+        from .masks.kinds import MASK_KINDS  # the kinds' own module knows their names
 
-        if mask not in MASK_KINDS:
-            raise ConfigError(f"pst.mask must be one of {', '.join(MASK_KINDS)}, got {mask!r}")
-        return mask
+        return _registered("pst.mask", mask, MASK_KINDS)
 
     @field_validator("init")
     @classmethod
     def _known_start(cls, init: str) -> str:
         from .methods import METHODS
 
-        starts = [n for n, m in METHODS.items() if m.starts_training or m.calibrates]
-        if init not in starts:
-            raise ConfigError(f"pst.init must be one of {', '.join(starts)}, got {init!r}")
-        return init
+        return _registered(
+            "pst.init", init, [n for n, m in METHODS.items() if m.starts_training or m.calibrates]
+        )
 
     @field_validator("target_modules", "trainable_modules")
     @classmethod
@@ -281,11 +286,9 @@ class ExperimentConfig:
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        from .methods import METHODS
+        from .methods import METHODS  # the methods' own package knows their names
 
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        return method
+        return _registered("method", method, METHODS)
 
     @model_validator(mode="after")
     def _method_accepts(self) -> ExperimentConfig:
