@@ -1,1 +1,1 @@
-
+"""Models, data, the cache, evaluation and the streaming export."""

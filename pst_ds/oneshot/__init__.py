@@ -1,1 +1,1 @@
-
+"""One-shot pruning from calibration data: block-by-block calibration and SparseGPT's OBS sweep."""

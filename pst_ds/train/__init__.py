@@ -1,1 +1,1 @@
-
+"""Training: the loop, the sparsity controller, optimizer groups, checkpoints, the memory model."""
