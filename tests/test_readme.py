@@ -20,6 +20,8 @@ from pst_ds.io.cache import CACHE_ENV
 from pst_ds.masks.select import num_pruned
 
 STEPS = 2
+# Shortened like the steps: two blocks per evaluated text and per calibration, not 16 and 8.
+SHORTER = "data.max_validation_blocks=2 oneshot.calibration_blocks=2"
 
 
 def setup_commands() -> list[str]:
@@ -45,7 +47,7 @@ def run_first_command(tmp_path, ranks: int, extra: str = "") -> tuple[subprocess
     command = train.replace(launcher, f"{launcher} {options}")
     if ranks > 1:  # the README's 2 threads are for one rank on this 2-core machine
         command = command.replace("OMP_NUM_THREADS=2", "OMP_NUM_THREADS=1")
-    command += f" train.max_steps={STEPS} train.output_dir={tmp_path / 'run'} {extra}"
+    command += f" train.max_steps={STEPS} train.output_dir={tmp_path / 'run'} {SHORTER} {extra}"
     env = {
         **ds_env(),
         CACHE_ENV: str(tmp_path / "cache"),  # empty: the model is converted, the text tokenised
@@ -99,7 +101,7 @@ def test_first_command_from_an_empty_cache(tmp_path, ranks):
     evaluate = re.search(r"pst-ds: evaluate it: (.+)", output).group(1)
     env = {**ds_env(), CACHE_ENV: str(tmp_path / "cache")}
     result = subprocess.run(
-        [*evaluate.split(), "--out", str(tmp_path / "eval.json")],
+        [*evaluate.split(), "--out", str(tmp_path / "eval.json"), *SHORTER.split()[:1]],
         cwd=ROOT,
         env=env,
         capture_output=True,
