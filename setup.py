@@ -22,5 +22,6 @@ setup(
         "filelock>=3.12",
         "matplotlib==3.11.2",  # tools/sparsity_report.py figures
     ],
-    extras_require={"dev": ["pytest==9.2.0", "ruff==0.17.6"]},
+    # pytest-xdist: the suite runs on 2 workers (.ci/run), most of its time is launched processes
+    extras_require={"dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]},
 )

@@ -26,4 +26,3 @@ def merge_layers(model: nn.Module) -> None:
             plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, plain)
-
