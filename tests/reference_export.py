@@ -4,7 +4,6 @@ memory, each injected layer replaced by its plain layer holding the merged weigh
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pst_ds.layers.base import SparseLinear
 from pst_ds.layers.inject import iter_injected
 
 
@@ -12,11 +11,7 @@ def merge_layers(model: nn.Module) -> None:
     """Replace every injected layer (PST or a baseline's) by the plain layer it wrapped, holding
     its merged weight (M * W' for pruned layers)."""
     for name, layer in list(iter_injected(model)):
-        if isinstance(layer, SparseLinear):
-            scores, weight = layer.scores_and_weight()
-            weight = layer.to_base_layout(weight * layer.selection(scores).mask(scores))
-        else:
-            weight = layer.merged_weight()
+        weight = layer.merged_weight()
         if layer.transposed:
             plain = Conv1D(layer.out_features, layer.in_features)
         else:

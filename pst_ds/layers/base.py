@@ -161,6 +161,17 @@ class SparseLinear(WrappedLinear):
         (a device sync, so training checks on logged steps only where the selection has none)."""
         return self.mask_kind.select(scores, self._pruned_host, check)
 
+    def masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x (M * W)^T + b with M chosen without autograd (the weight's own gradient, if it
+        trains, is G * M); the mask is noted, and its scores checked, on logged steps."""
+        weight = self.oriented_weight()
+        with torch.no_grad():
+            scores, _ = self.scores_and_weight()
+            keep = self.selection(scores, check=self.track_mask).mask(scores)
+            if self.track_mask:
+                self.note_mask(keep)
+        return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
+
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
         """The bool (out, in) mask in force (needs the whole weight gathered)."""

@@ -43,13 +43,7 @@ class MagnitudeLinear(SparseLinear):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.observe_inputs(x)
-        weight = self.oriented_weight()
-        with torch.no_grad():
-            scores, _ = self.scores_and_weight()
-            keep = self.selection(scores, check=self.track_mask).mask(scores)
-            if self.track_mask:
-                self.note_mask(keep)
-        return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
+        return self.masked_forward(x)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"method": [self.weight]}

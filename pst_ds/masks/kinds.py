@@ -20,6 +20,7 @@ row), written by the sparsity controller, saved in checkpoints and read back by 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -102,8 +103,9 @@ class MaskKind:
 
     @classmethod
     def from_description(cls, described: dict) -> MaskKind:
-        """The kind ``describe()`` wrote (pst_sparsity.json's ``mask``)."""
-        raise NotImplementedError
+        """The kind ``describe()`` wrote (pst_sparsity.json's ``mask``): it records every
+        argument of the kind's constructor."""
+        return cls(**{name: described[name] for name in inspect.signature(cls).parameters})
 
     @classmethod
     def check(cls, config: PSTConfig) -> None:
@@ -153,10 +155,6 @@ class TopK(MaskKind):
     @classmethod
     def from_config(cls, config: PSTConfig) -> MaskKind:
         return cls(config.mask_scope)
-
-    @classmethod
-    def from_description(cls, described: dict) -> MaskKind:
-        return cls(described.get("scope", "matrix"))
 
     def __init__(self, scope: str = "matrix") -> None:
         self.per_row = scope == "row"
@@ -212,10 +210,6 @@ class NM(MaskKind):
     @classmethod
     def from_config(cls, config: PSTConfig) -> MaskKind:
         return cls(config.mask_n, config.mask_m)
-
-    @classmethod
-    def from_description(cls, described: dict) -> MaskKind:
-        return cls(described["n"], described["m"])
 
     @classmethod
     def kept_of(cls, config: PSTConfig) -> int:
@@ -284,10 +278,6 @@ class VNM(NM):
     @classmethod
     def from_config(cls, config: PSTConfig) -> MaskKind:
         return cls(config.mask_v, config.mask_m)
-
-    @classmethod
-    def from_description(cls, described: dict) -> MaskKind:
-        return cls(described["v"], described["m"])
 
     @classmethod
     def kept_of(cls, config: PSTConfig) -> int:

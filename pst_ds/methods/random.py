@@ -11,7 +11,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -35,10 +34,7 @@ class RandomMaskLinear(PSTLinear):
         return scores.to(weight.device), weight
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            keep = self.mask()
-        weight = self.oriented_weight()
-        return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
+        return self.masked_forward(x)
 
 
 class Random(Method):
