@@ -171,6 +171,8 @@ class OneShotConfig:
     block_columns: Positive = (
         128  # sparsegpt: columns per lazy-update block (a multiple of pst.mask_m for nm)
     )
+    # Files to calibrate on (as data.train_files, packed the same way); empty: the training split
+    calibration_files: list[str] = field(default_factory=list)
 
 
 @dataclass(config=_SECTION)
@@ -199,22 +201,37 @@ class ModelConfig:
 
 @dataclass(config=_SECTION)
 class DataConfig:
-    # causal_lm: text files packed into blocks; sequence_classification: CSV files.
+    # causal_lm: .txt, .jsonl / .json, .parquet files, folders of them or datasets.save_to_disk
+    # folders (io/records.py), packed into blocks; sequence_classification: CSV files.
     train_files: Annotated[list[str], Field(min_length=1)] = field(
         default_factory=lambda: ["data/austen/austen_6_novels.txt"]
     )
+    # Records (not .txt): auto tells them by their fields (messages; prompt and completion;
+    # text_field); text | chat | prompt_completion settles a record that has several.
+    format: Literal["auto", "text", "chat", "prompt_completion"] = "auto"
+    text_field: str = "text"  # the text of a text record, and of a classification CSV row
+    label_field: str = "label"  # classification CSV
+    # Chat and prompt/completion records: the loss on every token, or only on the assistant's
+    # turns / the completion (labels -100 elsewhere)
+    loss_on: Literal["all", "completion"] = "all"
     block_size: Annotated[int, Field(ge=8)] = 256  # tokens per packed block (causal_lm) or per example
     validation_fraction: HeldOut = 0.01  # causal_lm: held-out tail; classification: random share
     max_validation_blocks: Positive = 64  # caps evaluation cost (blocks or examples)
     max_train_tokens: NonNegative = 0  # causal_lm; 0: use all
-    text_column: str = "text"  # classification CSV columns
-    label_column: str = "label"
     test_fraction: HeldOut = 0.1  # classification: held-out test share
     max_train_examples: NonNegative = 0  # classification; 0: use all
     split_seed: int = 1234  # classification: the train/validation/test split
     # causal_lm: other texts (another domain, say) evaluated beside the validation split, each on
     # its last max_validation_blocks blocks; they never train
     eval_files: list[str] = field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _loss_has_a_completion(self) -> DataConfig:
+        if self.loss_on == "completion" and self.format == "text":
+            raise ConfigError(
+                "data.loss_on=completion needs chat or prompt/completion records, not data.format=text"
+            )
+        return self
 
 
 @dataclass(config=_SECTION)
@@ -306,8 +323,8 @@ def check_files(config: ExperimentConfig) -> None:
     when a config is built: a saved config must rebuild after its data has moved."""
     if config.model.source == "path" and not resolve_path(config.model.path).is_dir():
         raise ConfigError(f"model.path {config.model.path!r} is not a folder")
-    for name in config.data.train_files + config.data.eval_files:
-        if not resolve_path(name).is_file():
+    for name in config.data.train_files + config.data.eval_files + config.oneshot.calibration_files:
+        if not resolve_path(name).exists():
             raise ConfigError(f"data file not found: {name}")
 
 

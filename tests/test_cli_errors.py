@@ -84,6 +84,9 @@ def test_ds_config_may_not_set_what_the_experiment_owns(tmp_path, capsys):
     assert "'train_batch_size'" in stderr and "train.micro_batch_size" in stderr
 
 
+CHAT = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Good day."}]
+
+
 def austen_bytes(n: int) -> bytes:
     return (ROOT / "data/austen/austen_6_novels.txt").read_bytes()[:n]
 
@@ -98,6 +101,22 @@ BAD_FILES = {
         "is not UTF-8 text (byte 0xe9 at offset 5003)",
     ),
     "one block, kept for validation": ("short.txt", austen_bytes(100), "all needed for validation"),
+    "a JSON line that is not JSON": (
+        "cut.jsonl",
+        b'{"text": "a"}\n{"text": ',
+        "cut.jsonl, line 2 is not JSON",
+    ),
+    "a record without the field": (
+        "chat.jsonl",
+        (json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": "p", "completion": "c"})).encode(),
+        "chat.jsonl, line 2: no field 'messages'",
+    ),
+    "chat records, a tokenizer without a chat template": (
+        "chat.jsonl",
+        json.dumps({"messages": CHAT}).encode(),
+        "but the model's tokenizer has no chat template",
+    ),
+    "an empty folder": ("data_folder", None, "data_folder is empty"),
 }
 
 
@@ -105,7 +124,10 @@ BAD_FILES = {
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
 def test_bad_training_file_fails_cleanly(tmp_path, python, case):
     name, content, message = BAD_FILES[case]
-    (tmp_path / name).write_bytes(content)
+    if content is None:
+        (tmp_path / name).mkdir()
+    else:
+        (tmp_path / name).write_bytes(content)
     out = tmp_path / "out"
     cmd = [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}"]
     result = subprocess.run(

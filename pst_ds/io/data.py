@@ -1,11 +1,12 @@
-"""Data: text files -> packed token blocks (causal LM); CSV files -> labelled examples."""
+"""Data: text and records (io/records.py) -> packed token blocks (causal LM); CSV -> labelled examples."""
 
 from __future__ import annotations
 
-import codecs
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, DataConfig, resolve_path
 from .cache import cache_dir
+from .records import Source, check_text_file, load_records, sources
 
 
 @dataclass
@@ -24,72 +26,131 @@ class Splits:
     labels: list[str] | None = None  # class names, classification only
 
 
-def check_text_file(path: Path, chunk_bytes: int = 1 << 20) -> None:
-    """Refuse a file that is empty (or only white space) or not UTF-8 text, naming where.
-
-    One streaming pass with an incremental decoder: datasets would otherwise fail deep
-    inside its reader with a traceback that names neither the file nor the byte.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, has_text = 0, False  # offset: bytes read before this chunk
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(chunk_bytes)
-            pending = decoder.getstate()[0]  # an incomplete character held from the last chunk
-            try:
-                has_text = bool(decoder.decode(chunk, final=not chunk).strip()) or has_text
-            except UnicodeDecodeError as err:
-                raise ConfigError(
-                    f"data file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
-                    f"offset {offset - len(pending) + err.start}); convert it, e.g. with iconv -t UTF-8"
-                ) from None
-            if not chunk:
-                break
-            offset += len(chunk)
-    if not has_text:
-        raise ConfigError(f"data file {path} is empty (no text to train on)")
-
-
 def load_splits(config: DataConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> Splits:
-    for name in config.train_files:
-        check_text_file(resolve_path(name))
     if task == "sequence_classification":
         return load_classification(config, tokenizer)
     return load_text_blocks(config, tokenizer)
 
 
-def packed_blocks(files: list[str], block_size: int, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """Tokenise the files and pack the stream into blocks of ``block_size`` tokens, each starting
-    with the tokenizer's BOS token when it has one. Cached by ``datasets`` under ``<cache>/datasets``."""
-    lines = load_dataset(
+def packed_blocks(
+    names: list[str], config: DataConfig, tokenizer: PreTrainedTokenizerBase, key: str = "data.train_files"
+) -> Dataset:
+    """The files ``names`` tokenised and packed into blocks of ``config.block_size`` tokens, each
+    starting with the tokenizer's BOS token when it has one. Cached under ``<cache>/datasets``.
+
+    Packing: examples follow each other in one token stream (a record's text or completion ends
+    with EOS), cut into blocks regardless of where examples end, so a block may hold the end of
+    one example and the start of the next and attend across them; every token trains. With
+    ``loss_on=completion`` the blocks carry labels: -100 on every token that is not an assistant
+    turn or a completion (a block with none is dropped). Each batch of records packs alone: its
+    last partial block is dropped.
+    """
+    found = sources(names, key)
+    if found[0].reader == "txt":
+        return _pack(_text_lines(found), config, tokenizer, "lines")
+    records, fmt = load_records(found, config)
+    if fmt == "text" and config.loss_on == "completion":
+        raise ConfigError(
+            f"data.loss_on=completion needs chat or prompt/completion records; {found[0].path} holds text"
+        )
+    if fmt == "chat" and tokenizer.chat_template is None:
+        raise ConfigError(
+            f"{found[0].path} holds chat records (messages), but the model's tokenizer has no chat "
+            "template to render them: give prompt/completion or text records, or a tokenizer with one"
+        )
+    return _pack(records, config, tokenizer, fmt)
+
+
+def _text_lines(found: list[Source]) -> Dataset:
+    return load_dataset(
         "text",
-        data_files=[str(resolve_path(name)) for name in files],
+        data_files=[str(s.path) for s in found],
         split="train",
         keep_linebreaks=True,
         cache_dir=str(cache_dir() / "datasets"),
     )
+
+
+def _pack(records: Dataset, config: DataConfig, tokenizer: PreTrainedTokenizerBase, fmt: str) -> Dataset:
+    """Tokenise ``records`` (format ``fmt``; "lines": a .txt file's lines, no EOS between them)
+    and pack them into blocks (see ``packed_blocks``)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    body = block_size - len(bos)
+    body = config.block_size - len(bos)
+    labelled = config.loss_on == "completion"
+    # A record's text or completion ends with EOS; a chat template ends its turns itself.
+    ends = fmt in ("text", "prompt_completion") and tokenizer.eos_token_id is not None
+    eos = [tokenizer.eos_token_id] if ends else []
 
-    def tokenize_and_pack(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        stream = [token for line in ids for token in line]
+    def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list[list[int]]]:
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        pieces = [segments(row, fmt, tokenizer, labelled) for row in rows]
+        texts = [text for record in pieces for text, _ in record]
+        ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        stream, trained = [], []
+        for record in pieces:
+            for _, is_trained in record:
+                tokens = next(ids)
+                stream += tokens
+                trained += [is_trained] * len(tokens)
+            stream += eos
+            trained += [True] * len(eos)
         usable = len(stream) - len(stream) % body
-        return {"input_ids": [bos + stream[i : i + body] for i in range(0, usable, body)]}
+        blocks = {"input_ids": [bos + stream[i : i + body] for i in range(0, usable, body)]}
+        if labelled:
+            labels = [t if keep else -100 for t, keep in zip(stream, trained, strict=True)]
+            blocks["labels"] = [[-100] * len(bos) + labels[i : i + body] for i in range(0, usable, body)]
+            kept = [i for i, block in enumerate(blocks["labels"]) if any(t != -100 for t in block)]
+            blocks = {name: [column[i] for i in kept] for name, column in blocks.items()}
+        return blocks
 
-    return lines.map(
+    return records.map(
         tokenize_and_pack,
         batched=True,
-        batch_size=20_000,
-        remove_columns=["text"],
+        batch_size=PACK_BATCH[fmt == "lines"],
+        remove_columns=records.column_names,
         desc="tokenising",
     )
+
+
+# Records packed together per map batch: a .txt file's lines are short; records may be long.
+PACK_BATCH = {True: 20_000, False: 1_000}
+
+
+def segments(
+    record: dict[str, Any], fmt: str, tokenizer: PreTrainedTokenizerBase, completion_only: bool
+) -> list[tuple[str, bool]]:
+    """The record's text as (piece, trains) pairs, in order: with ``completion_only`` a piece
+    trains if it is an assistant turn or a completion; otherwise the whole text trains."""
+    if fmt == "lines" or fmt == "text":
+        return [(record["text"], True)]
+    if fmt == "prompt_completion":
+        return [(record["prompt"], not completion_only), (record["completion"], True)]
+    messages = record["messages"]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not completion_only:
+        return [(rendered, True)]
+    pieces, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not rendered.startswith(upto) or start < done or start > len(upto):
+            raise ConfigError(
+                "the tokenizer's chat template does not render a conversation turn by turn (an earlier "
+                "turn changes when a later one follows), so the assistant's tokens cannot be told "
+                "apart: set data.loss_on=all"
+            )
+        pieces += [(rendered[done:start], False), (rendered[start : len(upto)], True)]
+        done = len(upto)
+    pieces.append((rendered[done:], False))
+    return [(text, trains) for text, trains in pieces if text]
 
 
 def load_text_blocks(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
     """Packed blocks of the training files; the validation split is the tail of the stream (not
     a random sample), so no text leaks from training into it."""
-    blocks = packed_blocks(config.train_files, config.block_size, tokenizer)
+    blocks = packed_blocks(config.train_files, config, tokenizer)
     total = len(blocks)
     n_val = min(config.max_validation_blocks, max(1, int(total * config.validation_fraction)))
     n_train = total - n_val
@@ -110,8 +171,7 @@ def load_eval_texts(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> d
     """Each of ``data.eval_files`` by its file name: its last max_validation_blocks blocks."""
     texts = {}
     for name in config.eval_files:
-        check_text_file(resolve_path(name))
-        blocks = packed_blocks([name], config.block_size, tokenizer)
+        blocks = packed_blocks([name], config, tokenizer, "data.eval_files")
         if len(blocks) == 0:
             raise ConfigError(
                 f"data.eval_files: {name} holds less than one block of {config.block_size} tokens"
@@ -121,25 +181,38 @@ def load_eval_texts(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> d
     return texts
 
 
+def load_calibration_blocks(
+    names: list[str], config: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> Dataset:
+    """oneshot.calibration_files packed as training data is (every token counts)."""
+    every_token = dataclasses.replace(config, loss_on="all")
+    blocks = packed_blocks(names, every_token, tokenizer, "oneshot.calibration_files")
+    if len(blocks) == 0:
+        raise ConfigError(f"oneshot.calibration_files hold less than one block of {config.block_size} tokens")
+    return blocks.with_format("torch")
+
+
 def load_classification(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Splits:
     """Labelled CSV rows, tokenised to ``block_size`` tokens (padded, truncated), split by seed.
 
     Class ids follow the sorted label names, so they do not depend on the row order.
     """
     files = [str(resolve_path(name)) for name in config.train_files]
+    for name in files:
+        check_text_file(Path(name))
     rows = load_dataset("csv", data_files=files, split="train", cache_dir=str(cache_dir() / "datasets"))
-    for column in (config.text_column, config.label_column):
+    for column in (config.text_field, config.label_field):
         if column not in rows.column_names:
             raise ConfigError(f"{files} have no column {column!r} (columns: {rows.column_names})")
-    rows = rows.filter(lambda r: r[config.text_column] is not None and r[config.label_column] is not None)
-    labels = sorted({str(v) for v in rows[config.label_column]})
+    rows = rows.filter(lambda r: r[config.text_field] is not None and r[config.label_field] is not None)
+    labels = sorted({str(v) for v in rows[config.label_field]})
     label_ids = {name: i for i, name in enumerate(labels)}
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(
-            batch[config.text_column], truncation=True, padding="max_length", max_length=config.block_size
+            batch[config.text_field], truncation=True, padding="max_length", max_length=config.block_size
         )
-        encoded["labels"] = [label_ids[str(v)] for v in batch[config.label_column]]
+        encoded["labels"] = [label_ids[str(v)] for v in batch[config.label_field]]
         return encoded
 
     examples = rows.map(encode, batched=True, remove_columns=rows.column_names, desc="tokenising")
@@ -159,9 +232,12 @@ def load_classification(config: DataConfig, tokenizer: PreTrainedTokenizerBase) 
 
 
 def collate_blocks(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """A causal-LM batch: the block is its own label (the model shifts it)."""
+    """A causal-LM batch: the block is its own label (the model shifts it), unless it carries
+    labels (completion-only loss)."""
     input_ids = torch.stack([example["input_ids"] for example in examples])
-    return {"input_ids": input_ids, "labels": input_ids}
+    if "labels" not in examples[0]:
+        return {"input_ids": input_ids, "labels": input_ids}
+    return {"input_ids": input_ids, "labels": torch.stack([example["labels"] for example in examples])}
 
 
 def collate_for(task: str) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:

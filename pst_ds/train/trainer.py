@@ -23,7 +23,13 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from ..config import ConfigError, ExperimentConfig, TrainConfig, check_files
-from ..io.data import TrainingBatches, collate_for, load_eval_texts, load_splits
+from ..io.data import (
+    TrainingBatches,
+    collate_for,
+    load_calibration_blocks,
+    load_eval_texts,
+    load_splits,
+)
 from ..io.evaluate import evaluate_model
 from ..io.export import export_checkpoint
 from ..io.models import enable_gradient_checkpointing, load_tokenizer
@@ -79,6 +85,10 @@ class Trainer:
         tokenizer = agreed(lambda: load_tokenizer(cfg.model))
         self.data = rank_zero_first(lambda: load_splits(cfg.data, cfg.model.task, tokenizer))
         self.eval_texts = rank_zero_first(lambda: load_eval_texts(cfg.data, tokenizer))
+        self.calibration = self.data.train  # what a warm start calibrates on
+        if cfg.oneshot.calibration_files:
+            files = cfg.oneshot.calibration_files
+            self.calibration = rank_zero_first(lambda: load_calibration_blocks(files, cfg.data, tokenizer))
         self._check_enough_data()
         self.peak_before_model = peak_memory_bytes()  # the process and its data, no model yet
         self.memory_estimate = self._estimate_memory()
@@ -374,11 +384,12 @@ class Trainer:
         return loss
 
     def warm_start(self) -> None:
-        """Prune with the one-shot method of pst.init from calibration blocks of the training split."""
-        cfg, init = self.config, self.method.warm_start_method()
-        count = min(cfg.oneshot.calibration_blocks, len(self.data.train))
-        chosen = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(cfg.train.seed))
-        blocks = [self.data.train[int(i)] for i in chosen[:count]]
+        """Prune with the one-shot method of pst.init from calibration blocks (of the training split,
+        or of oneshot.calibration_files)."""
+        cfg, init, data = self.config, self.method.warm_start_method(), self.calibration
+        count = min(cfg.oneshot.calibration_blocks, len(data))
+        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed))
+        blocks = [data[int(i)] for i in chosen[:count]]
         size = cfg.train.micro_batch_size
         batches = [self._to_device(self.collate(blocks[i : i + size])) for i in range(0, count, size)]
         start, was_training = time.time(), self.engine.module.training
