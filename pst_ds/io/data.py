@@ -244,6 +244,17 @@ def collate_for(task: str) -> Callable[[list[dict[str, torch.Tensor]]], dict[str
     return default_collate if task == "sequence_classification" else collate_blocks
 
 
+def calibration_batches(
+    dataset: Dataset, count: int, seed: int, batch_size: int, collate: Callable[[list], dict]
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` examples of ``dataset`` drawn by ``seed`` (a warm start's calibration data, the
+    same in pst-ds's loop and in an HF Trainer's), collated in batches of ``batch_size``."""
+    count = min(count, len(dataset))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    examples = [dataset[int(i)] for i in chosen[:count]]
+    return [collate(examples[i : i + batch_size]) for i in range(0, count, batch_size)]
+
+
 class TrainingBatches:
     """This rank's training micro-batches: shuffled by seed, reshuffled each epoch, and
     restartable at any position (a resumed run sees the batches an unbroken one would)."""

@@ -14,11 +14,13 @@ the model (an 8B model is 32 GB in fp32).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -98,26 +100,54 @@ def stream_merged(
             yield prefix + local, value.float() if value.is_floating_point() else value, None
 
 
+def stream_live(model: nn.Module, write: bool) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
+    """What ``stream_merged`` yields, from a live model (under ZeRO-3, one module's parameters
+    gathered at a time). Collective: every rank iterates it; only where ``write`` does it yield."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = [(n, t) for n, t in _own_tensors(module) if id(t) not in seen]
+        seen.update(id(t) for _, t in own)
+        if not own:
+            continue
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+            if not write:
+                continue
+            if isinstance(module, WrappedLinear):
+                weight, mask = _merged(module)
+                yield f"{prefix}weight", weight.float().cpu(), {**_zeros(weight), **mask}
+                if module.bias is not None:
+                    yield f"{prefix}bias", module.bias.detach().float().cpu().clone(), None
+                continue
+            for local, tensor in own:
+                value = tensor.detach().cpu().clone()
+                yield prefix + local, value.float() if value.is_floating_point() else value, None
+
+
 def _mask_description(method: Method) -> dict[str, Any]:
     if not method.prunes:
         return {"kind": "none"}
     return {**mask_kind(method.pst).describe(), "importance": method.pst.importance}
 
 
-def export_checkpoint(
-    run_dir: Path, out_dir: Path, tag: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
-) -> dict[str, Any]:
-    """Export checkpoint ``tag`` (default: the latest complete one) of a training run."""
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off: a bar per load and save step says nothing useful here."""
     shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar per load and save step says nothing useful here
+    hf_logging.disable_progress_bar()
     try:
-        return _export(Path(run_dir), Path(out_dir), tag, max_shard_bytes)
+        yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
 
-def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int) -> dict[str, Any]:
+def export_checkpoint(
+    run_dir: Path, out_dir: Path, tag: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> dict[str, Any]:
+    """Export checkpoint ``tag`` (default: the latest complete one) of a training run."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
     root = run_dir / "checkpoints"
     tag = tag or checkpoint.latest_tag(root)
     if tag is None or not checkpoint.is_complete(root, tag):
@@ -126,20 +156,61 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int)
     if problem is not None:
         raise ConfigError(f"checkpoint {root / tag} is damaged: {problem}")
     # The config as saved: building it reads no file, so the training data may be gone by now.
-    saved = json.loads((run_dir / "config.json").read_text())["experiment"]
-    method = method_class(saved.get("method", "pst"))(build_section(ExperimentConfig, saved, ""))
-    step = checkpoint.read_manifest(root, tag)["step"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    experiment = saved["experiment"]
+    method = method_class(experiment.get("method", "pst"))(build_section(ExperimentConfig, experiment, ""))
+    origin = {"checkpoint": str(root / tag), "step": checkpoint.read_manifest(root, tag)["step"]}
+    with no_progress_bars():
+        tokenizer = load_tokenizer(method.config.model)
+        return export_deepspeed_checkpoint(
+            root / tag, method, out_dir, origin, tokenizer, saved.get("labels"), max_shard_bytes
+        )
 
-    # One process builds the model, on the meta device: a live HfDeepSpeedConfig (end of a
-    # ZeRO-3 run) would make it partition collectively and wait for the other ranks.
+
+def export_deepspeed_checkpoint(
+    directory: Path,
+    method: Method,
+    out_dir: Path,
+    origin: dict[str, Any],
+    tokenizer: Any,
+    labels: list[str] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Export the DeepSpeed checkpoint folder ``directory`` of a run of ``method``, streamed on
+    one process: the model built on the meta device, filled one module at a time."""
+    # A live HfDeepSpeedConfig (end of a ZeRO-3 run) would make the meta build partition
+    # collectively and wait for the other ranks.
     unset_hf_deepspeed_config()
-    tokenizer = load_tokenizer(method.config.model)
-    labels = json.loads((run_dir / "config.json").read_text()).get("labels")
     model, layer_names = build_model(method, tokenizer, labels, meta=True)
+    with CheckpointTensors(directory) as tensors:
+        return write_export(
+            stream_merged(model, tensors),
+            model,
+            method,
+            layer_names,
+            tokenizer,
+            out_dir,
+            origin,
+            max_shard_bytes,
+        )
+
+
+def write_export(
+    items: Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]],
+    model: nn.Module,
+    method: Method,
+    layer_names: list[str],
+    tokenizer: Any,
+    out_dir: Path,
+    origin: dict[str, Any],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Write the merged tensors ``items`` (from ``stream_merged`` or ``stream_live``) as a plain HF
+    folder, with the model's config, its tokenizer (if any) and the sparsity report."""
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = {}
-    with CheckpointTensors(root / tag) as tensors, ShardWriter(out_dir, max_shard_bytes) as shards:
-        for name, tensor, mask in stream_merged(model, tensors):
+    with ShardWriter(out_dir, max_shard_bytes) as shards:
+        for name, tensor, mask in items:
             shards.add(name, tensor.contiguous())
             layer = name.removesuffix(".weight")
             if mask is not None:
@@ -150,18 +221,18 @@ def _export(run_dir: Path, out_dir: Path, tag: str | None, max_shard_bytes: int)
     model.config.save_pretrained(out_dir)
     if model.can_generate():
         model.generation_config.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     zeros = sum(v["zeros"] for v in layers.values())
     numel = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
     report = {
-        "checkpoint": str(root / tag),
-        "step": step,
+        **origin,
         "method": method.name,
         "mask": _mask_description(method),
         "sparsity_in_force": sum(v.get("mask_pruned", 0) for v in layers.values()) / numel,
         "total": {"layers": len(layers), "params": numel, "zeros": zeros, "sparsity": zeros / numel},
         "layers": layers,
-        "config": saved,
+        "config": method.config.to_dict(),
     }
     (out_dir / SPARSITY_REPORT).write_text(json.dumps(report, indent=1))
     return report

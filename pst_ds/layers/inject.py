@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
@@ -64,11 +65,15 @@ def inject(model: nn.Module, method: Method) -> list[str]:
         model.requires_grad_(True)
         return [name for name, _ in targets]
     model.requires_grad_(False)
-    for name, module in targets:
-        layer = method.build_layer(name, module)
-        layer.layer_name = name
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, layer)
+    # The factors' initial values are a function of train.seed alone: the same on every rank and
+    # whichever loop injects (launch/train.py, an HF Trainer's prepare), whatever drew before.
+    with torch.random.fork_rng():
+        torch.manual_seed(method.config.train.seed)
+        for name, module in targets:
+            layer = method.build_layer(name, module)
+            layer.layer_name = name
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, layer)
     for _, module in _matching(model, method.pst.trainable_modules):
         module.requires_grad_(True)
     return [name for name, _ in targets]

@@ -12,12 +12,16 @@ T^2 keeps the soft term's gradient on the scale of the hard one (Hinton et al. 2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from ..config import DistillConfig
 from ..layers.base import dense_forward as teacher_forward
 
-__all__ = ["distillation_loss", "soft_kl", "teacher_forward"]
+__all__ = ["distillation_loss", "distilled", "soft_kl", "teacher_forward"]
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -38,3 +42,17 @@ def distillation_loss(
     """((1 - weight) hard_loss + weight T^2 KL, the KL) for the student's logits."""
     kl = soft_kl(student_logits, teacher_logits, temperature)
     return (1 - weight) * hard_loss + weight * temperature**2 * kl, kl.detach()
+
+
+def distilled(
+    model: Callable[..., Any], batch: dict[str, torch.Tensor], distill: DistillConfig
+) -> tuple[torch.Tensor, Any]:
+    """(the distillation loss, the student's output) of ``model`` on ``batch``: a teacher pass
+    through the frozen dense backbone without autograd, then the student's."""
+    with torch.no_grad(), teacher_forward():
+        teacher_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    output = model(**batch)
+    loss, _ = distillation_loss(
+        output.loss, output.logits, teacher_logits, distill.weight, distill.temperature
+    )
+    return loss, output

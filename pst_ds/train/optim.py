@@ -36,22 +36,28 @@ def parameter_groups(model: nn.Module, pst: PSTConfig) -> dict[str, list[nn.Para
     return groups
 
 
-def build_optimizer(
-    model: nn.Module, pst: PSTConfig, train: TrainConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with one group per job (empty ones left out) and the linear warm-up/decay schedule."""
+def optimizer_groups(model: nn.Module, pst: PSTConfig, train: TrainConfig, lr: float) -> list[dict]:
+    """One torch param group per job that has parameters, at its own rate (``lr`` for the
+    method's and for a side rate of 0). ``lr`` is train.lr, or an HF Trainer's learning_rate."""
     rates = {
-        "method": train.lr,
+        "method": lr,
         "importance": train.importance_lr,
         "scores": train.score_lr,
         "thresholds": train.threshold_lr,
         "head": train.head_lr,
     }
-    groups = [
-        {"params": params, "lr": rates[name] or train.lr}
+    return [
+        {"params": params, "lr": rates[name] or lr}
         for name, params in parameter_groups(model, pst).items()
         if params
     ]
+
+
+def build_optimizer(
+    model: nn.Module, pst: PSTConfig, train: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with one group per job (empty ones left out) and the linear warm-up/decay schedule."""
+    groups = optimizer_groups(model, pst, train, train.lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, train.max_steps)
     return optimizer, schedule

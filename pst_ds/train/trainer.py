@@ -25,6 +25,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from ..config import ConfigError, ExperimentConfig, TrainConfig, check_files
 from ..io.data import (
     TrainingBatches,
+    calibration_batches,
     collate_for,
     load_calibration_blocks,
     load_eval_texts,
@@ -37,7 +38,7 @@ from ..layers.inject import build_model, iter_pst_layers
 from ..masks.select import NonFiniteScoresError
 from ..methods import Calibration, method_class
 from . import checkpoint
-from .distill import distillation_loss, teacher_forward
+from .distill import distilled
 from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
 from .engine import (
     load_ds_config,
@@ -79,7 +80,7 @@ class Trainer:
         init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         cfg = self.config
-        torch.manual_seed(cfg.train.seed)  # identical factor init on every rank
+        torch.manual_seed(cfg.train.seed)  # the same random-init model (model.source=random) on every rank
         # Before any ZeRO-3 context exists, on every rank at once: loading the tokenizer
         # converts the embedded model on first use (a file lock lets one rank do it).
         tokenizer = agreed(lambda: load_tokenizer(cfg.model))
@@ -375,23 +376,19 @@ class Trainer:
         distill = self.config.train.distill
         if not distill.weight:
             return self.engine(**batch).loss
-        with torch.no_grad(), teacher_forward():
-            teacher_logits = self.engine(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        output = self.engine(**batch)
-        loss, _ = distillation_loss(
-            output.loss, output.logits, teacher_logits, distill.weight, distill.temperature
-        )
-        return loss
+        return distilled(self.engine, batch, distill)[0]
 
     def warm_start(self) -> None:
         """Prune with the one-shot method of pst.init from calibration blocks (of the training split,
         or of oneshot.calibration_files)."""
-        cfg, init, data = self.config, self.method.warm_start_method(), self.calibration
-        count = min(cfg.oneshot.calibration_blocks, len(data))
-        chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed))
-        blocks = [data[int(i)] for i in chosen[:count]]
-        size = cfg.train.micro_batch_size
-        batches = [self._to_device(self.collate(blocks[i : i + size])) for i in range(0, count, size)]
+        cfg, init = self.config, self.method.warm_start_method()
+        count = min(cfg.oneshot.calibration_blocks, len(self.calibration))
+        batches = [
+            self._to_device(batch)
+            for batch in calibration_batches(
+                self.calibration, count, cfg.train.seed, cfg.train.micro_batch_size, self.collate
+            )
+        ]
         start, was_training = time.time(), self.engine.module.training
         self.engine.eval()
         with self._layer_failures_named(f"{init.name} calibration"):

@@ -1,0 +1,1 @@
+"""pst-ds inside other training loops (integrations/hf.py: transformers.Trainer)."""

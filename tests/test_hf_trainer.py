@@ -1,0 +1,94 @@
+"""The HF Trainer integration (pst_ds.integrations.hf) against pst-ds's own loop: 2 CPU ranks
+under ZeRO-3 through the deepspeed launcher, the same settings (seed, LR schedule, data).
+
+What must differ, and how the test makes it not matter: the Trainer shuffles and shards with
+its own sampler, pst-ds's loop with a DistributedSampler. With one block per rank and two
+blocks in all, every step of both loops trains on both blocks; a rank's gradient is its own
+block's either way, and a sum of two ranks' values is the same in either order."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from test_distributed import DEEPSPEED, ds_env, free_port
+from transformers import AutoModelForCausalLM
+
+STEPS = 10
+SETTINGS = [f"train.max_steps={STEPS}", "train.micro_batch_size=1", "data.max_train_tokens=128"]
+STARTS = {
+    "cubic ramp from dense": ["pst.init=magnitude"],
+    "wanda warm start, activation importance": ["pst.init=wanda", "pst.importance=activation"],
+}
+
+
+def probe(tmp_path, path: str, extra: list[str]) -> list[dict]:
+    command = [
+        DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "tests/hf_trainer_probe.py",
+        "--path", path, "--ds_config", "configs/zero3.json",
+        "--config", "configs/experiments/tiny_llama.yaml", "--out", str(tmp_path), *SETTINGS, *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return torch.load(tmp_path / f"{path}.pt")
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("start", sorted(STARTS))
+def test_the_trainer_path_equals_pst_ds_own_loop(tmp_path, start):
+    own = probe(tmp_path, "own", [*STARTS[start], "train.export=true"])
+    hf = probe(tmp_path, "hf", STARTS[start])
+    assert len(own) == len(hf) == STEPS
+    kept = []
+    for step, (a, b) in enumerate(zip(own, hf, strict=True), 1):
+        assert a["masks"].keys() == b["masks"].keys() and len(a["masks"]) == 14
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name]), f"step {step}: {name}"
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (step, a["loss"], b["loss"])
+        kept.append(sum(int(m.sum()) for m in a["masks"].values()))
+    numel = sum(m.numel() for m in own[0]["masks"].values())
+    assert kept[-1] == numel // 2  # 50% in force at the end
+    if start == "cubic ramp from dense":
+        assert kept[0] > kept[3] > kept[-1]  # the masks moved with the schedule
+    assert own[-1]["loss"] < own[0]["loss"]
+
+    # save_pruned from the live model and from the Trainer's checkpoint folder both write what
+    # launch/train.py's export writes, tensor by tensor; and it loads with plain transformers.
+    reference = tensors(tmp_path / "own" / "export")
+    for folder in ("pruned", "pruned_from_checkpoint"):
+        written = tensors(tmp_path / folder)
+        assert written.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(written[name], tensor), f"{folder}: {name}"
+        report = json.loads((tmp_path / folder / "pst_sparsity.json").read_text())
+        assert report["total"]["zeros"] == numel // 2 and len(report["layers"]) == 14
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    for name, layer in report["layers"].items():
+        assert int((model.get_submodule(name).weight == 0).sum()) == layer["zeros"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.e2e
+def test_the_example_script_prunes_the_embedded_model(tmp_path):
+    """examples/hf_trainer.py as the README runs it: its defaults are the embedded model, Austen
+    and configs/zero3.json; it ends with a plain HF folder whose zeros are the recorded counts."""
+    out = tmp_path / "run"
+    command = [DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "examples/hf_trainer.py",
+               "--output_dir", str(out), "--max_steps", "2"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "wanda: block 30/30 pruned" in result.stdout  # the default config's warm start ran
+    report = json.loads((out / "pruned" / "pst_sparsity.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert len(report["layers"]) == 210 and report["total"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    for name, layer in report["layers"].items():
+        weight = model.get_submodule(name).weight
+        assert int((weight == 0).sum()) == layer["zeros"] == weight.numel() // 2, name
