@@ -33,18 +33,31 @@ class ConfigError(Exception):
     """A user-facing configuration problem; the message is the whole explanation."""
 
 
-# Block linears of the supported families, by qualified module name. A pattern matches a
-# module whose name ends with it at a dot boundary (so wrappers such as "bert." or
-# "model." in front do not matter). Embeddings, poolers, task heads and LM heads never match.
-DEFAULT_TARGET_MODULES: list[str] = [
-    r"layers\.\d+\.self_attn\.[qkvo]_proj",  # Llama / Mistral / Qwen attention
-    r"layers\.\d+\.mlp\.(gate|up|down)_proj",  # Llama MLP
-    r"h\.\d+\.attn\.c_(attn|proj)",  # GPT-2 attention (Conv1D)
-    r"h\.\d+\.mlp\.c_(fc|proj)",  # GPT-2 MLP (Conv1D)
-    r"layer\.\d+\.attention\.self\.(query|key|value)",  # BERT attention
-    r"layer\.\d+\.attention\.output\.dense",  # BERT attention output
-    r"layer\.\d+\.(intermediate|output)\.dense",  # BERT FFN
-]
+# Block linears by model family, by qualified module name. A pattern matches a module whose name
+# ends with it at a dot boundary (so wrappers such as "bert." or "model." in front do not matter).
+# Embeddings, poolers, task heads and LM heads never match. The default targets are their union;
+# a preset's patterns can be given alone as pst.target_modules (docs/reference.md lists them).
+TARGET_PRESETS: dict[str, list[str]] = {
+    # Llama, Mistral, Qwen2, Gemma; Phi-3's fused qkv_proj and gate_up_proj
+    "llama": [
+        r"layers\.\d+\.self_attn\.(q|k|v|o|qkv)_proj",
+        r"layers\.\d+\.mlp\.(gate|up|down|gate_up)_proj",
+    ],
+    "gpt2": [r"h\.\d+\.attn\.c_(attn|proj)", r"h\.\d+\.mlp\.c_(fc|proj)"],  # GPT-2 (Conv1D)
+    "gpt_neox": [
+        r"layers\.\d+\.attention\.(query_key_value|dense)",
+        r"layers\.\d+\.mlp\.dense_(h_to_4h|4h_to_h)",
+    ],
+    "falcon": [r"h\.\d+\.self_attention\.(query_key_value|dense)", r"h\.\d+\.mlp\.dense_(h_to_4h|4h_to_h)"],
+    "opt": [r"layers\.\d+\.self_attn\.(q|k|v|out)_proj", r"layers\.\d+\.fc[12]"],
+    "bert": [  # BERT-style encoders
+        r"layer\.\d+\.attention\.self\.(query|key|value)",
+        r"layer\.\d+\.attention\.output\.dense",
+        r"layer\.\d+\.(intermediate|output)\.dense",
+    ],
+}
+PRESET = "preset:"  # pst.target_modules=[preset:falcon]: one family's patterns
+DEFAULT_TARGET_MODULES: list[str] = [pattern for patterns in TARGET_PRESETS.values() for pattern in patterns]
 
 
 def name_matches(name: str, patterns: list[str]) -> bool:
@@ -117,6 +130,20 @@ class PSTConfig:
         return _registered(
             "pst.init", init, [n for n, m in METHODS.items() if m.starts_training or m.calibrates]
         )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _presets_expanded(cls, patterns: list[str]) -> list[str]:
+        """``preset:NAME`` stands for TARGET_PRESETS[NAME]'s patterns."""
+        expanded = []
+        for pattern in patterns:
+            name = pattern.removeprefix(PRESET)
+            if pattern.startswith(PRESET) and name not in TARGET_PRESETS:
+                raise ConfigError(
+                    f"pst.target_modules: no preset {name!r} (presets: {', '.join(TARGET_PRESETS)})"
+                )
+            expanded += TARGET_PRESETS[name] if pattern.startswith(PRESET) else [pattern]
+        return expanded
 
     @field_validator("target_modules", "trainable_modules")
     @classmethod

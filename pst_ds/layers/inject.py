@@ -6,6 +6,7 @@ Works on a model whose weights ZeRO-3 has already partitioned (shapes come from
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import torch
@@ -30,10 +31,26 @@ def _matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Modul
     return [(n, m) for n, m in model.named_modules() if n and name_matches(n, patterns)]
 
 
+def linear_names(model: nn.Module, most: int = 12) -> str:
+    """The model's Linear / Conv1D module names, block numbers as N, for an error message."""
+    names = sorted(
+        {
+            re.sub(r"\.\d+(?=\.|$)", ".N", n)
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D))
+        }
+    )
+    shown = ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+    return shown or "none"
+
+
 def _check_every_pattern_matches(model: nn.Module, patterns: list[str], what: str) -> None:
     for pattern in patterns:
         if not _matching(model, [pattern]):
-            raise ConfigError(f"{what} pattern {pattern!r} matches no module of {type(model).__name__}")
+            raise ConfigError(
+                f"{what} pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"its linear layers: {linear_names(model)}"
+            )
 
 
 def target_layers(model: nn.Module, config: PSTConfig) -> list[tuple[str, nn.Module]]:
@@ -49,7 +66,10 @@ def target_layers(model: nn.Module, config: PSTConfig) -> list[tuple[str, nn.Mod
         if isinstance(module, (nn.Linear, Conv1D))
     ]
     if not targets:
-        raise ConfigError(f"pst.target_modules matches no Linear/Conv1D layer of {type(model).__name__}")
+        raise ConfigError(
+            f"pst.target_modules matches no Linear/Conv1D layer of {type(model).__name__}; its linear "
+            f"layers: {linear_names(model)} (name the ones to prune in pst.target_modules)"
+        )
     return targets
 
 
