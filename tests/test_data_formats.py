@@ -205,3 +205,21 @@ def test_folders_and_lists_that_hold_no_usable_data(tmp_path, tokenizer):
 def test_loss_on_completion_with_text_format_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="needs chat or prompt/completion records"):
         DataConfig(format="text", loss_on="completion")
+
+
+def test_prepare_data_tokenises_ahead_and_reports(tmp_path, capsys):
+    from tools import prepare_data
+
+    records = write_jsonl(
+        tmp_path / "r.jsonl", [{"text": f"Line {i} of a record corpus."} for i in range(300)]
+    )
+    common = ["--config", "configs/experiments/tiny_llama.yaml", "data.max_train_tokens=0"]
+    out = tmp_path / "figures.json"
+    assert prepare_data.main([*common, "--out", str(out), f"data.train_files=[{records}]"]) == 0
+    figures = json.loads(out.read_text())
+    blocks = figures["splits"]["train"]["blocks"] + figures["splits"]["validation"]["blocks"]
+    assert blocks == sum(len(f"Line {i} of a record corpus.") + 1 for i in range(300)) // 64  # bytes and EOS
+    assert figures["peak_rss_bytes"] > 0 and "pst-ds: train:" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    assert prepare_data.main([*common, f"data.train_files=[{tmp_path / 'bad.jsonl'}]"]) == 2
+    assert "bad.jsonl, line 1 is not JSON" in capsys.readouterr().err
