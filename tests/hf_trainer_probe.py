@@ -45,7 +45,8 @@ class Record:
         self.start = time.time()
 
     def add(self, layers: dict, loss: float | None) -> None:
-        self.steps.append({"loss": loss, "masks": masks(layers), "seconds": time.time() - self.start})
+        seconds = time.time() - self.start  # the step (and its logging), not the masks' gathering
+        self.steps.append({"loss": loss, "masks": masks(layers), "seconds": seconds})
         self.start = time.time()
 
     def save(self, path: Path) -> None:

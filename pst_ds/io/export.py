@@ -74,55 +74,58 @@ def _filled(module: nn.Module, prefix: str, tensors: CheckpointTensors) -> None:
     module.load_state_dict(own, strict=False)
 
 
-def stream_merged(
-    model: nn.Module, tensors: CheckpointTensors
-) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
-    """(name, tensor, mask report or None) of the exported state dict, one module at a time:
-    each injected layer merged into its plain layer's weight and bias, the rest as saved.
-    A weight shared by two modules (tied embeddings) is written once, as save_pretrained does."""
+Item = tuple[str, torch.Tensor, "dict[str, Any] | None"]  # (name, tensor, mask report or None)
+
+
+def _owning_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]]:
+    """(prefix, module, its own tensors) for each module that owns a tensor not seen before:
+    a weight shared by two modules (tied embeddings) is written once, as save_pretrained does."""
     seen: set[int] = set()
     for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
         own = [(n, t) for n, t in _own_tensors(module) if id(t) not in seen]
         seen.update(id(t) for _, t in own)
-        if not own:
-            continue
+        if own:
+            yield (f"{name}." if name else ""), module, own
+
+
+def _merged_items(layer: WrappedLinear, prefix: str) -> Iterator[Item]:
+    """An injected layer as the plain layer it wrapped: its merged weight (with the mask's
+    report) and its bias, fp32 on the CPU."""
+    weight, mask = _merged(layer)
+    yield f"{prefix}weight", weight.float().cpu(), {**_zeros(weight), **mask}
+    if layer.bias is not None:
+        yield f"{prefix}bias", layer.bias.detach().float().cpu().clone(), None
+
+
+def _as_saved(value: torch.Tensor) -> torch.Tensor:
+    return value.float() if value.is_floating_point() else value
+
+
+def stream_merged(model: nn.Module, tensors: CheckpointTensors) -> Iterator[Item]:
+    """The exported state dict, one module at a time, from a checkpoint: each injected layer
+    merged into its plain layer's weight and bias, the rest as saved."""
+    for prefix, module, own in _owning_modules(model):
         if isinstance(module, WrappedLinear):
             _filled(module, prefix, tensors)
-            weight, mask = _merged(module)
-            yield f"{prefix}weight", weight, {**_zeros(weight), **mask}
-            if module.bias is not None:
-                yield f"{prefix}bias", module.bias.detach().clone(), None
+            yield from _merged_items(module, prefix)
             module.to_empty(device="meta", recurse=False)  # its memory goes back at once
             continue
         for local, _ in own:
-            value = tensors.get(prefix + local)
-            yield prefix + local, value.float() if value.is_floating_point() else value, None
+            yield prefix + local, _as_saved(tensors.get(prefix + local)), None
 
 
-def stream_live(model: nn.Module, write: bool) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
+def stream_live(model: nn.Module, write: bool) -> Iterator[Item]:
     """What ``stream_merged`` yields, from a live model (under ZeRO-3, one module's parameters
     gathered at a time). Collective: every rank iterates it; only where ``write`` does it yield."""
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        own = [(n, t) for n, t in _own_tensors(module) if id(t) not in seen]
-        seen.update(id(t) for _, t in own)
-        if not own:
-            continue
-        params = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+    for prefix, module, own in _owning_modules(model):
+        with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False))), torch.no_grad():
             if not write:
                 continue
             if isinstance(module, WrappedLinear):
-                weight, mask = _merged(module)
-                yield f"{prefix}weight", weight.float().cpu(), {**_zeros(weight), **mask}
-                if module.bias is not None:
-                    yield f"{prefix}bias", module.bias.detach().float().cpu().clone(), None
+                yield from _merged_items(module, prefix)
                 continue
             for local, tensor in own:
-                value = tensor.detach().cpu().clone()
-                yield prefix + local, value.float() if value.is_floating_point() else value, None
+                yield prefix + local, _as_saved(tensor.detach().cpu().clone()), None
 
 
 def _mask_description(method: Method) -> dict[str, Any]:
@@ -196,7 +199,7 @@ def export_deepspeed_checkpoint(
 
 
 def write_export(
-    items: Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]],
+    items: Iterator[Item],
     model: nn.Module,
     method: Method,
     layer_names: list[str],
