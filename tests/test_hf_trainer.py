@@ -9,6 +9,7 @@ and sums round differently (docs/reference.md#hf-trainer)."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,15 +26,33 @@ STARTS = {
 }
 
 
-def probe(tmp_path, path: str, extra: list[str]) -> list[dict]:
+ACCELERATE = str(Path(DEEPSPEED).with_name("accelerate"))
+LAUNCHERS = {
+    "deepspeed": [DEEPSPEED, "--num_gpus", "2", "--master_port"],
+    "accelerate": [ACCELERATE, "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--main_process_port"],
+}  # fmt: skip
+
+
+def probe(tmp_path, path: str, extra: list[str], launcher: str = "deepspeed") -> list[dict]:
     command = [
-        DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "tests/hf_trainer_probe.py",
+        *LAUNCHERS[launcher], str(free_port()), "tests/hf_trainer_probe.py",
         "--path", path, "--ds_config", "configs/zero3.json",
         "--config", "configs/experiments/tiny_llama.yaml", "--out", str(tmp_path), *SETTINGS, *extra,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return torch.load(tmp_path / f"{path}.pt")
+
+
+def assert_same_run(own: list[dict], hf: list[dict]) -> None:
+    """The same masks at every step, and losses within 1e-5."""
+    assert len(own) == len(hf) == STEPS
+    for step, (a, b) in enumerate(zip(own, hf, strict=True), 1):
+        assert a["masks"].keys() == b["masks"].keys() and len(a["masks"]) == 14
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name]), f"step {step}: {name}"
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (step, a["loss"], b["loss"])
 
 
 def tensors(folder) -> dict[str, torch.Tensor]:
@@ -46,14 +65,8 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 def test_the_trainer_path_equals_pst_ds_own_loop(tmp_path, start):
     own = probe(tmp_path, "own", [*STARTS[start], "train.export=true"])
     hf = probe(tmp_path, "hf", STARTS[start])
-    assert len(own) == len(hf) == STEPS
-    kept = []
-    for step, (a, b) in enumerate(zip(own, hf, strict=True), 1):
-        assert a["masks"].keys() == b["masks"].keys() and len(a["masks"]) == 14
-        for name in a["masks"]:
-            assert torch.equal(a["masks"][name], b["masks"][name]), f"step {step}: {name}"
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (step, a["loss"], b["loss"])
-        kept.append(sum(int(m.sum()) for m in a["masks"].values()))
+    assert_same_run(own, hf)
+    kept = [sum(int(m.sum()) for m in step["masks"].values()) for step in own]
     numel = sum(m.numel() for m in own[0]["masks"].values())
     assert kept[-1] == numel // 2  # 50% in force at the end
     if start == "cubic ramp from dense":
@@ -73,6 +86,8 @@ def test_the_trainer_path_equals_pst_ds_own_loop(tmp_path, start):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     for name, layer in report["layers"].items():
         assert int((model.get_submodule(name).weight == 0).sum()) == layer["zeros"]
+    if start == "cubic ramp from dense":  # the same Trainer run, started by accelerate's launcher
+        assert_same_run(own, probe(tmp_path / "accelerate", "hf", STARTS[start], "accelerate"))
 
 
 @pytest.mark.slow
