@@ -1,0 +1,77 @@
+"""The HF Trainer integration in this process, without DeepSpeed: what PSTTrainer adds to a
+Trainer (its optimizer groups, distillation in compute_loss) against independent references,
+and what prepare refuses. The launched, ZeRO-3 equality with pst-ds's loop: test_hf_trainer.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+from pst_ds.config import ConfigError, load_experiment
+from pst_ds.integrations.hf import PSTTrainer, deepspeed_config, prepare
+from pst_ds.io.models import load_model, load_tokenizer
+from pst_ds.layers.base import dense_forward
+
+TINY = "configs/experiments/tiny_llama.yaml"
+
+
+def prepared(overrides: list[str]):
+    config = load_experiment(TINY, ["pst.compile=false", *overrides])
+    torch.manual_seed(0)
+    model = load_model(config.model, load_tokenizer(config.model))
+    return model, prepare(model, config)
+
+
+def trainer_for(tmp_path, model, pst, **kwargs) -> PSTTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+    return PSTTrainer(pst, model=model, args=args)
+
+
+def test_each_job_trains_at_its_own_learning_rate(tmp_path):
+    model, pst = prepared(["train.importance_lr=0.003", "pst.mask=threshold", "train.threshold_lr=0.05"])
+    trainer = trainer_for(tmp_path, model, pst, learning_rate=0.01, weight_decay=0.1)
+    optimizer = trainer.create_optimizer()
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    layers = pst.layers.values()
+    assert by_lr[0.01] == {id(p) for layer in layers for p in (layer.U, layer.V)}  # args.learning_rate
+    assert by_lr[0.003] == {id(p) for layer in layers for p in (layer.A, layer.B, layer.R, layer.C)}
+    assert by_lr[0.05] == {id(layer.threshold_logit) for layer in layers}
+    assert all(group["weight_decay"] == 0.1 for group in optimizer.param_groups)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set().union(*by_lr.values()) == trainable
+
+
+def test_distillation_in_compute_loss_is_the_documented_loss(tmp_path):
+    model, pst = prepared(["train.distill.weight=0.4", "train.distill.temperature=2.0"])
+    trainer = trainer_for(tmp_path, model, pst)
+    for layer in pst.layers.values():
+        layer.sparsity = 0.5  # the student is pruned, the teacher is not
+    input_ids = torch.randint(0, 200, (2, 16))
+    batch = {"input_ids": input_ids, "labels": input_ids}
+    loss = trainer.compute_loss(model, batch)
+    # Reference: the teacher is the same model with every layer dense; KL at T=2, scaled by T^2.
+    with torch.no_grad():
+        with dense_forward():
+            teacher = model(input_ids=input_ids).logits
+        student = model(**batch)
+    kl = F.kl_div(
+        F.log_softmax(student.logits.reshape(-1, student.logits.shape[-1]) / 2.0, -1),
+        F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / 2.0, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    assert not torch.allclose(teacher, student.logits)
+    torch.testing.assert_close(loss.detach(), 0.6 * student.loss + 0.4 * 4.0 * kl)
+    assert trainer.model_accepts_loss_kwargs is False  # the Trainer averages per micro-batch
+
+
+def test_prepare_refuses_a_method_that_does_not_train():
+    config = load_experiment(TINY, ["method=wanda"])
+    with pytest.raises(ConfigError, match="method=wanda prunes once and does not train"):
+        prepare(torch.nn.Linear(2, 2), config)
+
+
+def test_the_trainer_fills_the_batch_sizes_of_a_pst_ds_deepspeed_config():
+    config = deepspeed_config("configs/zero3.json")
+    assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
+    assert config["zero_optimization"]["stage"] == 3 and "train_batch_size" not in config
