@@ -11,9 +11,10 @@ setup(
         "torch==2.13.0",
         "deepspeed==0.19.8",
         "transformers==5.23.0",
-        "accelerate==1.15.0",  # transformers needs it to read GGUF files
+        "accelerate==1.15.0",  # GGUF reading; the HF Trainer integration (integrations/hf.py)
         "gguf==0.19.0",
         "datasets==5.2.0",
+        "pyarrow==26.0.1",  # parquet data files (io/records.py); datasets needs it anyway
         "sentencepiece==0.2.3",
         "tensorboard==2.21.0",
         "pyyaml==6.0.3",
