@@ -4,7 +4,8 @@
 
 Reads and packs data.train_files (and data.eval_files, oneshot.calibration_files) exactly as a
 run would, so the run's ranks find them in the cache (``PST_DS_CACHE`` or .cache/). Prints the
-blocks and tokens of each split, the time it took and this process's peak resident memory.
+blocks and tokens of each split, the time it took and this process's peak resident memory, and
+its peak anonymous memory (resident memory less the pages of the memory-mapped cache files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,32 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class AnonymousPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: its heap, not the pages of
+    memory-mapped cache files, which the kernel can drop at will), sampled every ``every`` s."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.peak, self.every = 0, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as status:
+            line = next((x for x in status if x.startswith("RssAnon:")), "RssAnon: 0 kB")
+        return int(line.split()[1]) * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from pst_ds.io.data import load_calibration_blocks, load_eval_texts, load_splits
     from pst_ds.io.models import load_tokenizer
 
-    start = time.time()
+    start, anonymous = time.time(), AnonymousPeak()
     try:
         config = load_experiment(args.config, args.overrides)
         check_files(config)
@@ -55,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seconds": round(time.time() - start, 1),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "peak_anonymous_bytes": anonymous.stop(),
     }
     for name, figures in result["splits"].items():
         print(f"pst-ds: {name}: {figures['blocks']:,} blocks of {config.data.block_size} tokens")
     print(
         f"pst-ds: prepared in {result['seconds']} s; "
-        f"peak resident memory {result['peak_rss_bytes'] / 2**20:,.0f} MiB"
+        f"peak resident memory {result['peak_rss_bytes'] / 2**20:,.0f} MiB; peak anonymous memory "
+        f"{result['peak_anonymous_bytes'] / 2**20:,.0f} MiB (resident less the mapped cache files)"
     )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
