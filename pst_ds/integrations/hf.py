@@ -111,7 +111,7 @@ class PSTRun:
 
     def saved(self) -> dict[str, Any]:
         """What a checkpoint folder needs for ``save_pruned`` to rebuild the layers."""
-        return {"experiment": self.config.to_dict(), "layers": self.layer_names}
+        return {"experiment": self.config.to_dict()}
 
 
 def prepare(
@@ -141,8 +141,7 @@ class PSTCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         run = self.run
         self.controller = SparsityController(run.method, state.max_steps, run.layers)
-        starts_pruned = state.global_step == 0 and run.method.holds_final_sparsity()
-        if starts_pruned and run.method.warm_start_method() is not None:
+        if state.global_step == 0 and run.method.warm_start_method() is not None:
             self._warm_start(args, state, kwargs["model"], kwargs["train_dataloader"])
         self.controller.apply(state.global_step)
 

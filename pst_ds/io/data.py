@@ -121,7 +121,7 @@ def segments(
 ) -> list[tuple[str, bool]]:
     """The record's text as (piece, trains) pairs, in order: with ``completion_only`` a piece
     trains if it is an assistant turn or a completion; otherwise the whole text trains."""
-    if fmt == "lines" or fmt == "text":
+    if fmt in ("lines", "text"):
         return [(record["text"], True)]
     if fmt == "prompt_completion":
         return [(record["prompt"], not completion_only), (record["completion"], True)]
