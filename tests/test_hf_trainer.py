@@ -34,14 +34,25 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
+def run_ranks(command: list[str], extensions: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Run a launcher command with its own torch-extensions folder, and check that nothing was
+    JIT-compiled into it: a build needs a compiler, and one killed half-way leaves a lock that
+    hangs every later start (DeepSpeed's CPU shared-memory op did, under accelerate)."""
+    env = {**ds_env(), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    built = sorted(p.name for p in extensions.glob("*")) if extensions.exists() else []
+    assert built == [], f"JIT-compiled at run time: {built}"
+    return result
+
+
 def probe(tmp_path, path: str, extra: list[str], launcher: str = "deepspeed") -> list[dict]:
     command = [
         *LAUNCHERS[launcher], str(free_port()), "tests/hf_trainer_probe.py",
         "--path", path, "--ds_config", "configs/zero3.json",
         "--config", "configs/experiments/tiny_llama.yaml", "--out", str(tmp_path), *SETTINGS, *extra,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    run_ranks(command, tmp_path / f"{path}_extensions", timeout=900)
     return torch.load(tmp_path / f"{path}.pt")
 
 
@@ -99,8 +110,7 @@ def test_the_example_script_prunes_the_embedded_model(tmp_path):
     out = tmp_path / "run"
     command = [DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "examples/hf_trainer.py",
                "--output_dir", str(out), "--max_steps", "2"]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    result = run_ranks(command, tmp_path / "extensions", timeout=1200)
     assert "wanda: block 30/30 pruned" in result.stdout  # the default config's warm start ran
     report = json.loads((out / "pruned" / "pst_sparsity.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out / "pruned")

@@ -45,6 +45,7 @@ from ..io.export import (
 from ..layers.inject import inject, iter_pst_layers
 from ..methods import Calibration, Method, method_class
 from ..train.distill import distilled
+from ..train.distributed import skip_shm_build
 from ..train.engine import load_ds_config
 from ..train.optim import optimizer_groups
 from ..train.schedule import SparsityController
@@ -72,6 +73,7 @@ def accelerator_config() -> dict[str, Any]:
     whole dataset: this makes the process state it then reuses, on gloo. Elsewhere: {}."""
     if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
         return {}
+    skip_shm_build()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # as TrainingArguments sets it for its own state
     try:
         PartialState(backend="gloo")

@@ -42,10 +42,16 @@ def init_distributed() -> None:
         }
         for key, value in defaults.items():
             os.environ.setdefault(key, value)
-    if on_cpu():
-        # Skip the one-time JIT build of the shared-memory op, which only inference uses.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_shm_build()
     deepspeed.init_distributed(timeout=DIST_TIMEOUT)
+
+
+def skip_shm_build() -> None:
+    """On CPU, keep DeepSpeed's process group from JIT-compiling its shared-memory op, which
+    only inference uses: the build needs a compiler, and a build killed half-way leaves a lock
+    in ~/.cache/torch_extensions that every later start waits on for ever."""
+    if on_cpu():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def agreed(work: Callable[[], T], run_here: bool = True) -> T | None:
