@@ -294,6 +294,10 @@ class TrainConfig:
     eval_every: NonNegative = 0  # 0: evaluate only before and after training
     save_every: NonNegative = 0  # checkpoint every N steps and at the end; 0: never
     keep_last: Positive = 2  # complete checkpoints kept
+    # Also checkpoint the frozen backbone (each checkpoint then as large as the model, and
+    # self-contained); false: checkpoints hold what trains, and resume and export read the
+    # frozen weights from the model's folder, refusing it if its fingerprint has changed
+    save_frozen: bool = False
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the latest complete checkpoint if any
     export: bool = False  # at the end: save a checkpoint and export it to <output_dir>/export
     # Recompute each block's activations in backward instead of keeping them (torch's
@@ -306,6 +310,7 @@ class TrainConfig:
         "output_dir",
         "save_every",
         "keep_last",
+        "save_frozen",
         "resume",
         "log_every",
         "eval_every",

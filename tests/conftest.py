@@ -40,6 +40,23 @@ def tiny_model():
     return build
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """tiny_llama (seeded) saved as a plain HF folder with its byte tokenizer: a model read from
+    a folder (model.source=path), whose checkpoints leave the frozen backbone out."""
+    from transformers import AutoConfig, AutoModelForCausalLM, ByT5Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_llama_folder")
+    tokenizer = ByT5Tokenizer()
+    random = load_experiment("configs/experiments/tiny_llama.yaml").model.random
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(vocab_size=len(tokenizer), **random)
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def pst_method(config: PSTConfig, name: str = "pst"):
     """The method ``name`` (PST by default) built around a bare PST section, as a run builds it."""
     from pst_ds.methods import method_class

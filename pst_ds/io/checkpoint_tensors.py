@@ -40,6 +40,8 @@ from deepspeed.utils.zero_to_fp32 import (
 )
 from safetensors.torch import save_file
 
+from .base_model import BaseTensors
+
 _MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
@@ -57,10 +59,11 @@ def _drop_pages(tensor: torch.Tensor) -> None:
 
 
 class CheckpointTensors:
-    """``get(name)``: one whole tensor of a DeepSpeed checkpoint folder (as saved, on the CPU)."""
+    """``get(name)``: one whole tensor of a DeepSpeed checkpoint folder (as saved, on the CPU);
+    one the checkpoint left out (a frozen weight) from ``base``, the model it was trained from."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, directory: Path, base: BaseTensors | None = None) -> None:
+        self.directory, self.base = directory, base
         optim = [
             torch.load(f, map_location="cpu", mmap=True, weights_only=False)
             for f in get_optim_files(directory)
@@ -86,12 +89,14 @@ class CheckpointTensors:
 
     def get(self, name: str) -> torch.Tensor:
         if self.stage != 3:
-            return self.whole[name]
+            return self.whole[name] if name in self.whole or self.base is None else self.base.get(name)
         if name in self.buffers:
             return self.buffers[name]
         if name in self.trained:
             return self.trained[name].contiguous()
         if name not in self.frozen_shapes:
+            if self.base is not None:
+                return self.base.get(name)
             raise KeyError(f"{name} is not in the checkpoint {self.directory}")
         shape = self.frozen_shapes[name]
         fragments = [state[FROZEN_PARAM_FRAGMENTS][name] for state in self.states]

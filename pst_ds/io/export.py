@@ -32,8 +32,9 @@ from ..layers.inject import build_model
 from ..masks.kinds import mask_kind
 from ..methods import Method, method_class
 from ..train import checkpoint
+from .base_model import BaseTensors, fingerprint_change
 from .checkpoint_tensors import CheckpointTensors, ShardWriter
-from .models import load_tokenizer
+from .models import load_tokenizer, model_dir
 
 SPARSITY_REPORT = "pst_sparsity.json"
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: the writer holds about twice a shard
@@ -162,11 +163,22 @@ def export_checkpoint(
     saved = json.loads((run_dir / "config.json").read_text())
     experiment = saved["experiment"]
     method = method_class(experiment.get("method", "pst"))(build_section(ExperimentConfig, experiment, ""))
-    origin = {"checkpoint": str(root / tag), "step": checkpoint.read_manifest(root, tag)["step"]}
+    manifest = checkpoint.read_manifest(root, tag)
+    origin = {"checkpoint": str(root / tag), "step": manifest["step"]}
+    base = manifest.get("base")
+    if base:  # the checkpoint left the frozen backbone out: it is read from the model's folder
+        folder = model_dir(method.config.model)
+        change = fingerprint_change(base["files"], folder)
+        if change is not None:
+            raise ConfigError(
+                f"cannot export {root / tag}: the base model it builds on has changed: {change} (put "
+                "back the model it was trained from; train.save_frozen=true makes checkpoints hold it)"
+            )
+        base = (folder, getattr(torch, base["dtype"].removeprefix("torch.")))
     with no_progress_bars():
         tokenizer = load_tokenizer(method.config.model)
         return export_deepspeed_checkpoint(
-            root / tag, method, out_dir, origin, tokenizer, saved.get("labels"), max_shard_bytes
+            root / tag, method, out_dir, origin, tokenizer, saved.get("labels"), max_shard_bytes, base
         )
 
 
@@ -178,14 +190,17 @@ def export_deepspeed_checkpoint(
     tokenizer: Any,
     labels: list[str] | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    base: tuple[Path, torch.dtype] | None = None,
 ) -> dict[str, Any]:
     """Export the DeepSpeed checkpoint folder ``directory`` of a run of ``method``, streamed on
-    one process: the model built on the meta device, filled one module at a time."""
+    one process: the model built on the meta device, filled one module at a time. ``base``: the
+    model folder (and the run's dtype) that the tensors the checkpoint leaves out come from."""
     # A live HfDeepSpeedConfig (end of a ZeRO-3 run) would make the meta build partition
     # collectively and wait for the other ranks.
     unset_hf_deepspeed_config()
     model, layer_names = build_model(method, tokenizer, labels, meta=True)
-    with CheckpointTensors(directory) as tensors:
+    frozen = None if base is None else BaseTensors(base[0], model.base_model_prefix, base[1])
+    with CheckpointTensors(directory, frozen) as tensors:
         return write_export(
             stream_merged(model, tensors),
             model,

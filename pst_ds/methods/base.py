@@ -123,6 +123,12 @@ class Method:
         training at all); False: the cubic schedule ramps to it."""
         return self.warm_start_method() is not None or not self.trains
 
+    def changes_backbone(self) -> bool:
+        """True when training or the warm start writes new values into the backbone's weights:
+        a checkpoint must then hold them, the base model's folder no longer does."""
+        init = self.warm_start_method()
+        return not self.frozen_backbone or (init is not None and init.rewrites_backbone)
+
     # ------------------------------------------------------------------ lifecycle
     def warm_start(self, calibration: Calibration) -> None:
         """Prune once from calibration data (calibrating methods override ``calibrate``)."""

@@ -13,7 +13,6 @@ records the size and sha256 of every file, so a checkpoint damaged after it was 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..io.base_model import file_sha256
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -60,20 +60,12 @@ def read_manifest(root: Path, tag: str) -> dict[str, Any]:
     return json.loads((root / tag / COMPLETE).read_text())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_digests(directory: Path, names: list[str], shared: bool) -> dict[str, dict[str, Any]]:
     """Size and sha256 of each named file; with ``shared``, the ranks split the hashing (a
     collective: every rank must call it)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
     mine = {
-        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        name: {"bytes": (directory / name).stat().st_size, "sha256": file_sha256(directory / name)}
         for name in names[rank::world]
     }
     if world == 1:
@@ -150,14 +142,17 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Any, root: Path, step: int, manifest: dict[str, Any], keep_last: int) -> str:
-    """Save on all ranks; mark complete and move ``latest`` only once every rank is done."""
+def save(
+    engine: Any, root: Path, step: int, manifest: dict[str, Any], keep_last: int, exclude_frozen: bool
+) -> str:
+    """Save on all ranks; mark complete and move ``latest`` only once every rank is done.
+    ``exclude_frozen``: leave out the parameters that do not train (read back from the base)."""
     tag, rank = tag_for(step), dist.get_rank()
     directory = root / tag
     if rank == 0:  # saving over an earlier save of this step: it stops counting as complete first
         (directory / COMPLETE).unlink(missing_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=exclude_frozen)
     torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk
     names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
@@ -180,9 +175,14 @@ def _prune(root: Path, keep: int, newest: str) -> None:
 
 
 def load(engine: Any, root: Path, tag: str) -> None:
-    """Restore engine (factors, optimizer, LR schedule) and this rank's RNG state."""
+    """Restore engine (factors, optimizer, LR schedule) and this rank's RNG state. The frozen
+    parameters a checkpoint may leave out keep the values the model was loaded with."""
     path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(root),
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_strict=False,
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")

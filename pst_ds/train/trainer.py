@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from ..config import ConfigError, ExperimentConfig, TrainConfig, check_files
+from ..io.base_model import BaseTensors, fingerprint, fingerprint_change
 from ..io.data import (
     TrainingBatches,
     calibration_batches,
@@ -33,7 +34,7 @@ from ..io.data import (
 )
 from ..io.evaluate import evaluate_model
 from ..io.export import export_checkpoint
-from ..io.models import enable_gradient_checkpointing, load_tokenizer
+from ..io.models import enable_gradient_checkpointing, load_tokenizer, model_dir
 from ..layers.inject import build_model, iter_pst_layers
 from ..masks.select import NonFiniteScoresError
 from ..methods import Calibration, method_class
@@ -112,6 +113,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
+        self.base = self._base_record(model)
         self.batches = TrainingBatches(
             self.data.train,
             cfg.train.micro_batch_size,
@@ -170,12 +172,31 @@ class Trainer:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.trainable) if self.method.trains else 0
 
     # ----------------------------------------------------------------- checkpoints
+    def _base_record(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """Where checkpoints read the frozen backbone back from, when they leave it out: the model's
+        folder, its fingerprint and the dtype the run holds the weights in. None when checkpoints
+        hold it: the method changes it, the model has no folder (model.source=random), the folder
+        lacks a frozen tensor (a new task head), or train.save_frozen asks for it."""
+        cfg = self.config
+        if cfg.train.save_frozen or cfg.model.source == "random" or self.method.changes_backbone():
+            return None
+        folder = model_dir(cfg.model)
+        frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+        files = BaseTensors(folder, model.base_model_prefix)
+        if not frozen or any(files.key(name) is None for name, _ in frozen):
+            return None
+        say = lambda message: print(message, flush=True)  # noqa: E731  (rank 0 hashes)
+        fingerprints = [fingerprint(folder, say) if self.rank == 0 else None]
+        dist.broadcast_object_list(fingerprints, src=0)
+        return {"path": str(folder), "dtype": str(frozen[0][1].dtype), "files": fingerprints[0]}
+
     def manifest(self) -> dict[str, Any]:
-        """What a checkpoint must agree with to be resumed: the config and the world size."""
+        """What a checkpoint must agree with to be resumed: the config and the world size; and the
+        base model it builds on, when it leaves the frozen backbone out."""
         experiment = self.config.to_dict()
         for key in TrainConfig.RESUMABLE_CHANGES:
             experiment["train"].pop(key)
-        return {"experiment": experiment, "world_size": self.world_size}
+        return {"experiment": experiment, "world_size": self.world_size, "base": self.base}
 
     def _resume(self) -> int:
         """Load the newest sound complete checkpoint if there is one; return the step it holds.
@@ -186,9 +207,14 @@ class Trainer:
         if tag is None:
             return 0
         saved = checkpoint.read_manifest(self.checkpoints, tag)
+        agreed_on = ("experiment", "world_size")
         differences = checkpoint.config_differences(
-            {k: saved[k] for k in ("experiment", "world_size")}, self.manifest()
+            {k: saved[k] for k in agreed_on}, {k: self.manifest()[k] for k in agreed_on}
         )
+        if saved.get("base"):
+            change = fingerprint_change(saved["base"]["files"], model_dir(self.config.model))
+            if change is not None:
+                differences.append(f"the base model it builds on has changed: {change}")
         if differences:
             raise ConfigError(
                 f"cannot resume {self.checkpoints / tag}: "
@@ -208,7 +234,12 @@ class Trainer:
     def save_checkpoint(self) -> None:
         start = time.time()
         tag = checkpoint.save(
-            self.engine, self.checkpoints, self.step, self.manifest(), self.config.train.keep_last
+            self.engine,
+            self.checkpoints,
+            self.step,
+            self.manifest(),
+            self.config.train.keep_last,
+            exclude_frozen=self.base is not None,
         )
         self.logger.info(f"step {self.step}: saved {tag} in {time.time() - start:.1f} s")
 
