@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pst_ds.config import ConfigError, load_experiment
-    from pst_ds.train.trainer import Trainer, TrainingError, load_ds_config
+    from pst_ds.train.preemption import PREEMPTED_EXIT
+    from pst_ds.train.trainer import Preempted, Trainer, TrainingError, load_ds_config
 
     rank_zero = os.environ.get("RANK", "0") == "0"
     try:
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()
     except TrainingError as err:
         return stop(f"pst-ds: error: {err}", 1, rank_zero)
+    except Preempted as done:  # a scheduler's signal: checkpointed, to be resumed
+        return stop(str(done), PREEMPTED_EXIT, rank_zero)
     if rank_zero and "export" in summary:
         print(how_to_use(summary["export"], args.config), flush=True)
     return 0

@@ -59,20 +59,28 @@ def _write_cache(cache: dict[str, Any]) -> None:
 
 
 def fingerprint(folder: Path, progress: Callable[[str], None] = lambda _: None) -> dict[str, dict[str, Any]]:
-    """{file name: {bytes, sha256}} for every file directly in ``folder``; ``progress`` hears of
-    each file hashed (not found in the cache)."""
-    cache, hashed, result = _read_cache(), False, {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        stat, key = path.stat(), str(path.resolve())
-        known = cache.get(key)
-        if not known or (known["bytes"], known["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
-            progress(f"pst-ds: fingerprinting {path} ({stat.st_size / 2**20:,.0f} MiB; once, then cached)")
-            known = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
-            cache[key], hashed = known, True
-        result[path.name] = {"bytes": known["bytes"], "sha256": known["sha256"]}
-    if hashed:
+    """{file name: {bytes, sha256}} for every file directly in ``folder``; ``progress`` hears
+    once when files must be hashed (not in the cache, or changed since)."""
+    cache = _read_cache()
+    files = {str(p.resolve()): p.stat() for p in sorted(folder.iterdir()) if p.is_file()}
+    stale = [
+        key
+        for key, stat in files.items()
+        if key not in cache
+        or (cache[key]["bytes"], cache[key]["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns)
+    ]
+    if stale:
+        size = sum(files[key].st_size for key in stale) / 2**20
+        progress(f"pst-ds: fingerprinting the base model in {folder} ({size:,.0f} MiB; once, then cached)")
+        for key in stale:
+            stat = files[key]
+            cache[key] = {
+                "bytes": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "sha256": file_sha256(Path(key)),
+            }
         _write_cache(cache)
-    return result
+    return {Path(key).name: {"bytes": cache[key]["bytes"], "sha256": cache[key]["sha256"]} for key in files}
 
 
 def fingerprint_change(recorded: dict[str, Any], folder: Path) -> str | None:

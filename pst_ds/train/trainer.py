@@ -52,9 +52,10 @@ from .engine import (
 from .logging import RunLogger
 from .memory import MemoryEstimate, estimate
 from .optim import build_optimizer
+from .preemption import Preempted, PreemptionNotice
 from .schedule import SparsityController
 
-__all__ = ["Trainer", "TrainingError", "load_ds_config"]
+__all__ = ["Preempted", "Trainer", "TrainingError", "load_ds_config"]
 
 
 class TrainingError(RuntimeError):
@@ -261,15 +262,14 @@ class Trainer:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
-        return [value / self.world_size for value in self._sum_over_ranks(values)]
-
     # ----------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
         """Train to train.max_steps, evaluate, export if asked; return the run's summary."""
+        self.notice, self.preempted = PreemptionNotice(), False
         try:
             return self._train()
         finally:
+            self.notice.uninstall()
             self.logger.close()  # flushed even when training stops with an error
 
     def _train(self) -> dict[str, Any]:
@@ -309,6 +309,13 @@ class Trainer:
                 if self.controller.learned:  # the learned split among matrices
                     self.logger.log_layers(self.step, layer_sparsities)
             self.logger.advance()
+            if self.preempted:
+                self.save_checkpoint()
+                raise Preempted(
+                    f"pst-ds: stopped on {self.notice.received or 'a signal on another rank'} after step "
+                    f"{self.step}, saved in {self.checkpoints / checkpoint.tag_for(self.step)}: run the same "
+                    "command to resume"
+                )
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == self.max_steps):
                 self.save_checkpoint()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
@@ -345,8 +352,12 @@ class Trainer:
             lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
             self.engine.step()
             losses.append(loss.item())
-        # Every step (one scalar): a NaN loss on any rank stops all of them alike.
-        (mean_loss,) = self._mean_over_ranks([sum(losses) / len(losses)])
+        # Every step, one all-reduce: a NaN loss on any rank stops all of them alike, and so does a
+        # preemption signal that reached any of them.
+        loss_sum, signalled = self._sum_over_ranks(
+            [sum(losses) / len(losses), float(bool(self.notice.received))]
+        )
+        mean_loss, self.preempted = loss_sum / self.world_size, signalled > 0
         if not math.isfinite(mean_loss):
             raise TrainingError(
                 f"the loss at step {self.step + 1} is {mean_loss}: training diverged (try a lower "
