@@ -53,6 +53,7 @@ from .logging import RunLogger
 from .memory import MemoryEstimate, estimate
 from .optim import build_optimizer
 from .preemption import Preempted, PreemptionNotice
+from .run_lock import RunLock
 from .schedule import SparsityController
 
 __all__ = ["Preempted", "Trainer", "TrainingError", "load_ds_config"]
@@ -125,6 +126,18 @@ class Trainer:
         )
         self.checkpoints = self.output_dir / "checkpoints"
         self.resumed = False
+        # Before reading the folder's checkpoints: another live run may be writing them.
+        self.lock = RunLock(self.output_dir)
+        agreed(lambda: self.lock.acquire(self.warn), run_here=self.rank == 0)
+        try:
+            self._start_in_folder()
+        except BaseException:
+            self.lock.release()  # a refused resume leaves the folder to the next run
+            raise
+
+    def _start_in_folder(self) -> None:
+        """Resume if asked, open the run's records and say what runs."""
+        cfg = self.config
         self.step = self._resume() if cfg.train.resume == "auto" else 0
         self.controller.apply(self.step)
         self.logger = RunLogger(
@@ -271,6 +284,7 @@ class Trainer:
         finally:
             self.notice.uninstall()
             self.logger.close()  # flushed even when training stops with an error
+            self.lock.release()
 
     def _train(self) -> dict[str, Any]:
         """Evaluate, warm-start if asked, run the steps, evaluate, export: the whole run."""
