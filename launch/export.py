@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pst-ds: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or a folder it may not write: nothing half-written is left
+        print(
+            f"pst-ds: error: cannot write the pruned model to {out} ({type(err).__name__}: {err})",
+            file=sys.stderr,
+        )
+        return 1
     total = report["total"]
     print(
         f"pst-ds: exported {report['checkpoint']} to {out} in {time.time() - start:.1f} s: "

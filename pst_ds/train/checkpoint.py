@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..io.base_model import file_sha256
+from .distributed import first_problem
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -142,27 +143,71 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written (no space, no permission); the partial one is removed."""
+
+
+# What a full disk or a read-only folder raises: torch.save reports a failed write as a RuntimeError.
+WRITE_ERRORS = (OSError, RuntimeError)
+
+
 def save(
     engine: Any, root: Path, step: int, manifest: dict[str, Any], keep_last: int, exclude_frozen: bool
 ) -> str:
     """Save on all ranks; mark complete and move ``latest`` only once every rank is done.
-    ``exclude_frozen``: leave out the parameters that do not train (read back from the base)."""
+    ``exclude_frozen``: leave out the parameters that do not train (read back from the base).
+
+    A write that fails on any rank raises SaveFailed on every rank, after rank 0 removed the
+    partial checkpoint: ``latest`` still names the previous one, untouched."""
     tag, rank = tag_for(step), dist.get_rank()
     directory = root / tag
     if rank == 0:  # saving over an earlier save of this step: it stops counting as complete first
         (directory / COMPLETE).unlink(missing_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=exclude_frozen)
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
-    dist.barrier()  # every rank's files are on disk
+    problem = None
+    try:
+        engine.save_checkpoint(
+            str(root), tag=tag, save_latest=False, exclude_frozen_parameters=exclude_frozen
+        )
+    except WRITE_ERRORS as err:
+        problem = f"{type(err).__name__}: {err}"
+        dist.barrier()  # the barrier DeepSpeed's save ends with, which this rank did not reach
+    if problem is None:
+        try:
+            torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+        except WRITE_ERRORS as err:
+            problem = f"{type(err).__name__}: {err}"
+    _stop_everywhere(problem, directory)  # every rank's files are on disk, or none goes on
     names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     files = _file_digests(directory, names, shared=True)
+    problem = None
     if rank == 0:
-        _write_atomic(directory / COMPLETE, json.dumps({**manifest, "step": step, "files": files}, indent=1))
-        _write_atomic(root / LATEST, tag)
-        _prune(root, keep=keep_last, newest=tag)
-    dist.barrier()
+        try:
+            _write_atomic(
+                directory / COMPLETE, json.dumps({**manifest, "step": step, "files": files}, indent=1)
+            )
+            _write_atomic(root / LATEST, tag)
+            _prune(root, keep=keep_last, newest=tag)
+        except OSError as err:
+            problem = f"{type(err).__name__}: {err}"
+    _stop_everywhere(problem, directory)
     return tag
+
+
+def free_mib(path: Path) -> float:
+    """Free space on the file system that holds ``path`` (or would: its first existing parent)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free / 2**20
+
+
+def _stop_everywhere(problem: str | None, directory: Path) -> None:
+    """Raise SaveFailed on every rank if any rank had a ``problem`` (a collective)."""
+    first = first_problem(problem)
+    if first is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    raise SaveFailed(first)
 
 
 def _prune(root: Path, keep: int, newest: str) -> None:

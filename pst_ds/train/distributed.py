@@ -66,12 +66,21 @@ def agreed(work: Callable[[], T], run_here: bool = True) -> T | None:
             result = work()
         except ConfigError as err:
             message = str(err)
-    messages: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    for rank, failure in enumerate(messages):
-        if failure is not None:
-            raise ConfigError(failure if rank == 0 else f"on rank {rank}: {failure}")
+    problem = first_problem(message)
+    if problem is not None:
+        raise ConfigError(problem)
     return result
+
+
+def first_problem(problem: str | None) -> str | None:
+    """The first rank's ``problem`` (naming the rank when it is not 0), None if no rank has one.
+    A collective: every rank must call it, with its own problem or None."""
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    for rank, found in enumerate(problems):
+        if found is not None:
+            return found if rank == 0 else f"on rank {rank}: {found}"
+    return None
 
 
 def rank_zero_first(work: Callable[[], T]) -> T:

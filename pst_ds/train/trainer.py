@@ -40,7 +40,7 @@ from ..masks.select import NonFiniteScoresError
 from ..methods import Calibration, method_class
 from . import checkpoint
 from .distill import distilled
-from .distributed import agreed, init_distributed, on_cpu, rank_zero_first
+from .distributed import agreed, first_problem, init_distributed, on_cpu, rank_zero_first
 from .engine import (
     load_ds_config,
     optimizer_state_bytes,
@@ -247,14 +247,23 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         start = time.time()
-        tag = checkpoint.save(
-            self.engine,
-            self.checkpoints,
-            self.step,
-            self.manifest(),
-            self.config.train.keep_last,
-            exclude_frozen=self.base is not None,
-        )
+        try:
+            tag = checkpoint.save(
+                self.engine,
+                self.checkpoints,
+                self.step,
+                self.manifest(),
+                self.config.train.keep_last,
+                exclude_frozen=self.base is not None,
+            )
+        except checkpoint.SaveFailed as err:
+            raise TrainingError(
+                f"cannot save checkpoint {self.checkpoints / checkpoint.tag_for(self.step)} ({err}; "
+                f"{checkpoint.free_mib(self.checkpoints):,.0f} MiB free there), so it was removed"
+                f"{self._last_checkpoint_note() or '; no checkpoint is complete yet'}: free space or fix "
+                "the folder's permissions, then run the same command"
+                + (" to resume from it" if checkpoint.complete_tags(self.checkpoints) else "")
+            ) from None
         self.logger.info(f"step {self.step}: saved {tag} in {time.time() - start:.1f} s")
 
     def export(self) -> dict[str, Any]:
@@ -262,12 +271,21 @@ class Trainer:
         Returns where it went and its sparsity (on every rank)."""
         if checkpoint.latest_tag(self.checkpoints) != checkpoint.tag_for(self.step):
             self.save_checkpoint()
-        out, total = self.output_dir / "export", None
+        out, total, problem = self.output_dir / "export", None, None
         if self.rank == 0:
             start = time.time()
-            total = export_checkpoint(self.output_dir, out)["total"]
-            self.logger.info(f"step {self.step}: exported in {time.time() - start:.1f} s")
-        dist.barrier()
+            try:
+                total = export_checkpoint(self.output_dir, out)["total"]
+                self.logger.info(f"step {self.step}: exported in {time.time() - start:.1f} s")
+            except OSError as err:
+                problem = (
+                    f"cannot write the pruned model to {out} ({type(err).__name__}: {err}; "
+                    f"{checkpoint.free_mib(out):,.0f} MiB free there){self._last_checkpoint_note()}: free "
+                    f"space, then python launch/export.py --run {self.output_dir} writes it"
+                )
+        problem = first_problem(problem)  # every rank waits for rank 0's export, and stops alike
+        if problem is not None:
+            raise TrainingError(problem)
         return {"dir": str(out), **(total or {})}
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
@@ -468,7 +486,7 @@ class Trainer:
 
     def _last_checkpoint_note(self) -> str:
         tags = checkpoint.complete_tags(self.checkpoints)
-        return f"; the last complete checkpoint is {self.checkpoints / tags[0]}" if tags else ""
+        return f"; the last complete checkpoint is {self.checkpoints / tags[0]}, intact" if tags else ""
 
     @contextlib.contextmanager
     def _layer_failures_named(self, when: str) -> Iterator[None]:
