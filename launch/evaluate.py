@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 # Nothing is fetched from a hub: models and data are local or shipped by packages. Set here, in
 # the program, before transformers and datasets are imported (they read these once).
@@ -33,15 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import concatenate_datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pst_ds.config import ConfigError, check_files, load_experiment
+    from pst_ds.config import ConfigError, check_files, check_writable, load_experiment, model_folder_problem
     from pst_ds.io.data import load_splits
     from pst_ds.io.evaluate import evaluate_model
 
     try:
         config = load_experiment(args.config, args.overrides)
         check_files(config)
-        if not os.path.isdir(args.model):
-            raise ConfigError(f"model folder not found: {args.model}")
+        problem = model_folder_problem(Path(args.model))
+        if problem is not None:
+            raise ConfigError(f"--model {args.model} {problem}")
+        if args.out is not None:
+            check_writable(Path(args.out), "--out")
     except ConfigError as err:
         print(f"pst-ds: error: {err}", file=sys.stderr)
         return 2
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result[metric]:.4f} |"
     )
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from dataclasses import field
@@ -353,11 +354,63 @@ class ExperimentConfig:
 def check_files(config: ExperimentConfig) -> None:
     """Refuse a run whose model folder or data files are missing. Called when a run starts, not
     when a config is built: a saved config must rebuild after its data has moved."""
-    if config.model.source == "path" and not resolve_path(config.model.path).is_dir():
-        raise ConfigError(f"model.path {config.model.path!r} is not a folder")
+    if config.model.source == "path":
+        problem = model_folder_problem(resolve_path(config.model.path))
+        if problem is not None:
+            raise ConfigError(f"model.path {config.model.path!r} {problem}")
+    tokenizer = config.model.tokenizer
+    if config.model.source == "random" and tokenizer not in (None, "byte", "smollm2"):
+        problem = model_folder_problem(resolve_path(tokenizer), weights=False)
+        if problem is not None:
+            raise ConfigError(f"model.tokenizer {tokenizer!r} {problem}")
     for name in config.data.train_files + config.data.eval_files + config.oneshot.calibration_files:
         if not resolve_path(name).exists():
             raise ConfigError(f"data file not found: {name}")
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def model_folder_problem(folder: Path, weights: bool = True) -> str | None:
+    """What keeps ``folder`` from being a Hugging Face model folder (with its weights unless not
+    ``weights``, and its tokenizer), said as the end of a sentence; None when nothing does."""
+    if not folder.is_dir():
+        return "is not a folder"
+    if weights and not (folder / "config.json").is_file():
+        return "is not a Hugging Face model folder: it has no config.json (save one with save_pretrained)"
+    if weights and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return f"has no weights: none of {', '.join(WEIGHT_FILES)} (save them with model.save_pretrained)"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return (
+            f"has no tokenizer: none of {', '.join(TOKENIZER_FILES)} (save it beside the model with "
+            "tokenizer.save_pretrained)"
+        )
+    return None
+
+
+def check_writable(path: Path, what: str, folder: bool = False) -> None:
+    """Refuse ``path`` (the ``what`` a user set) if a file (or with ``folder``, a folder) cannot be
+    written there: something of the other kind is in the way, or its folder is not writable."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing == path and not folder and path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give a file name")
+    if not existing.is_dir() and (existing != path or folder):
+        raise ConfigError(f"{what} {path}: {existing} exists and is not a folder")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable")
 
 
 def resolve_path(name: str) -> Path:
@@ -450,7 +503,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({problem}); quote it, e.g. {key}='...'"
+        ) from None
 
 
 def load_experiment(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:

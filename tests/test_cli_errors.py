@@ -217,3 +217,93 @@ def test_diverging_training_stops_with_a_clear_error(tmp_path, python, lr, messa
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_an_override_that_is_not_yaml(tmp_path, capsys):
+    out = tmp_path / "out"
+    status, stderr = train_main(
+        capsys, ["--config", TINY, f"train.output_dir={out}", "data.train_files=[a.txt"]
+    )
+    assert status == 2 and not out.exists()
+    assert "override 'data.train_files=[a.txt': the value is not valid YAML" in one_error_line(stderr)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"zero_optimization": {"stage": 7}}, "(DeepSpeedZeroConfig): stage: Input should be 0, 1, 2, 3"),
+        ({"bf16": {"enabled": "maybe"}}, "(DeepSpeedBF16Config): enabled: Input should be a valid boolean"),
+    ],
+)
+def test_a_deepspeed_value_deepspeed_rejects(tmp_path, capsys, section, message):
+    ds = write(tmp_path / "ds.json", json.dumps(section))
+    out = tmp_path / "out"
+    status, stderr = train_main(capsys, ["--config", TINY, "--ds_config", ds, f"train.output_dir={out}"])
+    assert status == 2 and not out.exists()
+    assert f"the DeepSpeed config is not valid {message}" in one_error_line(stderr)
+
+
+MODEL_FOLDERS = {  # the files of a saved model kept, and what is said of the folder
+    "no weights": (["config.json", "tokenizer_config.json"], "has no weights: none of model.safetensors"),
+    "no tokenizer": (["config.json", "model.safetensors"], "has no tokenizer: none of tokenizer.json"),
+    "not a model": ([], "is not a Hugging Face model folder: it has no config.json"),
+}
+
+
+def broken_model(tmp_path, tiny_model_dir, case):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in MODEL_FOLDERS[case][0]:
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_FOLDERS))
+def test_a_model_folder_that_is_not_whole(tmp_path, capsys, tiny_model_dir, python, case):
+    folder, message = broken_model(tmp_path, tiny_model_dir, case), MODEL_FOLDERS[case][1]
+    out = tmp_path / "out"
+    args = ["--config", TINY, f"train.output_dir={out}", "model.source=path", f"model.path={folder}"]
+    status, stderr = train_main(capsys, args)
+    assert status == 2 and not out.exists()
+    assert f"model.path '{folder}' {message}" in one_error_line(stderr)
+    evaluate = subprocess.run(
+        [python, "launch/evaluate.py", "--model", str(folder), "--config", TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert evaluate.returncode == 2 and "Traceback" not in evaluate.stderr
+    assert f"--model {folder} {message}" in one_error_line(evaluate.stderr)
+
+
+def test_export_of_a_folder_that_is_not_a_run(tmp_path, python):
+    result = subprocess.run(
+        [python, "launch/export.py", "--run", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path} is not a pst-ds training run (it has no config.json)" in one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["pst.weight_rank=1000"],
+            "pst.weight_rank=1000 is larger than model.layers.0.self_attn.k_proj's smaller side (32)",
+        ),
+        (
+            ["method=lora", "lora.rank=33"],
+            "lora.rank=33 is larger than model.layers.0.self_attn.k_proj's smaller side (32)",
+        ),
+    ],
+)
+def test_a_factor_rank_larger_than_a_matrix(tmp_path, python, overrides, message):
+    """Found once the model is built (in the process group): still one line and exit 2."""
+    out = tmp_path / "out"
+    command = [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}", *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in one_error_line(result.stderr)
+    assert not out.exists()

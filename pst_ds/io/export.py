@@ -26,7 +26,7 @@ from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.utils import logging as hf_logging
 
-from ..config import ConfigError, ExperimentConfig, build_section
+from ..config import ConfigError, ExperimentConfig, build_section, check_writable
 from ..layers.base import SparseLinear, WrappedLinear
 from ..layers.inject import build_model
 from ..masks.kinds import mask_kind
@@ -152,10 +152,17 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export checkpoint ``tag`` (default: the latest complete one) of a training run."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{run_dir} is not a pst-ds training run (it has no config.json): give a run's train.output_dir"
+        )
+    check_writable(out_dir, "the export folder", folder=True)
     root = run_dir / "checkpoints"
     tag = tag or checkpoint.latest_tag(root)
     if tag is None or not checkpoint.is_complete(root, tag):
-        raise ConfigError(f"no complete checkpoint {tag or ''} under {root}")
+        complete = ", ".join(checkpoint.complete_tags(root)) or "none"
+        named = f" {tag}" if tag else ""
+        raise ConfigError(f"no complete checkpoint{named} under {root} (complete ones: {complete})")
     problem = checkpoint.damage(root, tag)
     if problem is not None:
         raise ConfigError(f"checkpoint {root / tag} is damaged: {problem}")

@@ -73,6 +73,19 @@ def target_layers(model: nn.Module, config: PSTConfig) -> list[tuple[str, nn.Mod
     return targets
 
 
+def _check_factor_ranks(targets: list[tuple[str, nn.Module]], method: Method) -> None:
+    """A factor rank above a matrix's smaller side adds nothing a full-rank update lacks, and its
+    factors outgrow the weight: refused (under ZeRO-3 the shapes are ``ds_shape``)."""
+    sides = [(min(getattr(m.weight, "ds_shape", m.weight.shape)), name) for name, m in targets]
+    smallest, name = min(sides)
+    for key, rank in method.factor_ranks().items():
+        if rank > smallest:
+            raise ConfigError(
+                f"{key}={rank} is larger than {name}'s smaller side ({smallest}); a factor rank must be at "
+                f"most min(out, in) of every pruned matrix: lower {key}"
+            )
+
+
 def inject(model: nn.Module, method: Method) -> list[str]:
     """Replace every targeted Linear/Conv1D by ``method``'s layer; return the targets' names.
 
@@ -81,6 +94,7 @@ def inject(model: nn.Module, method: Method) -> list[str]:
     trainable. A method that injects nothing (dense) trains the whole model.
     """
     targets = target_layers(model, method.pst)
+    _check_factor_ranks(targets, method)
     if not method.injects:
         model.requires_grad_(True)
         return [name for name, _ in targets]

@@ -123,6 +123,11 @@ class Method:
         training at all); False: the cubic schedule ramps to it."""
         return self.warm_start_method() is not None or not self.trains
 
+    def factor_ranks(self) -> dict[str, int]:
+        """The config keys of its low-rank factors' ranks, with their values (none by default):
+        each must fit every targeted matrix."""
+        return {}
+
     def changes_backbone(self) -> bool:
         """True when training or the warm start writes new values into the backbone's weights:
         a checkpoint must then hold them, the base model's folder no longer does."""

@@ -15,3 +15,6 @@ class LoRA(Method):
 
     def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
         return LoRALinear(base, self.config.lora)
+
+    def factor_ranks(self) -> dict[str, int]:
+        return {"lora.rank": self.config.lora.rank}

@@ -18,3 +18,6 @@ class PST(Method):
 
     def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
         return PSTLinear(base, self.pst)
+
+    def factor_ranks(self) -> dict[str, int]:
+        return {"pst.weight_rank": self.pst.weight_rank, "pst.mask_rank": self.pst.mask_rank}

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import resource
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
+from deepspeed.runtime.config import DeepSpeedConfig
 
-from ..config import ConfigError, TrainConfig, resolve_path
+from ..config import ConfigError, TrainConfig, check_writable, resolve_path
 from .distributed import on_cpu
 
 
@@ -47,12 +48,28 @@ def prepare_ds_config(ds_config: dict[str, Any], train: TrainConfig) -> dict[str
     config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
     config.setdefault("steps_per_print", 10**9)  # the progress bar reports progress
+    _validate(config)
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
     if offload.get("device") == "cpu":
         # Our torch AdamW steps the factors' state on the CPU; DeepSpeedCPUAdam would need a
         # JIT compile for parameters this small.
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+def _validate(config: dict[str, Any]) -> None:
+    """Check the DeepSpeed config with DeepSpeed's own config model, before anything starts: a
+    value it rejects is one line naming the field, not a pydantic traceback from deepspeed.initialize."""
+    try:
+        DeepSpeedConfig(copy.deepcopy(config))
+    except pydantic.ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']} (got {e['input']!r})"
+            for e in err.errors()
+        )
+        raise ConfigError(f"the DeepSpeed config is not valid ({err.title}): {problems}") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"the DeepSpeed config is not valid: {err}") from None
 
 
 def partitioned_param_bytes(model: torch.nn.Module) -> int:
@@ -98,9 +115,5 @@ def peak_memory_bytes() -> int:
 def resolve_output_dir(name: str) -> Path:
     """The run's folder (relative to the current directory); refused if it cannot be one."""
     path = Path(name) if Path(name).is_absolute() else Path.cwd() / name
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"train.output_dir {name}: {existing} exists and is not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"train.output_dir {name}: {existing} is not writable")
+    check_writable(path, "train.output_dir", folder=True)
     return path
