@@ -24,7 +24,7 @@ from ..config import ConfigError
 from .cache import cache_dir
 
 FINGERPRINTS = "fingerprints.json"
-WEIGHT_FILES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the files BaseTensors reads tensors from
 
 
 def file_sha256(path: Path) -> str:
@@ -108,7 +108,7 @@ class BaseTensors:
         self.folder, self.prefix, self.dtype = folder, f"{base_model_prefix}.", dtype
         self.where: dict[str, Path] = {}
         for path in sorted(folder.iterdir()):
-            if path.suffix in WEIGHT_FILES and path.is_file():
+            if path.suffix in WEIGHT_SUFFIXES and path.is_file():
                 self.where.update(dict.fromkeys(self._keys(path), path))
         self._loaded: dict[Path, Any] = {}
 

@@ -172,7 +172,7 @@ def export_checkpoint(
     method = method_class(experiment.get("method", "pst"))(build_section(ExperimentConfig, experiment, ""))
     manifest = checkpoint.read_manifest(root, tag)
     origin = {"checkpoint": str(root / tag), "step": manifest["step"]}
-    base = manifest.get("base")
+    base, read_back = manifest.get("base"), None
     if base:  # the checkpoint left the frozen backbone out: it is read from the model's folder
         folder = model_dir(method.config.model)
         change = fingerprint_change(base["files"], folder)
@@ -181,11 +181,11 @@ def export_checkpoint(
                 f"cannot export {root / tag}: the base model it builds on has changed: {change} (put "
                 "back the model it was trained from; train.save_frozen=true makes checkpoints hold it)"
             )
-        base = (folder, getattr(torch, base["dtype"].removeprefix("torch.")))
+        read_back = (folder, getattr(torch, base["dtype"].removeprefix("torch.")))
     with no_progress_bars():
         tokenizer = load_tokenizer(method.config.model)
         return export_deepspeed_checkpoint(
-            root / tag, method, out_dir, origin, tokenizer, saved.get("labels"), max_shard_bytes, base
+            root / tag, method, out_dir, origin, tokenizer, saved.get("labels"), max_shard_bytes, read_back
         )
 
 

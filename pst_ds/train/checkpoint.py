@@ -170,13 +170,13 @@ def save(
             str(root), tag=tag, save_latest=False, exclude_frozen_parameters=exclude_frozen
         )
     except WRITE_ERRORS as err:
-        problem = f"{type(err).__name__}: {err}"
+        problem = _described(err)
         dist.barrier()  # the barrier DeepSpeed's save ends with, which this rank did not reach
     if problem is None:
         try:
             torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
         except WRITE_ERRORS as err:
-            problem = f"{type(err).__name__}: {err}"
+            problem = _described(err)
     _stop_everywhere(problem, directory)  # every rank's files are on disk, or none goes on
     names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     files = _file_digests(directory, names, shared=True)
@@ -189,7 +189,7 @@ def save(
             _write_atomic(root / LATEST, tag)
             _prune(root, keep=keep_last, newest=tag)
         except OSError as err:
-            problem = f"{type(err).__name__}: {err}"
+            problem = _described(err)
     _stop_everywhere(problem, directory)
     return tag
 
@@ -198,6 +198,10 @@ def free_mib(path: Path) -> float:
     """Free space on the file system that holds ``path`` (or would: its first existing parent)."""
     existing = next(p for p in (path, *path.parents) if p.exists())
     return shutil.disk_usage(existing).free / 2**20
+
+
+def _described(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def _stop_everywhere(problem: str | None, directory: Path) -> None:

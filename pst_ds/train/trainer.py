@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -199,8 +200,7 @@ class Trainer:
         files = BaseTensors(folder, model.base_model_prefix)
         if not frozen or any(files.key(name) is None for name, _ in frozen):
             return None
-        say = lambda message: print(message, flush=True)  # noqa: E731  (rank 0 hashes)
-        fingerprints = [fingerprint(folder, say) if self.rank == 0 else None]
+        fingerprints = [fingerprint(folder, functools.partial(print, flush=True)) if self.rank == 0 else None]
         dist.broadcast_object_list(fingerprints, src=0)
         return {"path": str(folder), "dtype": str(frozen[0][1].dtype), "files": fingerprints[0]}
 
@@ -221,9 +221,9 @@ class Trainer:
         if tag is None:
             return 0
         saved = checkpoint.read_manifest(self.checkpoints, tag)
-        agreed_on = ("experiment", "world_size")
+        agreed_on, current = ("experiment", "world_size"), self.manifest()
         differences = checkpoint.config_differences(
-            {k: saved[k] for k in agreed_on}, {k: self.manifest()[k] for k in agreed_on}
+            {k: saved[k] for k in agreed_on}, {k: current[k] for k in agreed_on}
         )
         if saved.get("base"):
             change = fingerprint_change(saved["base"]["files"], model_dir(self.config.model))
