@@ -52,7 +52,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     "pst": ("PST, the default experiment", ["method=pst"]),
     "pst_distill": ("PST + distillation", ["method=pst", "train.distill.weight=0.5"]),
     "pst_wanda_row": ("PST + Wanda warm start, per-row top-k", ["method=pst", "pst.mask_scope=row"]),
+    "pst_sparsegpt": ("PST + SparseGPT warm start", ["method=pst", "pst.init=sparsegpt"]),
 }
+# Judged beyond the training text: fiction of the same century, modern reviews, a legal text.
+EVAL_TEXTS = "data.eval_files=[data/mobydick/mobydick_excerpt.txt,data/ood/reviews.txt,data/ood/gpl3.txt]"
 UNPRUNED = ("dense", "lora")  # one column, "-": no sparsity to set
 
 
@@ -80,6 +83,8 @@ def run_row(row: str, sparsity: str, args: argparse.Namespace, out: Path) -> dic
         return json.loads(saved.read_text())
     label, overrides = ROWS[row]
     overrides = [f"train.max_steps={args.steps}", f"train.seed={args.seed}", *overrides]
+    if args.task == "causal_lm":
+        overrides.insert(0, EVAL_TEXTS)
     overrides += sparsity_overrides(sparsity, row) + args.overrides
     (out / "logs").mkdir(parents=True, exist_ok=True)
     summary, arguments = train_once(
