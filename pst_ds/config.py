@@ -94,8 +94,10 @@ class PSTConfig:
     update_init_std: Annotated[float, Field(ge=0.0)] = 1.0  # U ~ N(0, std^2) (V = 0); the release uses 1
     # Warm start: the first mask. magnitude: the release's (S = |W| and the cubic schedule from
     # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
-    # calibration data (oneshot section), held at final_sparsity from the first step.
+    # calibration data (oneshot section), held at final_sparsity from the first step (hold), or
+    # found at initial_sparsity and then ramped to final_sparsity on the cubic schedule (ramp).
     init: str = "magnitude"
+    init_schedule: Literal["hold", "ramp"] = "hold"
     initial_sparsity: Sparsity = 0.0
     final_sparsity: Sparsity = 0.9
     initial_warmup: Share = 0.1  # fraction of steps held at initial_sparsity
@@ -113,6 +115,12 @@ class PSTConfig:
     # ||x_j|| gathered from the layer inputs during the dense warm-up (layers/importance.py)
     importance: Literal["magnitude", "activation"] = "magnitude"
     activation_ema: Sparsity = 0.0  # 0: keep the warm-up's norms; > 0: go on as a moving average
+    # Each layer's share of the sparsity: uniform, or owl (oneshot/owl.py): each block's own, from
+    # its share of Wanda-score outliers above owl_m x their mean, within owl_lmbda of the target;
+    # computed from the calibration blocks of a pst.init that calibrates (or method wanda|sparsegpt)
+    sparsity_profile: Literal["uniform", "owl"] = "uniform"
+    owl_m: Annotated[float, Field(gt=0.0)] = 5.0
+    owl_lmbda: Annotated[float, Field(ge=0.0, le=0.5)] = 0.08
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     trainable_modules: list[str] = field(default_factory=list)  # e.g. a task head: "classifier"
 

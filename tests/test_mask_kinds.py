@@ -150,6 +150,33 @@ def test_vnm_against_reference(compiled, v, m, out_f, in_f):
     assert layer.mask_kind.pattern_problem(mask, layer.pruned) is None
 
 
+def ref_ramp(S: torch.Tensor, pattern: torch.Tensor, k: int) -> torch.Tensor:
+    """The pattern's kept entries, and of the others all but the k smallest (stable sort)."""
+    outside = torch.where(pattern, torch.inf, S).reshape(-1)
+    keep = torch.ones(S.numel(), dtype=torch.bool)
+    keep[torch.argsort(outside, stable=True)[:k]] = False
+    return keep.view(S.shape) | pattern
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kind", ["nm", "vnm"])
+def test_a_schedule_ramps_into_the_pattern_through_the_smallest_scores(compiled, kind):
+    """Below the pattern's share the pattern's kept entries stay and only the smallest of the
+    rest go, exactly as many as the schedule says; at its share, the pattern itself."""
+    out_f, in_f, m = 8, 20, 5 if kind == "vnm" else 4
+    knobs = {"mask_v": 4, "mask_m": 5} if kind == "vnm" else {}
+    layer = make_layer(out_f, in_f, mask=kind, final_sparsity=1 - 2 / m, compile=compiled, **knobs)
+    pattern = (lambda S: ref_vnm(S, 4, 5)) if kind == "vnm" else (lambda S: ref_nm(S, 2, 4))
+    for sparsity in (0.05, 0.2, 0.35, 1 - 2 / m):
+        layer.sparsity = sparsity
+        k = min(int(out_f * in_f * sparsity), out_f * (in_f - in_f // m * 2))
+        assert int(layer.pruned) == k
+        mask, _, _ = check_against_reference(layer, lambda S, k=k: ref_ramp(S, pattern(S), k))
+        assert int((~mask).sum()) == k and layer.mask_kind.pattern_problem(mask, layer.pruned) is None
+        layer.zero_grad()
+    assert torch.equal(mask, pattern(layer.scores_and_weight()[0].detach()))  # at its share: the pattern
+
+
 def test_pattern_checks_catch_a_broken_pattern():
     scores = torch.rand(8, 10)
     nm = NM(2, 4)

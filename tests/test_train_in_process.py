@@ -3,13 +3,18 @@ exported folder read back with plain transformers. The fast tier's end-to-end ch
 launcher, ZeRO-3 and several ranks are in the slow tier (test_distributed.py, test_export.py)."""
 
 import json
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import ROOT
 from transformers import AutoModelForCausalLM
 
 from pst_ds.config import load_experiment
+from pst_ds.io.models import LAUNCHER_VARIABLES
 from pst_ds.masks.select import num_pruned
 from pst_ds.train.trainer import Trainer, load_ds_config
 
@@ -55,3 +60,63 @@ def test_a_run_trains_checkpoints_and_exports_a_plain_model(finished_run):
     for name, layer in report["layers"].items():
         weight = model.get_submodule(name).weight
         assert int((weight == 0).sum()) == layer["zeros"] == num_pruned(weight.numel(), 0.5), name
+
+
+def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, small_text, python):
+    """pst.init=wanda found at initial_sparsity then ramped (init_schedule=ramp) under an OWL
+    profile: every block ends at its own sparsity, the profile is in the checkpoint, and a run
+    resumed from it puts the same per-layer state in force."""
+    overrides = [
+        f"train.output_dir={tmp_path / 'run'}",
+        f"train.max_steps={STEPS}",
+        f"data.train_files=[{small_text}]",
+        "data.block_size=32",
+        "train.save_every=2",
+        "train.keep_last=2",
+        "train.export=false",
+        "pst.compile=false",
+        "pst.importance=activation",
+        "pst.init=wanda",
+        "pst.init_schedule=ramp",
+        "pst.initial_sparsity=0.3",
+        "pst.final_sparsity=0.6",
+        "pst.initial_warmup=0.25",
+        "pst.final_warmup=0.25",
+        "pst.sparsity_profile=owl",
+        "pst.owl_m=3",
+        "oneshot.calibration_blocks=4",
+    ]
+    config = load_experiment("configs/experiments/tiny_llama.yaml", overrides)
+    trainer = Trainer(config, load_ds_config("configs/zero2.json"))
+    trainer.setup()
+    try:
+        summary = trainer.train()
+        profile = trainer.controller.profile
+        ended = trainer.controller.layer_sparsities()
+    finally:
+        dist.destroy_process_group()
+    assert len({round(s, 6) for s in profile.values()}) > 1  # blocks differ
+    for name, sparsity in ended.items():
+        layer = trainer.pst_layers[name]
+        assert sparsity == pytest.approx(profile[name], abs=1 / layer.in_features)
+    assert summary["eval_after_warm_start"] is not None  # the warm start ran, at initial sparsity
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r)
+    assert first["sparsity"] == pytest.approx(0.3, abs=0.02)  # the ramp starts at the one-shot's
+    manifest = json.loads(next((tmp_path / "run" / "checkpoints").glob("*/COMPLETE")).read_text())
+    assert manifest["sparsity_profile"] == profile
+
+    # Resumed in a process of its own from step 2: the profile comes back from the checkpoint,
+    # so the exported per-layer sparsities are those the uninterrupted run ended with.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step00000004")
+    resumed = subprocess.run(
+        [python, "launch/train.py", "--ds_config", "configs/zero2.json",
+         "--config", "configs/experiments/tiny_llama.yaml", *overrides, "train.export=true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES},  # this process's rendezvous
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    report = json.loads((tmp_path / "run" / "export" / "pst_sparsity.json").read_text())["layers"]
+    for name, sparsity in ended.items():
+        assert report[name]["sparsity"] == pytest.approx(sparsity, abs=1e-9), name

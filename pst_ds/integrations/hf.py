@@ -129,6 +129,11 @@ def prepare(
     method = method_class(config.method)(config)
     if not method.trains:
         raise ConfigError(f"method={config.method} prunes once and does not train: run launch/train.py")
+    if method.pst.sparsity_profile != "uniform":  # its profile would need the Trainer's resume to carry it
+        raise ConfigError(
+            f"pst.sparsity_profile={method.pst.sparsity_profile} runs in launch/train.py only, not yet "
+            "through the HF Trainer"
+        )
     return PSTRun(config, method, model, inject(model, method))
 
 
@@ -162,7 +167,7 @@ class PSTCallback(TrainerCallback):
         )
         was_training = model.training
         model.eval()
-        run.method.warm_start(
+        controller.warm_start(
             Calibration(
                 model,
                 run.layers,

@@ -61,6 +61,16 @@ def keep_given(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def keep_into_pattern(scores: torch.Tensor, pattern: Selection, pruned: int) -> torch.Tensor:
+    """A ramp into a grouped pattern: everything the pattern keeps, and of what it prunes all but
+    the ``pruned`` entries of smallest S. At the pattern's own count this is the pattern."""
+    kept = pattern.mask(scores)
+    detached = scores.detach()
+    outside = torch.where(kept, torch.finfo(detached.dtype).max, detached)
+    threshold = select_pruned(outside, pruned)
+    return keep_from(outside, threshold.value, threshold.first_kept_tie)
+
+
 @dataclass(frozen=True)
 class Selection:
     """A mask as ``keep(scores, *args)``: ``args`` are small tensors or ints.
@@ -198,7 +208,9 @@ class LearnedThreshold(TopK):
 
 
 class NM(MaskKind):
-    """N of every M consecutive inputs of a row; dense while the schedule holds sparsity 0."""
+    """N of every M consecutive inputs of a row. Below the pattern's own sparsity (a schedule
+    ramping into it) the pattern's kept entries stay and of the rest only the smallest S are
+    pruned, as many as the schedule says: the pattern comes into force gradually, not at once."""
 
     name = "nm"
     obs_prunable = True
@@ -236,10 +248,23 @@ class NM(MaskKind):
     def kept_per_row(self, cols: int) -> int:
         return cols // self.m * self.n + min(self.n, cols % self.m)
 
+    def pattern_count(self, rows: int, cols: int) -> int:
+        """How many entries the whole pattern prunes."""
+        return rows * (cols - self.kept_per_row(cols))
+
     def pruned_count(self, rows: int, cols: int, sparsity: float) -> torch.Tensor:
-        return torch.tensor(0 if sparsity == 0 else rows * (cols - self.kept_per_row(cols)), dtype=torch.long)
+        full = self.pattern_count(rows, cols)
+        if sparsity >= 1 - self.n / self.m - 1e-9:  # the pattern's own share (or more): all of it
+            return torch.tensor(full, dtype=torch.long)
+        return torch.tensor(min(num_pruned(rows * cols, sparsity), full), dtype=torch.long)
 
     def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
+        pattern = self._pattern(scores)
+        if int(pruned) >= self.pattern_count(*scores.shape):
+            return pattern
+        return Selection(keep_into_pattern, (pattern, int(pruned)), fusable=False)
+
+    def _pattern(self, scores: torch.Tensor) -> Selection:
         return Selection(keep_n_of_m, (self.n, self.m), fusable=False)
 
     def describe(self) -> dict:
@@ -259,6 +284,8 @@ class NM(MaskKind):
 
     def pattern_problem(self, keep: torch.Tensor, pruned: torch.Tensor) -> str | None:
         if not bool(pruned.any()):
+            return super().pattern_problem(keep, pruned)
+        if int(pruned) < self.pattern_count(*keep.shape):  # ramping in: the count is all there is
             return super().pattern_problem(keep, pruned)
         return self._group_problem(keep, self.n, f"(not {self.n} of {self.m})") or super().pattern_problem(
             keep, pruned
@@ -287,7 +314,7 @@ class VNM(NM):
             )
         return 2
 
-    def _select(self, scores: torch.Tensor, pruned: torch.Tensor) -> Selection:
+    def _pattern(self, scores: torch.Tensor) -> Selection:
         rows, cols = scores.shape
         pad = (-rows) % self.v  # a shorter last block: zero rows add nothing to the sums
         block_sums = torch.nn.functional.pad(scores.detach(), (0, 0, 0, pad)).view(-1, self.v, cols).sum(1)
@@ -298,7 +325,7 @@ class VNM(NM):
         return {"kind": self.name, "v": self.v, "n": self.n, "m": self.m}
 
     def pattern_problem(self, keep: torch.Tensor, pruned: torch.Tensor) -> str | None:
-        if not bool(pruned.any()):
+        if not bool(pruned.any()) or int(pruned) < self.pattern_count(*keep.shape):
             return super().pattern_problem(keep, pruned)
         rows, cols = keep.shape
         pad = (-rows) % self.v

@@ -97,6 +97,18 @@ class Method:
                     f"({', '.join(pst.trainable_modules)}) train in the model it shares: a new head has "
                     "no teacher; set train.distill.weight=0 or train no extra modules"
                 )
+        if pst.sparsity_profile != "uniform":
+            if not init.calibrates:
+                raise ConfigError(
+                    f"pst.sparsity_profile={pst.sparsity_profile} sets each block's sparsity from "
+                    "calibration data: set a pst.init that calibrates "
+                    f"({', '.join(names_with('calibrates'))})"
+                )
+            if pst.kind().grouped:
+                raise ConfigError(
+                    f"pst.sparsity_profile={pst.sparsity_profile} gives each block its own sparsity; "
+                    f"pst.mask={pst.mask}'s pattern fixes it for every layer"
+                )
         if pst.kind().learned and not cls.learns_thresholds:
             raise ConfigError(f"pst.mask={pst.mask} learns PST's thresholds; method={cls.name} has none")
         if pst.importance == "activation" and cls.learns_scores:
@@ -119,9 +131,11 @@ class Method:
         return init if init.calibrates else None
 
     def holds_final_sparsity(self) -> bool:
-        """True: the final sparsity is in force from the first step (a one-shot start, or no
-        training at all); False: the cubic schedule ramps to it."""
-        return self.warm_start_method() is not None or not self.trains
+        """True: the final sparsity is in force from the first step (a one-shot start held there,
+        or no training at all); False: the cubic schedule ramps to it (pst.init_schedule=ramp
+        starts it from the one-shot mask at pst.initial_sparsity)."""
+        held = self.warm_start_method() is not None and self.pst.init_schedule == "hold"
+        return held or not self.trains
 
     def factor_ranks(self) -> dict[str, int]:
         """The config keys of its low-rank factors' ranks, with their values (none by default):

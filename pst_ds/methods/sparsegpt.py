@@ -29,6 +29,11 @@ class SparseGPT(Method):
 
     @classmethod
     def check_as_warm_start(cls, pst: PSTConfig) -> None:
+        if pst.init_schedule == "ramp" and pst.kind().grouped:
+            raise ConfigError(
+                f"pst.init=sparsegpt prunes pst.mask={pst.mask}'s whole pattern at once: "
+                "use pst.init_schedule=hold, or pst.init=wanda to ramp into it"
+            )
         if not pst.kind().obs_prunable:
             raise ConfigError(
                 f"pst.init=sparsegpt supports pst.mask {', '.join(obs_prunable_kinds())}, not {pst.mask}"
@@ -39,14 +44,13 @@ class SparseGPT(Method):
 
     @classmethod
     def calibrate(cls, calibration: Calibration, oneshot: OneShotConfig) -> None:
-        def prune(layer: SparseLinear, hessian: torch.Tensor, sparsity: float) -> None:
-            pruned = layer.mask_kind.pruned_count(layer.out_features, layer.in_features, sparsity)
+        def prune(layer: SparseLinear, hessian: torch.Tensor) -> None:
             with torch.no_grad(), deepspeed.zero.GatheredParameters([layer.weight], modifier_rank=0):
                 updated = sparsegpt_prune(
                     layer.oriented_weight(),
                     hessian,
                     layer.mask_kind,
-                    pruned,
+                    layer.pruned_count,
                     oneshot.block_columns,
                     oneshot.damp,
                 )

@@ -144,11 +144,19 @@ def chained(blocks: list[str]) -> bool:
     return len(prefixes) == 1 and indices == list(range(indices[0], indices[0] + len(indices)))
 
 
+def my_share(count: int) -> list[tuple[int, bool]]:
+    """This rank's calibration batches as (index, counted): every rank runs the same number of
+    forwards; a spare one (counted False) repeats batch 0 and must not count."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = [rank + r * world for r in range(math.ceil(count / world))]
+    return [(index, index < count) for index in mine]
+
+
 def prune_one_shot(
     calibration: Calibration,
     sequential: bool = True,
     name: str = "one-shot",
-    prune_with_hessian: Callable[[SparseLinear, torch.Tensor, float], None] | None = None,
+    prune_with_hessian: Callable[[SparseLinear, torch.Tensor], None] | None = None,
 ) -> None:
     """Prune ``calibration.layers`` (model order) to ``calibration.sparsity``, block by block.
 
@@ -156,13 +164,13 @@ def prune_one_shot(
     activation importance PST trains on from there); with ``prune_with_hessian`` each layer is
     then pruned from its X^T X (SparseGPT's weight update) before its mask state is put in force.
     ``calibration.forward(batch)`` runs the whole model on one batch; it is called without
-    autograd, in the caller's mode (eval), the same number of times on every rank. Sequentially,
+    autograd, in the caller's mode (eval), the same number of times on every rank. Each layer
+    prunes the count that ``calibration.put_in_force`` writes for it (a sparsity profile may give
+    every block its own). Sequentially,
     one whole forward captures the first block's inputs; then each block runs alone on them, is
     pruned, and runs again to give the next block its inputs. Collective."""
     layers, batches, forward = calibration.layers, calibration.batches, calibration.forward
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = [rank + r * world for r in range(math.ceil(len(batches) / world))]
-    active = [index < len(batches) for index in mine]  # a spare call repeats batch 0, uncounted
+    mine, active = zip(*my_share(len(batches)), strict=True)
     calibration.put_in_force(layers, 0.0)  # calibrate on the dense layers; each block is pruned once gathered
     groups = in_blocks(layers, sequential)
     blocks = [block_of(names[0]) for names in groups]
@@ -200,12 +208,12 @@ def _prune_group(
     group: dict[str, SparseLinear],
     inputs_seen: CalibrationInputs,
     calibration: Calibration,
-    prune_with_hessian: Callable[[SparseLinear, torch.Tensor, float], None] | None,
+    prune_with_hessian: Callable[[SparseLinear, torch.Tensor], None] | None,
 ) -> None:
     hessians = {name: inputs_seen.hessian(name) for name in group} if prune_with_hessian else {}
     with_norms = [(layer.input_sq, inputs_seen.stats[n]) for n, layer in group.items() if layer.input_stats]
     fold_step(with_norms, weight=1.0)  # input_sq = the calibration mean of x^2
+    calibration.put_in_force(group, calibration.sparsity)
     for name, layer in group.items():
         if prune_with_hessian is not None:
-            prune_with_hessian(layer, hessians[name], calibration.sparsity)
-    calibration.put_in_force(group, calibration.sparsity)
+            prune_with_hessian(layer, hessians[name])

@@ -13,7 +13,8 @@ from ..layers.base import SparseLinear
 from ..layers.importance import fold_step
 from ..masks.allocation import allocate_kept
 from ..masks.select import num_pruned
-from ..methods import Method
+from ..methods import Calibration, Method
+from ..oneshot.owl import owl_profile
 
 
 def cubic_sparsity(
@@ -54,6 +55,9 @@ class SparsityController:
         self.method, self.config, self.total_steps, self.layers = method, method.pst, total_steps, layers
         self.learned = method.pst.kind().learned
         self.activation = method.pst.importance == "activation"
+        # Each layer's final sparsity when they differ (pst.sparsity_profile, set from calibration);
+        # None: uniform. At every step a layer's sparsity is the schedule's times its final/target.
+        self.profile: dict[str, float] | None = None
 
     def sparsity_at(self, step: int) -> float:
         """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune,
@@ -73,6 +77,14 @@ class SparsityController:
             config.final_warmup,
         )
 
+    def warm_start(self, calibration: Calibration) -> None:
+        """The method's one-shot start (pst.init) from ``calibration``; with a sparsity profile,
+        each layer's share is found first, from the outliers of the dense model. Collective."""
+        if self.config.sparsity_profile == "owl":
+            config = self.config
+            self.profile = owl_profile(calibration, config.final_sparsity, config.owl_m, config.owl_lmbda)
+        self.method.warm_start(calibration)
+
     def _in_warmup(self, step: int) -> bool:
         """Step ``step`` (0-based) gathers the warm-up's input norms: it still runs at the initial
         sparsity (the first one always counts), and no calibration gathered them (pst.init)."""
@@ -82,9 +94,15 @@ class SparsityController:
 
     def put_in_force(self, layers: dict[str, SparseLinear], sparsity: float) -> None:
         """``sparsity`` in ``layers`` now, whatever the schedule says (the dense model evaluated
-        before a warm start; a one-shot method's blocks as it prunes them)."""
-        for layer in layers.values():
-            layer.sparsity = sparsity
+        before a warm start; a one-shot method's blocks as it prunes them), as each layer's share
+        of it under the profile."""
+        for name, layer in layers.items():
+            layer.sparsity = sparsity * self._scale(name)
+
+    def _scale(self, name: str) -> float:
+        """Layer ``name``'s sparsity over the model's (1 without a profile)."""
+        final = self.config.final_sparsity
+        return self.profile[name] / final if self.profile is not None and final > 0 else 1.0
 
     def apply(self, step: int) -> None:
         """The state in force for the forward of step ``step + 1`` (after ``step`` steps)."""
@@ -127,14 +145,27 @@ class SparsityController:
         sizes = torch.cat([self._group_sizes(layer) for layer in layers])
         total = int(sizes.sum())
         shift, kept = 0.0, sizes
+        counts = [logit.ds_numel if hasattr(logit, "ds_numel") else logit.numel() for logit in logits]
+        # A profile starts the logits apart: at the final sparsity each layer keeps its profile's share.
+        prior = [self._prior(name) for name in self.layers]
         if sparsity > 0:
+            flat = flat + torch.cat([torch.full((n,), p) for n, p in zip(counts, prior, strict=True)])
             shift, kept = allocate_kept(flat, sizes, total - num_pruned(total, sparsity))
         offset = 0
-        for layer, logit in zip(layers, logits, strict=True):
-            count = logit.ds_numel if hasattr(logit, "ds_numel") else logit.numel()
+        for layer, count, p in zip(layers, counts, prior, strict=True):
             layer.put_in_force(sizes[offset : offset + count] - kept[offset : offset + count])
-            layer.threshold_shift = shift
+            layer.threshold_shift = shift + p
             offset += count
+
+    def _prior(self, name: str) -> float:
+        """logit(1 - s_layer) - logit(1 - s_final): 0 without a profile."""
+        if self.profile is None:
+            return 0.0
+        keep, target = 1 - self.profile[name], 1 - self.config.final_sparsity
+        return float(
+            torch.logit(torch.tensor(keep, dtype=torch.float64), eps=1e-6)
+            - torch.logit(torch.tensor(target, dtype=torch.float64), eps=1e-6)
+        )
 
     @staticmethod
     def _group_sizes(layer: SparseLinear) -> torch.Tensor:

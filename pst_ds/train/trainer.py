@@ -210,7 +210,12 @@ class Trainer:
         experiment = self.config.to_dict()
         for key in TrainConfig.RESUMABLE_CHANGES:
             experiment["train"].pop(key)
-        return {"experiment": experiment, "world_size": self.world_size, "base": self.base}
+        return {
+            "experiment": experiment,
+            "world_size": self.world_size,
+            "base": self.base,
+            "sparsity_profile": self.controller.profile,  # found at the warm start; not found again
+        }
 
     def _resume(self) -> int:
         """Load the newest sound complete checkpoint if there is one; return the step it holds.
@@ -236,6 +241,7 @@ class Trainer:
                 + " (set train.resume=never or another train.output_dir to start afresh)"
             )
         checkpoint.load(self.engine, self.checkpoints, tag)
+        self.controller.profile = saved.get("sparsity_profile")
         self.resumed = True
         if self.rank == 0:
             print(f"pst-ds: resumed from {self.checkpoints / tag}", flush=True)
@@ -313,15 +319,16 @@ class Trainer:
                 f"pst-ds: {self.output_dir} is already trained to step {self.step} (train.max_steps); "
                 "nothing to train (train.resume=never or another train.output_dir trains afresh)"
             )
-        # A run that holds its final sparsity from the start (a one-shot start, or no training):
-        # "before" is still the dense model, as for every run.
-        starts_pruned = self.step == 0 and not self.resumed and self.method.holds_final_sparsity()
+        # A run that starts pruned (a one-shot start, or no training): "before" is still the dense
+        # model, as for every run.
+        fresh = self.step == 0 and not self.resumed
+        warm = fresh and self.method.warm_start_method() is not None
+        starts_pruned = warm or (fresh and self.method.holds_final_sparsity())
         if starts_pruned:
             self.controller.put_in_force(self.pst_layers, 0.0)
         before = None if finished else self.evaluate()
         after_warm_start = None
         if starts_pruned:
-            warm = self.method.warm_start_method() is not None
             if warm:
                 self.warm_start()
             self.controller.apply(0)
@@ -465,18 +472,17 @@ class Trainer:
         ]
         start, was_training = time.time(), self.engine.module.training
         self.engine.eval()
+        calibration = Calibration(
+            self.engine.module,
+            self.pst_layers,
+            batches,
+            lambda batch: self.engine(**batch),
+            self.controller.sparsity_at(0),
+            self.controller.put_in_force,
+            progress=self.logger.info if self.rank == 0 else lambda _: None,
+        )
         with self._layer_failures_named(f"{init.name} calibration"):
-            self.method.warm_start(
-                Calibration(
-                    self.engine.module,
-                    self.pst_layers,
-                    batches,
-                    lambda batch: self.engine(**batch),
-                    self.controller.sparsity_at(0),
-                    self.controller.put_in_force,
-                    progress=self.logger.info if self.rank == 0 else lambda _: None,
-                )
-            )
+            self.controller.warm_start(calibration)
         self.engine.train(was_training)
         self.logger.info(
             f"pst-ds: {init.name} pruned {len(self.pst_layers)} layers to "
