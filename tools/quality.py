@@ -53,6 +53,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     "pst_distill": ("PST + distillation", ["method=pst", "train.distill.weight=0.5"]),
     "pst_wanda_row": ("PST + Wanda warm start, per-row top-k", ["method=pst", "pst.mask_scope=row"]),
     "pst_sparsegpt": ("PST + SparseGPT warm start", ["method=pst", "pst.init=sparsegpt"]),
+    "pst_sparsegpt_ramp": (
+        "PST + SparseGPT warm start at 5/7 of the sparsity, then the schedule",
+        ["method=pst", "pst.init=sparsegpt", "pst.init_schedule=ramp"],
+    ),
 }
 # Judged beyond the training text: fiction of the same century, modern reviews, a legal text.
 EVAL_TEXTS = "data.eval_files=[data/mobydick/mobydick_excerpt.txt,data/ood/reviews.txt,data/ood/gpl3.txt]"
@@ -60,10 +64,15 @@ UNPRUNED = ("dense", "lora")  # one column, "-": no sparsity to set
 
 
 def sparsity_overrides(sparsity: str, row: str) -> list[str]:
-    """The overrides of one sparsity column ('0.5', '2:4' for the nm mask at 50%, or '-': none)."""
+    """The overrides of one sparsity column ('0.5', '2:4' for the nm mask at 50%, '64:2:5' for
+    V:N:M at 60%, or '-': none)."""
     if sparsity == "-":
         return []
-    if ":" in sparsity:
+    if sparsity.count(":") == 2:  # V:N:M (N is 2)
+        v, _, m = (int(x) for x in sparsity.split(":"))
+        fraction = 1 - 2 / m
+        overrides = ["pst.mask=vnm", f"pst.mask_v={v}", f"pst.mask_m={m}", f"pst.final_sparsity={fraction:g}"]
+    elif ":" in sparsity:
         n, m = (int(v) for v in sparsity.split(":"))
         fraction = 1 - n / m
         overrides = ["pst.mask=nm", f"pst.mask_n={n}", f"pst.mask_m={m}", f"pst.final_sparsity={fraction:g}"]
@@ -72,6 +81,8 @@ def sparsity_overrides(sparsity: str, row: str) -> list[str]:
         overrides = [f"pst.final_sparsity={sparsity}"]
     if row == "magnitude_oneshot":  # no step: the mask at final sparsity from the start
         overrides.append(f"pst.initial_sparsity={fraction:g}")
+    if row == "pst_sparsegpt_ramp":  # 70% -> the one-shot at 50%, then the cubic schedule
+        overrides.append(f"pst.initial_sparsity={fraction * 5 / 7:.4g}")
     return overrides
 
 
