@@ -307,3 +307,23 @@ def test_a_factor_rank_larger_than_a_matrix(tmp_path, python, overrides, message
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in one_error_line(result.stderr)
     assert not out.exists()
+
+
+def test_resuming_under_another_zero_stage_is_one_error(tmp_path, python, small_text):
+    """DeepSpeed's ZeRO-2 and ZeRO-3 checkpoints hold different files: resuming one under the
+    other is refused with one line, not DeepSpeed's AssertionError from its loader."""
+
+    def run(ds_config: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [python, "launch/train.py", "--ds_config", ds_config, "--config", TINY,
+             f"train.output_dir={tmp_path / 'run'}", f"data.train_files=[{small_text}]", "data.block_size=32",
+             "train.max_steps=2", "train.save_every=2", "train.export=false", "pst.compile=false"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    assert run("configs/zero2.json").returncode == 0
+    again = run("configs/zero3.json")
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert "it was saved under ZeRO stage 2, this run's --ds_config uses stage 3" in one_error_line(
+        again.stderr
+    )

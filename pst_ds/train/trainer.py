@@ -213,6 +213,7 @@ class Trainer:
         return {
             "experiment": experiment,
             "world_size": self.world_size,
+            "zero_stage": self.ds_config.get("zero_optimization", {}).get("stage", 0),
             "base": self.base,
             "sparsity_profile": self.controller.profile,  # found at the warm start; not found again
         }
@@ -230,6 +231,11 @@ class Trainer:
         differences = checkpoint.config_differences(
             {k: saved[k] for k in agreed_on}, {k: current[k] for k in agreed_on}
         )
+        if saved.get("zero_stage", current["zero_stage"]) != current["zero_stage"]:  # files differ by stage
+            differences.append(
+                f"it was saved under ZeRO stage {saved['zero_stage']}, this run's --ds_config uses stage "
+                f"{current['zero_stage']}"
+            )
         if saved.get("base"):
             change = fingerprint_change(saved["base"]["files"], model_dir(self.config.model))
             if change is not None:
