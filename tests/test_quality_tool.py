@@ -44,3 +44,7 @@ def test_rows_are_saved_resumed_and_tabled(tmp_path):
     assert lines[2].startswith("| dense, no training |")
     assert f"| Wanda, one-shot | 0.5 | 0 | {wanda['after']:.2f} |" in table
     assert (tmp_path / "quality_causal_lm.md").read_text() == table.removesuffix("\n")  # print adds one
+    # Each trained row over the better one-shot of its column, validation first, text by text.
+    assert "Over the better one-shot (Wanda, SparseGPT) of each column:" in table
+    assert f"| PST, release settings | 0.5 | 2 | {pst['after'] / wanda['after']:.2f} |" in table
+    assert set(pst["texts_after"]) == {"mobydick_excerpt", "reviews", "gpl3"}  # judged beyond Austen

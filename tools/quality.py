@@ -144,6 +144,39 @@ def table(rows: list[dict], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+ONE_SHOT = ("wanda", "sparsegpt")
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown: each trained row's perplexity over the better one-shot row's of its column, text
+    by text (the goals of issue 21 are written as these ratios). Empty when no column has both."""
+    texts = sorted({name for r in rows for name in r["texts_after"]})
+
+    def values(r: dict) -> list[float]:
+        return [r["after"], *(r["texts_after"].get(t, float("nan")) for t in texts)]
+
+    best: dict[str, list[float]] = {}
+    for r in rows:
+        if r["row"] in ONE_SHOT:
+            seen = best.get(r["column"], values(r))
+            best[r["column"]] = [min(a, b) for a, b in zip(seen, values(r), strict=True)]
+    trained = [r for r in rows if r["row"] not in ONE_SHOT and r["column"] in best]
+    if not trained:
+        return ""
+    lines = [
+        "| method | column | steps | validation | " + " | ".join(texts) + " |",
+        "|---" * (4 + len(texts)) + "|",
+    ]
+    for r in trained:
+        ratios = [a / b for a, b in zip(values(r), best[r["column"]], strict=True)]
+        lines.append(
+            f"| {r['label']} | {r['column']} | {r['steps']} | "
+            + " | ".join(f"{x:.2f}" for x in ratios)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,6 +203,11 @@ def main() -> None:
     order = {row: i for i, row in enumerate(ROWS)}
     rows.sort(key=lambda r: (order.get(r["row"], len(order)), r["column"], r["steps"]))
     markdown = table(rows, metric)
+    if metric == "ppl":
+        ratios = ratio_table(rows)
+        markdown += (
+            f"\nOver the better one-shot (Wanda, SparseGPT) of each column:\n\n{ratios}" if ratios else ""
+        )
     (out / f"quality_{args.task}.md").write_text(markdown)
     (out / f"quality_{args.task}.json").write_text(json.dumps(rows, indent=1))
     print(markdown)
