@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from train_runs import train_once
@@ -193,6 +194,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: runs/quality/<task>")
     parser.add_argument("overrides", nargs="*", help="experiment overrides for every row, key=value")
     args = parser.parse_args()
+    for column in args.sparsities:  # an override after --sparsities lands here: say where it goes
+        if not re.fullmatch(r"-|0?\.\d+|\d+:\d+(:\d+)?", column):
+            parser.error(
+                f"--sparsities takes 0.5, 2:4 or 64:2:5, not {column!r}: give experiment overrides before "
+                "the options, or after --"
+            )
     out = Path(args.out or f"runs/quality/{args.task}")
     metric = TASKS[args.task][1]
     if not args.table:
@@ -200,6 +207,8 @@ def main() -> None:
             for sparsity in ["-"] if row in UNPRUNED else args.sparsities:
                 run_row(row, sparsity, args, out)
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
+    if not rows:
+        parser.error(f"no rows saved in {out / 'rows'} yet")
     order = {row: i for i, row in enumerate(ROWS)}
     rows.sort(key=lambda r: (order.get(r["row"], len(order)), r["column"], r["steps"]))
     markdown = table(rows, metric)
