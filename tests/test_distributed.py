@@ -279,6 +279,27 @@ def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small
         assert layer["input_sq"] != [1.0] * len(layer["input_sq"])  # from the calibration
 
 
+def test_owl_profile_is_the_same_on_two_zero3_ranks(tmp_path, small_text):
+    """OWL's block sparsities from sharded weights and all-reduced norms: both ranks put the same
+    per-layer counts and masks in force, each block at its own sparsity, the blocks' mean the target."""
+    owl = ["method=sparsegpt", "pst.sparsity_profile=owl", "pst.owl_m=3", "oneshot.calibration_blocks=6",
+           "oneshot.block_columns=16", "pst.final_sparsity=0.6"]  # fmt: skip
+    probe_run(tmp_path, tmp_path / "owl", small_text, owl, steps=1)
+    ranks = [json.loads((tmp_path / "owl" / f"rank{i}.json").read_text()) for i in range(2)]
+    by_block: dict[str, set[float]] = {}
+    for name, layer in ranks[0]["layers"].items():
+        other = ranks[1]["layers"][name]
+        assert layer["mask_sha256"] == other["mask_sha256"] and layer["pruned_state"] == other["pruned_state"]
+        assert layer["weight_zeros"] == layer["zeros"] == layer["pruned_state"], (
+            name
+        )  # SparseGPT at its count
+        block = name.split(".mlp")[0].split(".self_attn")[0]
+        by_block.setdefault(block, set()).add(round(layer["pruned_state"] / layer["weight_full_numel"], 2))
+    sparsities = [next(iter(s)) for s in by_block.values()]
+    assert all(len(s) == 1 for s in by_block.values())  # one sparsity per block
+    assert len(set(sparsities)) > 1 and sum(sparsities) / len(sparsities) == pytest.approx(0.6, abs=0.01)
+
+
 def test_gradient_checkpointing_trains_alike_on_two_zero3_ranks(tmp_path, small_text):
     """The non-reentrant recomputation under ZeRO-3 (frozen weights partitioned, gathered again in
     backward): the same losses, factors and input norms as without it, step for step."""
