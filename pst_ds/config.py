@@ -95,7 +95,8 @@ class PSTConfig:
     # Warm start: the first mask. magnitude: the release's (S = |W| and the cubic schedule from
     # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
     # calibration data (oneshot section), held at final_sparsity from the first step (hold), or
-    # found at initial_sparsity and then ramped to final_sparsity on the cubic schedule (ramp).
+    # found at initial_sparsity and then ramped to final_sparsity on the cubic schedule (ramp);
+    # auto: the start measured best for final_sparsity and the mask (methods/starts.py).
     init: str = "magnitude"
     init_schedule: Literal["hold", "ramp"] = "hold"
     initial_sparsity: Sparsity = 0.0
@@ -135,10 +136,10 @@ class PSTConfig:
     @classmethod
     def _known_start(cls, init: str) -> str:
         from .methods import METHODS
+        from .methods.starts import AUTO
 
-        return _registered(
-            "pst.init", init, [n for n, m in METHODS.items() if m.starts_training or m.calibrates]
-        )
+        starts = [n for n, m in METHODS.items() if m.starts_training or m.calibrates]
+        return _registered("pst.init", init, [*starts, AUTO])
 
     @field_validator("target_modules")
     @classmethod
@@ -348,6 +349,15 @@ class ExperimentConfig:
         from .methods import METHODS  # the methods' own package knows their names
 
         return _registered("method", method, METHODS)
+
+    @model_validator(mode="after")
+    def _start_chosen(self) -> ExperimentConfig:
+        """pst.init=auto becomes the start measured best for this sparsity and mask (methods/starts.py)."""
+        from .methods.starts import AUTO, best_start
+
+        if self.pst.init == AUTO:
+            self.pst = self.pst.replaced(init=best_start(self.pst, distills=self.train.distill.weight > 0))
+        return self
 
     @model_validator(mode="after")
     def _method_accepts(self) -> ExperimentConfig:

@@ -281,3 +281,24 @@ def test_blocks_run_one_at_a_time_only_when_they_chain():
 def test_bad_one_shot_and_distill_settings_are_refused(data, message):
     with pytest.raises(ConfigError, match=message):
         build_section(ExperimentConfig, data, "")
+
+
+@pytest.mark.parametrize(
+    "pst, distill, start",
+    [
+        ({"final_sparsity": 0.7}, 0.0, "sparsegpt"),  # measured best at 70%
+        ({"final_sparsity": 0.5}, 0.0, "wanda"),
+        ({"final_sparsity": 0.7}, 0.5, "wanda"),  # the teacher is the backbone SparseGPT would rewrite
+        ({"final_sparsity": 0.5, "mask": "nm"}, 0.0, "wanda"),
+        ({"final_sparsity": 0.6, "mask": "vnm", "mask_m": 5}, 0.0, "wanda"),  # SparseGPT cannot do V:N:M
+        ({"final_sparsity": 0.7, "importance": "magnitude"}, 0.0, "sparsegpt"),
+        ({"final_sparsity": 0.7, "importance": "magnitude"}, 0.5, "magnitude"),
+    ],
+)
+def test_auto_start_is_the_measured_best_the_run_can_use(pst, distill, start):
+    data = {
+        "pst": {"init": "auto", "importance": "activation", **pst},
+        "train": {"distill": {"weight": distill}},
+    }
+    config = build_section(ExperimentConfig, data, "")
+    assert config.pst.init == start  # resolved once: the saved config and the checkpoints say which
