@@ -353,10 +353,14 @@ class ExperimentConfig:
     @model_validator(mode="after")
     def _start_chosen(self) -> ExperimentConfig:
         """pst.init=auto becomes the start measured best for this sparsity and mask (methods/starts.py)."""
+        from .methods import method_class
         from .methods.starts import AUTO, best_start
 
         if self.pst.init == AUTO:
-            self.pst = self.pst.replaced(init=best_start(self.pst, distills=self.train.distill.weight > 0))
+            method = method_class(self.method)
+            distills = self.train.distill.weight > 0
+            start = best_start(self.pst, distills, method.warm_startable or method.calibrates)
+            self.pst = self.pst.replaced(init=start)
         return self
 
     @model_validator(mode="after")

@@ -302,3 +302,5 @@ def test_auto_start_is_the_measured_best_the_run_can_use(pst, distill, start):
     }
     config = build_section(ExperimentConfig, data, "")
     assert config.pst.init == start  # resolved once: the saved config and the checkpoints say which
+    smp = build_section(ExperimentConfig, {**data, "method": "smp", "pst": {"init": "auto", **pst}}, "")
+    assert smp.pst.init == "magnitude"  # a method that takes no warm start starts from |W|

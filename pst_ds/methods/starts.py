@@ -9,8 +9,9 @@ it never trained on (Moby Dick, film reviews, the GPL).
                   from Wanda's mask (the only 70% rows measured so far, one model)
     otherwise     Wanda's mask (the default before issue 21) until a grid says otherwise
 
-A start the run cannot use is never chosen: SparseGPT rewrites the backbone, so a run that
-distils from it starts from Wanda; SparseGPT cannot choose V:N:M's per-block columns; Wanda's
+A start the run cannot use is never chosen: a method that takes no warm start (movement, smp,
+lora, ...) starts from magnitude; SparseGPT rewrites the backbone, so a run that distils from
+it starts from Wanda; SparseGPT cannot choose V:N:M's per-block columns; Wanda's
 mask stays in force only through activation importance.
 """
 
@@ -26,8 +27,11 @@ AUTO = "auto"
 SPARSEGPT_ABOVE = 0.5
 
 
-def best_start(pst: PSTConfig, distills: bool) -> str:
-    """The pst.init that ``pst.init=auto`` stands for in a run with ``pst`` (and distillation)."""
+def best_start(pst: PSTConfig, distills: bool, warm_startable: bool = True) -> str:
+    """The pst.init that ``pst.init=auto`` stands for in a run with ``pst`` (and distillation) of
+    a method that may (``warm_startable``) or may not start from a one-shot mask."""
+    if not warm_startable:
+        return "magnitude"
     kind = pst.kind()
     sparsegpt_fits = kind.obs_prunable and not distills
     if pst.importance != "activation":  # Wanda's mask would not stay in force
