@@ -53,6 +53,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     "pst": ("PST, the default experiment", ["method=pst"]),
     "pst_distill": ("PST + distillation", ["method=pst", "train.distill.weight=0.5"]),
     "pst_wanda_row": ("PST + Wanda warm start, per-row top-k", ["method=pst", "pst.mask_scope=row"]),
+    "pst_wanda": ("PST + Wanda warm start", ["method=pst", "pst.init=wanda"]),
     "pst_sparsegpt": ("PST + SparseGPT warm start", ["method=pst", "pst.init=sparsegpt"]),
     "pst_sparsegpt_ramp": (
         "PST + SparseGPT warm start at 5/7 of the sparsity, then the schedule",
