@@ -358,8 +358,7 @@ class ExperimentConfig:
 
         if self.pst.init == AUTO:
             method = method_class(self.method)
-            distills = self.train.distill.weight > 0
-            start = best_start(self.pst, distills, method.warm_startable or method.calibrates)
+            start = best_start(self.pst, method.warm_startable or method.calibrates)
             self.pst = self.pst.replaced(init=start)
         return self
 

@@ -62,3 +62,13 @@ def pst_method(config: PSTConfig, name: str = "pst"):
     from pst_ds.methods import method_class
 
     return method_class(name)(ExperimentConfig(method=name, pst=config))
+
+
+def end_process_group() -> None:
+    """Close this process's rendezvous so that another in-process run can open its own:
+    DeepSpeed caches a clone of the world group, which must go with it."""
+    import deepspeed.utils.groups as ds_groups
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    ds_groups._WORLD_GROUP = None

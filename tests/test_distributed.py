@@ -235,8 +235,8 @@ def test_learned_thresholds_and_input_norms_on_two_zero3_ranks_resume_exactly(tm
 
 
 def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small_text):
-    """pst.init=sparsegpt (weights rewritten from rank 0, statistics all-reduced) then training
-    with distillation is refused; so: SparseGPT alone, and a Wanda warm start with distillation."""
+    """SparseGPT alone (weights rewritten from rank 0, statistics all-reduced), then a Wanda warm
+    start with distillation (after SparseGPT's start: the next test)."""
     sparsegpt = ["method=sparsegpt", "oneshot.calibration_blocks=6", "oneshot.block_columns=16"]
     probe_run(tmp_path, tmp_path / "sgpt", small_text, sparsegpt, steps=3)
     ranks = [json.loads((tmp_path / "sgpt" / f"rank{i}.json").read_text()) for i in range(2)]
@@ -277,6 +277,23 @@ def test_one_shot_warm_start_and_distillation_on_two_zero3_ranks(tmp_path, small
         other = ranks[1]["layers"][name]
         assert layer["mask_sha256"] == other["mask_sha256"] and layer["input_sq"] == other["input_sq"], name
         assert layer["input_sq"] != [1.0] * len(layer["input_sq"])  # from the calibration
+
+
+def test_distillation_after_a_sparsegpt_start_on_two_zero3_ranks(tmp_path, small_text):
+    """The teacher's copy of the original weights is built partitioned and filled from rank 0
+    just before SparseGPT rewrites them: both ranks train on the same masks and weights."""
+    extra = ["pst.init=sparsegpt", "train.distill.weight=0.5", "oneshot.calibration_blocks=6",
+             "oneshot.block_columns=16", "pst.final_sparsity=0.5"]  # fmt: skip
+    probe_run(tmp_path, tmp_path / "taught", small_text, extra, steps=3)
+    ranks = [json.loads((tmp_path / "taught" / f"rank{i}.json").read_text()) for i in range(2)]
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in steps)
+    for name, layer in ranks[0]["layers"].items():
+        other = ranks[1]["layers"][name]
+        assert (
+            layer["mask_sha256"] == other["mask_sha256"] and layer["weight_sha256"] == other["weight_sha256"]
+        )
+        assert layer["weight_zeros"] >= layer["pruned_state"] > 0, name  # SparseGPT's zeros in W
 
 
 def test_owl_profile_is_the_same_on_two_zero3_ranks(tmp_path, small_text):

@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import ROOT
+from conftest import ROOT, end_process_group
 from transformers import AutoModelForCausalLM
 
 from pst_ds.config import load_experiment
@@ -41,7 +40,7 @@ def finished_run(tmp_path, small_text):
     try:
         yield trainer, trainer.train(), tmp_path / "run"
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_a_run_trains_checkpoints_and_exports_a_plain_model(finished_run):
@@ -94,7 +93,7 @@ def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, sma
         profile = trainer.controller.profile
         ended = trainer.controller.layer_sparsities()
     finally:
-        dist.destroy_process_group()
+        end_process_group()
     assert len({round(s, 6) for s in profile.values()}) > 1  # blocks differ
     for name, sparsity in ended.items():
         layer = trainer.pst_layers[name]
@@ -120,3 +119,46 @@ def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, sma
     report = json.loads((tmp_path / "run" / "export" / "pst_sparsity.json").read_text())["layers"]
     for name, sparsity in ended.items():
         assert report[name]["sparsity"] == pytest.approx(sparsity, abs=1e-9), name
+
+
+def test_distillation_after_a_sparsegpt_start_is_taught_by_the_original_weights(tmp_path, small_text):
+    """pst.init=sparsegpt rewrites W; with train.distill each layer keeps the original W for the
+    teacher's pass, so the teacher is the dense model as loaded, and the export leaves it out."""
+    from pst_ds.io.models import load_model, load_tokenizer
+    from pst_ds.layers.base import dense_forward
+
+    overrides = [
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=2",
+        f"data.train_files=[{small_text}]",
+        "data.block_size=32",
+        "train.export=true",
+        "pst.compile=false",
+        "pst.init=sparsegpt",
+        "pst.final_sparsity=0.5",
+        "oneshot.calibration_blocks=4",
+        "oneshot.block_columns=16",
+        "train.distill.weight=0.5",
+    ]
+    config = load_experiment("configs/experiments/tiny_llama.yaml", overrides)
+    trainer = Trainer(config, load_ds_config("configs/zero2.json"))
+    trainer.setup()
+    try:
+        trainer.train()
+        torch.manual_seed(config.train.seed)  # the same random init the run loaded
+        original = load_model(config.model, load_tokenizer(config.model)).eval()
+        ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+        model = trainer.engine.module.eval()
+        with torch.no_grad(), dense_forward():
+            taught = model(input_ids=ids).logits
+        with torch.no_grad():
+            expected = original(input_ids=ids).logits
+        torch.testing.assert_close(taught, expected, rtol=1e-5, atol=1e-5)  # the dense model as loaded
+        layer = trainer.pst_layers["model.layers.0.mlp.up_proj"]
+        plain = original.get_submodule("model.layers.0.mlp.up_proj").weight
+        assert torch.equal(layer.dense_teacher.weight, plain)
+        assert not torch.equal(layer.weight, plain) and int((layer.weight == 0).sum()) > 0  # rewritten
+    finally:
+        end_process_group()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")
+    assert not any("dense_teacher" in name for name in exported.state_dict())

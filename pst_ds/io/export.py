@@ -83,6 +83,8 @@ def _owning_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[tup
     a weight shared by two modules (tied embeddings) is written once, as save_pretrained does."""
     seen: set[int] = set()
     for name, module in model.named_modules():
+        if not getattr(module, "exported", True):  # a layer's dense teacher: training's only
+            continue
         own = [(n, t) for n, t in _own_tensors(module) if id(t) not in seen]
         seen.update(id(t) for _, t in own)
         if own:

@@ -35,6 +35,35 @@ def dense_forward() -> Iterator[None]:
         _DENSE.reset(token)
 
 
+class DenseTeacher(nn.Module):
+    """A frozen copy of a layer's original weight, for distillation's teacher when a warm start
+    rewrites the weight itself (pst.init=sparsegpt). Built partitioned under ZeRO-3 (so it
+    costs one more frozen weight per shard, never a whole one per rank), filled by the warm
+    start just before it rewrites the weight, saved in checkpoints, never exported."""
+
+    exported = False
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+        return F.linear(x, self.weight.t() if transposed else self.weight, bias)
+
+
+def dense_teacher(base: nn.Linear | Conv1D) -> DenseTeacher:
+    """An empty DenseTeacher for ``base``'s weight, partitioned at birth when ZeRO-3 is on."""
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
+    if not is_deepspeed_zero3_enabled():
+        return DenseTeacher(shape, base.weight.dtype)
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        return DenseTeacher(shape, base.weight.dtype)
+
+
 class WrappedLinear(nn.Module):
     """A layer around an ``nn.Linear`` or GPT-2 ``Conv1D`` that keeps its weight and bias
     Parameter objects (so checkpoints and ZeRO-3 hooks still see them) and knows its
@@ -50,9 +79,12 @@ class WrappedLinear(nn.Module):
         shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
         self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
         self.layer_name = ""  # its qualified name in the model, given by the injector (for errors)
+        self.dense_teacher: DenseTeacher | None = None  # the original weight, when a warm start rewrites it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _DENSE.get():
+            if self.dense_teacher is not None:
+                return self.dense_teacher(x, self.bias, self.transposed)
             return F.linear(x, self.oriented_weight(), self.bias)
         return self.adapted_forward(x)
 

@@ -24,7 +24,7 @@ from ..config import (
 )
 from ..io.models import load_model
 from ..methods import Method, method_class
-from .base import SparseLinear, WrappedLinear
+from .base import SparseLinear, WrappedLinear, dense_teacher
 
 
 def _matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
@@ -106,6 +106,8 @@ def inject(model: nn.Module, method: Method) -> list[str]:
         for name, module in targets:
             layer = method.build_layer(name, module)
             layer.layer_name = name
+            if method.keeps_dense_teacher():  # before the warm start rewrites the weight
+                layer.dense_teacher = dense_teacher(module)
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, layer)
     for _, module in _matching(model, method.pst.trainable_modules):

@@ -85,11 +85,11 @@ class Method:
             init.check_as_warm_start(pst)
         distill = config.train.distill
         if distill.weight > 0:
-            if not cls.frozen_backbone or init.rewrites_backbone:
+            if not cls.frozen_backbone:
                 frozen = ", ".join(names_with("frozen_backbone", "trains"))
                 raise ConfigError(
-                    f"train.distill takes the teacher from the frozen dense backbone: methods {frozen} "
-                    f"without a pst.init that rewrites it, not method={cls.name} pst.init={pst.init}"
+                    f"train.distill takes the teacher from the frozen dense backbone: methods {frozen}, "
+                    f"not method={cls.name}"
                 )
             if pst.trainable_modules:  # the teacher would share the student's trained head
                 raise ConfigError(
@@ -141,6 +141,13 @@ class Method:
         """The config keys of its low-rank factors' ranks, with their values (none by default):
         each must fit every targeted matrix."""
         return {}
+
+    def keeps_dense_teacher(self) -> bool:
+        """True when distillation's teacher needs a copy of the original weights: the warm start
+        rewrites them (pst.init=sparsegpt). One more frozen weight, sharded under ZeRO-3."""
+        init = self.warm_start_method()
+        distills = self.trains and self.config.train.distill.weight > 0
+        return distills and init is not None and init.rewrites_backbone
 
     def changes_backbone(self) -> bool:
         """True when training or the warm start writes new values into the backbone's weights:

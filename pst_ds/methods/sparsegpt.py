@@ -45,7 +45,13 @@ class SparseGPT(Method):
     @classmethod
     def calibrate(cls, calibration: Calibration, oneshot: OneShotConfig) -> None:
         def prune(layer: SparseLinear, hessian: torch.Tensor) -> None:
-            with torch.no_grad(), deepspeed.zero.GatheredParameters([layer.weight], modifier_rank=0):
+            teacher = [] if layer.dense_teacher is None else [layer.dense_teacher.weight]
+            with (
+                torch.no_grad(),
+                deepspeed.zero.GatheredParameters([layer.weight, *teacher], modifier_rank=0),
+            ):
+                if teacher:  # distillation's teacher keeps the weight this sweep rewrites
+                    teacher[0].copy_(layer.weight)
                 updated = sparsegpt_prune(
                     layer.oriented_weight(),
                     hessian,
