@@ -20,6 +20,16 @@ from pst_ds.train.trainer import Trainer, load_ds_config
 STEPS = 4
 
 
+def tiny_trainer(overrides: list[str]) -> Trainer:
+    """An in-process run of tiny_llama under ZeRO-2 with ``overrides``, set up."""
+    trainer = Trainer(
+        load_experiment("configs/experiments/tiny_llama.yaml", overrides),
+        load_ds_config("configs/zero2.json"),
+    )
+    trainer.setup()
+    return trainer
+
+
 @pytest.fixture
 def finished_run(tmp_path, small_text):
     overrides = [
@@ -32,11 +42,7 @@ def finished_run(tmp_path, small_text):
         "train.export=true",
         "pst.compile=false",  # the compiled kernels have their own reference tests
     ]
-    trainer = Trainer(
-        load_experiment("configs/experiments/tiny_llama.yaml", overrides),
-        load_ds_config("configs/zero2.json"),
-    )
-    trainer.setup()
+    trainer = tiny_trainer(overrides)
     try:
         yield trainer, trainer.train(), tmp_path / "run"
     finally:
@@ -85,9 +91,7 @@ def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, sma
         "pst.owl_m=3",
         "oneshot.calibration_blocks=4",
     ]
-    config = load_experiment("configs/experiments/tiny_llama.yaml", overrides)
-    trainer = Trainer(config, load_ds_config("configs/zero2.json"))
-    trainer.setup()
+    trainer = tiny_trainer(overrides)
     try:
         summary = trainer.train()
         profile = trainer.controller.profile
@@ -140,9 +144,8 @@ def test_distillation_after_a_sparsegpt_start_is_taught_by_the_original_weights(
         "oneshot.block_columns=16",
         "train.distill.weight=0.5",
     ]
-    config = load_experiment("configs/experiments/tiny_llama.yaml", overrides)
-    trainer = Trainer(config, load_ds_config("configs/zero2.json"))
-    trainer.setup()
+    trainer = tiny_trainer(overrides)
+    config = trainer.config
     try:
         trainer.train()
         torch.manual_seed(config.train.seed)  # the same random init the run loaded
