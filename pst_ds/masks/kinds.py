@@ -73,7 +73,8 @@ def keep_into_pattern(scores: torch.Tensor, pattern: Selection, pruned: int) -> 
 
 @dataclass(frozen=True)
 class Selection:
-    """A mask as ``keep(scores, *args)``: ``args`` are small tensors or ints.
+    """A mask as ``keep(scores, *args)``: ``args`` are small tensors or ints (or, ramping into a
+    pattern, the pattern's own Selection).
 
     ``fusable``: whether compiled kernels should evaluate ``keep`` themselves. The group ranks
     of nm and vnm are not: inductor's CPU code for them took up to 11.5x the eager time (mean
@@ -283,9 +284,7 @@ class NM(MaskKind):
         return None
 
     def pattern_problem(self, keep: torch.Tensor, pruned: torch.Tensor) -> str | None:
-        if not bool(pruned.any()):
-            return super().pattern_problem(keep, pruned)
-        if int(pruned) < self.pattern_count(*keep.shape):  # ramping in: the count is all there is
+        if not bool(pruned.any()) or int(pruned) < self.pattern_count(*keep.shape):  # dense, or ramping in
             return super().pattern_problem(keep, pruned)
         return self._group_problem(keep, self.n, f"(not {self.n} of {self.m})") or super().pattern_problem(
             keep, pruned

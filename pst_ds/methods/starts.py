@@ -1,7 +1,7 @@
 """``pst.init=auto``: the warm start that measured best for the run's sparsity and mask.
 
-Chosen from the quality grid of issue 21 (docs/results.md, "The best start for every
-sparsity"): 30-step runs of SmolLM2-135M on Austen, judged on validation and on three texts
+Chosen from the quality grid of issue 21 (docs/results.md, "Quality past the one-shot
+methods", "70%: the start"): 30-step runs of SmolLM2-135M on Austen, judged on validation and on three texts
 it never trained on (Moby Dick, film reviews, the GPL).
 
     70% (top-k)   SparseGPT's mask and updated weights: 0.62 / 0.55 / 0.52 / 0.56 of one-shot
@@ -34,9 +34,8 @@ def best_start(pst: PSTConfig, warm_startable: bool = True) -> str:
     if not warm_startable:
         return "magnitude"
     kind = pst.kind()
-    sparsegpt_fits = kind.obs_prunable
     if pst.importance != "activation":  # Wanda's mask would not stay in force
-        return "sparsegpt" if sparsegpt_fits else "magnitude"
-    if sparsegpt_fits and not kind.grouped and pst.final_sparsity > SPARSEGPT_ABOVE:
+        return "sparsegpt" if kind.obs_prunable else "magnitude"
+    if kind.obs_prunable and not kind.grouped and pst.final_sparsity > SPARSEGPT_ABOVE:
         return "sparsegpt"
     return "wanda"

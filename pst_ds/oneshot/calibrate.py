@@ -161,14 +161,15 @@ def prune_one_shot(
     """Prune ``calibration.layers`` (model order) to ``calibration.sparsity``, block by block.
 
     Each group's input norms are folded into its layers' ``input_sq`` (Wanda's score, and the
-    activation importance PST trains on from there); with ``prune_with_hessian`` each layer is
-    then pruned from its X^T X (SparseGPT's weight update) before its mask state is put in force.
+    activation importance PST trains on from there) and its mask state put in force; with
+    ``prune_with_hessian`` each layer is then pruned at that count from its X^T X (SparseGPT's
+    weight update).
     ``calibration.forward(batch)`` runs the whole model on one batch; it is called without
     autograd, in the caller's mode (eval), the same number of times on every rank. Each layer
     prunes the count that ``calibration.put_in_force`` writes for it (a sparsity profile may give
-    every block its own). Sequentially,
-    one whole forward captures the first block's inputs; then each block runs alone on them, is
-    pruned, and runs again to give the next block its inputs. Collective."""
+    every block its own). Sequentially, one whole forward captures the first block's inputs;
+    then each block runs alone on them, is pruned, and runs again to give the next block its
+    inputs. Collective."""
     layers, batches, forward = calibration.layers, calibration.batches, calibration.forward
     mine, active = zip(*my_share(len(batches)), strict=True)
     calibration.put_in_force(layers, 0.0)  # calibrate on the dense layers; each block is pruned once gathered

@@ -80,8 +80,8 @@ class SparsityController:
     def warm_start(self, calibration: Calibration) -> None:
         """The method's one-shot start (pst.init) from ``calibration``; with a sparsity profile,
         each layer's share is found first, from the outliers of the dense model. Collective."""
-        if self.config.sparsity_profile == "owl":
-            config = self.config
+        config = self.config
+        if config.sparsity_profile == "owl":
             self.profile = owl_profile(calibration, config.final_sparsity, config.owl_m, config.owl_lmbda)
         self.method.warm_start(calibration)
 
