@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import re
+import types
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -277,7 +278,9 @@ class DistillConfig:
     """Distillation from the frozen dense backbone:
     loss = (1 - weight) CE + weight T^2 KL(teacher || student)."""
 
-    weight: Share = 0.0  # lambda; 0: off (no teacher pass)
+    # lambda; 0: off (no teacher pass); auto: the weight measured best for the run's start
+    # (methods/starts.py: 0.5 after a start that rewrites the weights, 0 otherwise)
+    weight: Share | Literal["auto"] = 0.0
     temperature: Annotated[float, Field(gt=0.0)] = 1.0  # T
 
 
@@ -352,14 +355,20 @@ class ExperimentConfig:
 
     @model_validator(mode="after")
     def _start_chosen(self) -> ExperimentConfig:
-        """pst.init=auto becomes the start measured best for this sparsity and mask (methods/starts.py)."""
+        """pst.init=auto becomes the start measured best for this sparsity and mask, and
+        train.distill.weight=auto the weight measured best after that start (methods/starts.py)."""
         from .methods import method_class
-        from .methods.starts import AUTO, best_start
+        from .methods.starts import AUTO, best_distill_weight, best_start
 
+        method = method_class(self.method)
         if self.pst.init == AUTO:
-            method = method_class(self.method)
             start = best_start(self.pst, method.warm_startable or method.calibrates)
             self.pst = self.pst.replaced(init=start)
+        if self.train.distill.weight == AUTO:
+            weight = best_distill_weight(self.pst, method, method_class(self.pst.init))
+            self.train = dataclasses.replace(
+                self.train, distill=dataclasses.replace(self.train.distill, weight=weight)
+            )
         return self
 
     @model_validator(mode="after")
@@ -469,10 +478,20 @@ def _section_of(cls: type, parents: list[str]) -> type:
     return cls
 
 
+def _constraints(annotation: Any) -> list[Any]:
+    """The constraints of a field's type, the numeric member's of a union (``Share | 'auto'``) too."""
+    if typing.get_origin(annotation) is Annotated:
+        found = []
+        for extra in annotation.__metadata__:
+            found += [extra, *getattr(extra, "metadata", [])]  # Field(ge=...) keeps them in .metadata
+        return found
+    return [c for member in typing.get_args(annotation) for c in _constraints(member)]
+
+
 def _allowed_range(section: type, leaf: str) -> str:
     """A field's bounds as a user reads them: 'in [0, 1)', '>= 1', '> 0'."""
     bounds = {}
-    for constraint in section.__pydantic_fields__[leaf].metadata:
+    for constraint in _constraints(typing.get_type_hints(section, include_extras=True)[leaf]):
         bounds.update({k: getattr(constraint, k) for k in ("ge", "gt", "le", "lt") if hasattr(constraint, k)})
     low = next((f"{'[' if k == 'ge' else '('}{bounds[k]:g}" for k in ("ge", "gt") if k in bounds), None)
     high = next((f"{bounds[k]:g}{']' if k == 'le' else ')'}" for k in ("le", "lt") if k in bounds), None)
@@ -481,6 +500,20 @@ def _allowed_range(section: type, leaf: str) -> str:
     if low:
         return f"{'>=' if low[0] == '[' else '>'} {low[1:]}"
     return f"{'<=' if high[-1] == ']' else '<'} {high[:-1]}"
+
+
+def _field_loc(cls: type, loc: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
+    """(an error's location as config keys, pydantic's names of the union members it tried)."""
+    keys: list[Any] = []
+    members: list[str] = []
+    section: Any = cls
+    for part in loc:
+        if dataclasses.is_dataclass(section) or isinstance(part, int):  # a key, or a list's index
+            keys.append(part)
+            section = typing.get_type_hints(section).get(part) if dataclasses.is_dataclass(section) else None
+        elif typing.get_origin(section) in (typing.Union, types.UnionType):
+            members.append(part)
+    return keys, members
 
 
 def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -492,8 +525,16 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     try:
         return pydantic.TypeAdapter(cls).validate_python(_sections_filled(cls, data))
     except pydantic.ValidationError as err:
-        error = err.errors()[0]
-        *parents, leaf = [str(part) for part in error["loc"]] or ["config"]
+        errors = err.errors()
+        error = errors[0]
+        loc, members = _field_loc(cls, error["loc"])
+        if members:  # a value that is a number or a word (0.5 or auto): one line for both
+            words = [e["ctx"]["expected"] for e in errors if e["type"] == "literal_error"]
+            *parents, leaf = [str(part) for part in loc]
+            bounds = _allowed_range(_section_of(cls, parents), leaf)
+            said = f"must be a number {bounds} or {' or '.join(words)}"
+            raise ConfigError(f"{prefix}{'.'.join(loc)} {said}, got {error.get('input')!r}") from None
+        *parents, leaf = [str(part) for part in loc] or ["config"]
         where = prefix + ".".join([*parents, leaf])
         kind = error["type"]
         if kind == "unexpected_keyword_argument":

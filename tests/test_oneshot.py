@@ -273,7 +273,7 @@ def test_blocks_run_one_at_a_time_only_when_they_chain():
         ({"pst": {"init": "lasso"}}, "pst.init must be one of magnitude, wanda, sparsegpt"),
         ({"method": "movement", "pst": {"init": "sparsegpt"}}, "warm-starts pst, magnitude"),
         ({"method": "magnitude", "train": {"distill": {"weight": 0.5}}}, "frozen dense backbone"),
-        ({"train": {"distill": {"weight": 1.5}}}, r"distill.weight must be in \[0, 1\]"),
+        ({"train": {"distill": {"weight": 1.5}}}, r"distill.weight must be a number in \[0, 1\] or 'auto'"),
         ({"oneshot": {"damp": 0}}, "oneshot.damp must be > 0"),
     ],
 )
@@ -303,3 +303,26 @@ def test_auto_start_is_the_measured_best_the_run_can_use(pst, distill, start):
     assert config.pst.init == start  # resolved once: the saved config and the checkpoints say which
     smp = build_section(ExperimentConfig, {**data, "method": "smp", "pst": {"init": "auto", **pst}}, "")
     assert smp.pst.init == "magnitude"  # a method that takes no warm start starts from |W|
+
+
+@pytest.mark.parametrize(
+    "method, pst, weight",
+    [
+        ("pst", {"final_sparsity": 0.7}, 0.5),  # SparseGPT's start rewrote W: distil from a copy
+        ("pst", {"final_sparsity": 0.5}, 0.0),  # Wanda's start: no teacher pass
+        ("pst", {"final_sparsity": 0.7, "init": "wanda"}, 0.0),
+        ("pst", {"final_sparsity": 0.7, "init": "magnitude"}, 0.0),
+        ("sparsegpt", {"final_sparsity": 0.7}, 0.0),  # one-shot: no training, no teacher
+        ("magnitude", {"final_sparsity": 0.7}, 0.0),  # trains W: no frozen teacher to distil from
+        ("pst", {"final_sparsity": 0.7, "trainable_modules": ["lm_head"]}, 0.0),  # a head without teacher
+    ],
+)
+def test_auto_distillation_follows_a_start_that_rewrote_the_weights(method, pst, weight):
+    data = {
+        "method": method,
+        "pst": {"init": "auto", "importance": "activation", **pst},
+        "train": {"distill": {"weight": "auto"}},
+    }
+    config = build_section(ExperimentConfig, data, "")
+    assert config.train.distill.weight == weight
+    assert method_class(method)(config).keeps_dense_teacher() is (weight > 0)
