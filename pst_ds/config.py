@@ -354,7 +354,7 @@ class ExperimentConfig:
         return _registered("method", method, METHODS)
 
     @model_validator(mode="after")
-    def _start_chosen(self) -> ExperimentConfig:
+    def _auto_resolved(self) -> ExperimentConfig:
         """pst.init=auto becomes the start measured best for this sparsity and mask, and
         train.distill.weight=auto the weight measured best after that start (methods/starts.py)."""
         from .methods import method_class
