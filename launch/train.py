@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pst_ds.config import ConfigError, load_experiment
+    from pst_ds.train.distributed import leave_process_group
     from pst_ds.train.preemption import PREEMPTED_EXIT
     from pst_ds.train.trainer import Preempted, Trainer, TrainingError, load_ds_config
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop(str(done), PREEMPTED_EXIT, rank_zero)
     if rank_zero and "export" in summary:
         print(how_to_use(summary["export"], args.config), flush=True)
+    leave_process_group()
     return 0
 
 

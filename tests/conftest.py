@@ -6,12 +6,25 @@ import pytest
 import torch
 
 from pst_ds.config import ExperimentConfig, PSTConfig, load_experiment
-from pst_ds.io.models import load_model, load_tokenizer
+from pst_ds.io.models import LAUNCHER_VARIABLES, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # launch/ and tools/ scripts, imported by the in-process tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def launcher_variables_restored():
+    """An in-process run sets RANK, MASTER_PORT, ... for its one-process rendezvous; a script a
+    later test starts must not inherit them (it would try to listen on that port too)."""
+    before = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +75,3 @@ def pst_method(config: PSTConfig, name: str = "pst"):
     from pst_ds.methods import method_class
 
     return method_class(name)(ExperimentConfig(method=name, pst=config))
-
-
-def end_process_group() -> None:
-    """Close this process's rendezvous so that another in-process run can open its own:
-    DeepSpeed caches a clone of the world group, which must go with it."""
-    import deepspeed.utils.groups as ds_groups
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
-    ds_groups._WORLD_GROUP = None

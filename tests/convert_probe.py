@@ -10,7 +10,7 @@ import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
 from pst_ds.io.models import embedded_smollm2_dir
-from pst_ds.train.distributed import init_distributed
+from pst_ds.train.distributed import init_distributed, leave_process_group
 
 if __name__ == "__main__":
     init_distributed()
@@ -18,4 +18,4 @@ if __name__ == "__main__":
         live = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
         assert deepspeed.__version__ and live.is_zero3()
         print("probe: converted into", embedded_smollm2_dir(), flush=True)
-    dist.barrier()
+    leave_process_group()

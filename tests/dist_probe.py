@@ -17,6 +17,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch.train import parse_args  # noqa: E402
 from pst_ds.config import load_experiment  # noqa: E402
+from pst_ds.train.distributed import leave_process_group  # noqa: E402
 from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def main() -> None:
     }
     Path(own.report).mkdir(parents=True, exist_ok=True)
     (Path(own.report) / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
-    dist.barrier()
+    leave_process_group()
 
 
 if __name__ == "__main__":

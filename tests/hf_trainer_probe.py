@@ -27,6 +27,7 @@ from pst_ds.integrations.hf import (  # noqa: E402
 )
 from pst_ds.io.data import collate_blocks, load_splits  # noqa: E402
 from pst_ds.io.models import load_model, load_tokenizer  # noqa: E402
+from pst_ds.train.distributed import leave_process_group  # noqa: E402
 from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
 
 
@@ -125,6 +126,7 @@ def main() -> None:
     else:
         run_hf(config, load_ds_config(args.ds_config), record, out)
     record.save(out / f"{args.path}.pt")
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, end_process_group
+from conftest import ROOT
 from transformers import AutoModelForCausalLM
 
 from pst_ds.config import load_experiment
 from pst_ds.io.models import LAUNCHER_VARIABLES
 from pst_ds.masks.select import num_pruned
+from pst_ds.train.distributed import leave_process_group
 from pst_ds.train.trainer import Trainer, load_ds_config
 
 STEPS = 4
@@ -46,7 +47,7 @@ def finished_run(tmp_path, small_text):
     try:
         yield trainer, trainer.train(), tmp_path / "run"
     finally:
-        end_process_group()
+        leave_process_group()
 
 
 def test_a_run_trains_checkpoints_and_exports_a_plain_model(finished_run):
@@ -97,7 +98,7 @@ def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, sma
         profile = trainer.controller.profile
         ended = trainer.controller.layer_sparsities()
     finally:
-        end_process_group()
+        leave_process_group()
     assert len({round(s, 6) for s in profile.values()}) > 1  # blocks differ
     for name, sparsity in ended.items():
         layer = trainer.pst_layers[name]
@@ -162,6 +163,6 @@ def test_distillation_after_a_sparsegpt_start_is_taught_by_the_original_weights(
         assert torch.equal(layer.dense_teacher.weight, plain)
         assert not torch.equal(layer.weight, plain) and int((layer.weight == 0).sum()) > 0  # rewritten
     finally:
-        end_process_group()
+        leave_process_group()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")
     assert not any("dense_teacher" in name for name in exported.state_dict())

@@ -46,6 +46,19 @@ def init_distributed() -> None:
     deepspeed.init_distributed(timeout=DIST_TIMEOUT)
 
 
+def leave_process_group() -> None:
+    """End a good run: wait for every rank, then tear the process group down while all are
+    alive. Left to interpreter exit, gloo's threads can be destroyed after a peer has gone and
+    the process aborts ("terminate called without an active exception") after a run that
+    succeeded. Afterwards another run in this process can open its own group."""
+    import deepspeed.utils.groups as ds_groups
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    ds_groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the world group goes with it
+
+
 def skip_shm_build() -> None:
     """On CPU, keep DeepSpeed's process group from JIT-compiling its shared-memory op, which
     only inference uses: the build needs a compiler, and a build killed half-way leaves a lock
