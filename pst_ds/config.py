@@ -93,6 +93,11 @@ class PSTConfig:
     alpha2: float = 1.0  # weight of the row/column terms R, C in S
     beta: float = 1.0  # scale of the weight update U·V
     update_init_std: Annotated[float, Field(ge=0.0)] = 1.0  # U ~ N(0, std^2) (V = 0); the release uses 1
+    # The unit u of beta·U·V and of the learned importance terms: 1 (one, the release's absolute
+    # units, where a model whose weights are 5x smaller moves 5x further in proportion), or each
+    # layer's original mean |W| (weight): the same beta, alpha and lr then move every layer of
+    # every model by the same share of its weights (the default experiments'; docs/results.md)
+    factor_scale: Literal["one", "weight"] = "one"
     # Warm start: the first mask. magnitude: the release's (S = |W| and the cubic schedule from
     # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
     # calibration data (oneshot section), held at final_sparsity from the first step (hold), or

@@ -81,11 +81,17 @@ def main() -> None:
             logit = layer.threshold_logit.tolist() if hasattr(layer, "threshold_logit") else None
             factors = [p.detach().float().reshape(-1) for p in params if p.requires_grad]
         input_sq = getattr(layer, "input_sq", None)
+        teacher_mean_abs = None
+        if layer.dense_teacher is not None:  # the original weight, before a warm start rewrote it
+            with deepspeed.zero.GatheredParameters([layer.dense_teacher.weight]):
+                teacher_mean_abs = float(layer.dense_teacher.weight.detach().float().abs().mean())
         layers[name] = {
             "threshold_logit": logit,
             "factors": torch.cat(factors).tolist() if factors else [],
             "pruned": layer.pruned.reshape(-1).tolist(),
             "input_sq": None if input_sq is None else input_sq.tolist(),
+            "factor_unit": float(layer.factor_unit) if hasattr(layer, "factor_unit") else None,
+            "teacher_mean_abs": teacher_mean_abs,
             "mask_sha256": hashlib.sha256(mask.numpy().tobytes()).hexdigest(),
             "weight_sha256": hashlib.sha256(dense.numpy().tobytes()).hexdigest(),
             "weight_zeros": int((dense == 0).sum()),

@@ -294,6 +294,11 @@ def test_distillation_after_a_sparsegpt_start_on_two_zero3_ranks(tmp_path, small
             layer["mask_sha256"] == other["mask_sha256"] and layer["weight_sha256"] == other["weight_sha256"]
         )
         assert layer["weight_zeros"] >= layer["pruned_state"] > 0, name  # SparseGPT's zeros in W
+        # PST's unit (pst.factor_scale=weight) is the original weights' mean |W|, the same on both
+        # ranks from the whole (gathered) weight, not the mean of what SparseGPT wrote
+        assert (
+            layer["factor_unit"] == other["factor_unit"] == pytest.approx(layer["teacher_mean_abs"], rel=1e-6)
+        )
 
 
 def test_owl_profile_is_the_same_on_two_zero3_ranks(tmp_path, small_text):

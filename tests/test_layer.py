@@ -60,12 +60,26 @@ def reference(W, U, V, A, B, R, C, x, g, s, a1, a2, beta):
     return y, M, grads
 
 
+def unit_of(W: torch.Tensor, factor_scale: str) -> float:
+    """pst.factor_scale's unit: mean |W| as bf16 holds it (a saved buffer's dtype may be bf16), or 1."""
+    return float(W.double().abs().mean().to(torch.bfloat16)) if factor_scale == "weight" else 1.0
+
+
+@pytest.mark.parametrize("factor_scale", ["weight", "one"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75])
-def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled):
+def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled, factor_scale):
     torch.manual_seed(0)
-    cfg = PSTConfig(weight_rank=4, mask_rank=3, alpha1=0.7, alpha2=1.3, beta=0.5, compile=compiled)
+    cfg = PSTConfig(
+        weight_rank=4,
+        mask_rank=3,
+        alpha1=0.7,
+        alpha2=1.3,
+        beta=0.5,
+        compile=compiled,
+        factor_scale=factor_scale,
+    )
     out_f, in_f = 24, 40
     base = nn.Linear(in_f, out_f, bias=False) if kind == "linear" else Conv1D(out_f, in_f)
     if kind == "conv1d":
@@ -82,8 +96,9 @@ def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled):
 
     W = base.weight.detach().T if kind == "conv1d" else base.weight.detach()
     factors = {n: getattr(layer, n).detach() for n in ("U", "V", "A", "B", "R", "C")}
+    u = unit_of(W, factor_scale)  # the learned terms are in units of u
     y_ref, m_ref, grads = reference(
-        W, **factors, x=x, g=g, s=sparsity, a1=cfg.alpha1, a2=cfg.alpha2, beta=cfg.beta
+        W, **factors, x=x, g=g, s=sparsity, a1=u * cfg.alpha1, a2=u * cfg.alpha2, beta=u * cfg.beta
     )
     torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(layer.mask(), m_ref.bool())
@@ -97,8 +112,35 @@ def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled):
         )
     merged = layer.merged_weight()
     assert merged.shape == base.weight.shape
-    expected_merged = m_ref * (W + cfg.beta * factors["U"] @ factors["V"])
+    expected_merged = m_ref * (W + u * cfg.beta * factors["U"] @ factors["V"])
     torch.testing.assert_close(merged, expected_merged.T if kind == "conv1d" else expected_merged)
+
+
+@pytest.mark.parametrize("factor_scale", ["weight", "one"])
+def test_weight_units_make_the_same_factors_act_alike_on_weights_of_any_scale(factor_scale):
+    """pst.factor_scale=weight: a layer whose weights are 4x larger, with the same factors, keeps
+    the same mask and gives 4x the output. In absolute units (one) the same factors move the
+    smaller weights' mask further, so the masks differ."""
+    torch.manual_seed(3)
+    base, scaled = nn.Linear(48, 32, bias=False), nn.Linear(48, 32, bias=False)
+    with torch.no_grad():
+        scaled.weight.copy_(4 * base.weight)
+    cfg = PSTConfig(
+        weight_rank=4, mask_rank=3, alpha1=0.1, alpha2=0.1, beta=0.1, factor_scale=factor_scale, compile=False
+    )
+    small, large = PSTLinear(base, cfg), PSTLinear(scaled, cfg)
+    with torch.no_grad():
+        for name in ("U", "V", "A", "B", "R", "C"):
+            getattr(small, name).normal_(0, 1.0)
+            getattr(large, name).copy_(getattr(small, name))
+    for layer in (small, large):
+        layer.sparsity = 0.5
+    x = torch.randn(5, 48)
+    if factor_scale == "weight":
+        assert torch.equal(small.mask(), large.mask())
+        torch.testing.assert_close(large(x), 4 * small(x), rtol=1e-5, atol=1e-5)
+    else:
+        assert (small.mask() != large.mask()).sum() > 50
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

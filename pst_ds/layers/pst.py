@@ -2,13 +2,15 @@
 
 For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
 
-    W' = W + beta * U @ V                                         (low-rank weight update)
-    S  = |W'| + alpha1 * A @ B + alpha2 * (R[:, None] + C[None, :])  (importance)
+    W' = W + beta * u * U @ V                                           (low-rank weight update)
+    S  = |W'| + u * (alpha1 * A @ B + alpha2 * (R[:, None] + C[None, :]))  (importance)
     M  = the mask kind's kept set of S (masks/kinds.py), straight-through gradient to S
     y  = x @ (M * W').T + b
 
-Init U ~ N(0, pst.update_init_std^2), A ~ N(0, 1) and V, B, R, C = 0, so training starts as
-magnitude pruning (S = |W|), or from a one-shot method's mask with pst.init (oneshot/calibrate.py).
+u, the unit of the learned terms, is 1 or the original weight's mean |W| (pst.factor_scale); it
+is folded into the hyper-parameters the Function sees. Init U ~ N(0, pst.update_init_std^2),
+A ~ N(0, 1) and V, B, R, C = 0, so training starts as magnitude pruning (S = |W|), or from a
+one-shot method's mask with pst.init (oneshot/calibrate.py).
 With ``pst.importance=activation`` |W'| is scaled per input column (layers/importance.py); with
 ``pst.mask=threshold`` a trained logit per matrix (or row) sets its share (masks/allocation.py).
 S and the masked weight are computed in fp32 whatever the model's dtype, so ties from a
@@ -18,6 +20,9 @@ in pst_function.py, which keeps nothing weight-sized between them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import deepspeed
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -36,9 +41,13 @@ class PSTLinear(SparseLinear):
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
         super().__init__(base, config)
         out_features, in_features = self.out_features, self.in_features
-        self.hyper = PSTHyper(
+        self.hyper_in_units = PSTHyper(
             config.alpha1, config.alpha2, config.beta, self.transposed, config.compile, config.threshold_band
         )
+        # Saved with the model: fixed by the original weight, whatever a warm start writes later.
+        self.register_buffer("factor_unit", factor_unit(base, config))
+        self._apply_unit()
+        self.register_load_state_dict_post_hook(lambda module, _: module._apply_unit())
         self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.U = nn.Parameter(
@@ -54,6 +63,15 @@ class PSTLinear(SparseLinear):
                 torch.zeros(out_features if self.mask_kind.per_row else 1, **factory)
             )
             self.threshold_shift = 0.0  # the model-wide shift c, set by the sparsity controller
+
+    def _apply_unit(self) -> None:
+        """The hyper-parameters in the layer's unit, on the host (set on build and load, never read
+        from the device per forward). The unit is rounded to bf16: the same number whether the
+        buffer was saved in fp32 or after an engine cast the model to bf16, so a resumed run
+        computes what the uninterrupted one did."""
+        unit = 1.0 if self.factor_unit.is_meta else float(self.factor_unit.to(torch.bfloat16))
+        h = self.hyper_in_units
+        self.hyper = replace(h, alpha1=unit * h.alpha1, alpha2=unit * h.alpha2, beta=unit * h.beta)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"method": [self.U, self.V], "importance": [self.A, self.B, self.R, self.C]}
@@ -113,3 +131,13 @@ class PSTLinear(SparseLinear):
             f"weight_rank={self.weight_rank}, mask_rank={self.mask_rank}, "
             f"mask={self.mask_kind.describe()}, sparsity={self.sparsity:.4f}, conv1d={self.transposed}"
         )
+
+
+def factor_unit(base: nn.Linear | Conv1D, config: PSTConfig) -> torch.Tensor:
+    """The unit of the layer's learned terms (pst.factor_scale), fp32 0-dim: mean |W| (the whole
+    weight, gathered under ZeRO-3), or 1."""
+    device = base.weight.device
+    if config.factor_scale == "one" or device.type == "meta":
+        return torch.ones((), dtype=torch.float32, device=device)
+    with deepspeed.zero.GatheredParameters([base.weight]), torch.no_grad():
+        return base.weight.detach().float().abs().mean()

@@ -3,7 +3,8 @@
 Nothing weight-sized is kept between forward and backward: only the layer input, the
 factors and the mask's selection (a threshold, or a few numbers per row or block). Backward
 recomputes W' and S from the weight, which ZeRO-3 gathers again for backward anyway. The math
-(W is out x in; a = 1, or the input-norm scale of activation importance, importance.py):
+(W is out x in; a = 1, or the input-norm scale of activation importance, importance.py; alpha
+and beta arrive multiplied by the layer's unit, pst.factor_scale):
 
     W' = W + beta U V
     S  = a * |W'| + Ae Be      Ae = [a1 A, a2 R, a2 1], Be = [B; 1^T; C^T]
