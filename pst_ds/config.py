@@ -370,7 +370,7 @@ class ExperimentConfig:
             start = best_start(self.pst, method.warm_startable or method.calibrates)
             self.pst = self.pst.replaced(init=start)
         if self.train.distill.weight == AUTO:
-            weight = best_distill_weight(self.pst, method, method_class(self.pst.init))
+            weight = best_distill_weight(self.pst, method)
             self.train = dataclasses.replace(
                 self.train, distill=dataclasses.replace(self.train.distill, weight=weight)
             )
