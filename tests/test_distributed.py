@@ -180,10 +180,12 @@ def test_two_nodes_with_hostfile(tmp_path, small_text):
 def test_learned_thresholds_and_input_norms_on_two_zero3_ranks_resume_exactly(tmp_path, small_text):
     """pst.mask=threshold with activation importance, ZeRO-3 (every parameter sharded), 2 ranks:
     the logits live in the optimizer state, move, agree on both ranks, keep the global count
-    exact; the input norms agree too; a resume from step 5 gives the same losses and logits."""
+    exact; the input norms agree too; a resume from step 5 gives the same losses and logits
+    (with the factors in weight units: each layer's unit comes back from the checkpoint)."""
     extra = [
         "pst.mask=threshold",
         "pst.importance=activation",
+        "pst.factor_scale=weight",
         "pst.initial_warmup=0.2",
         "train.threshold_lr=0.1",
         "train.lr=0.02",
@@ -283,7 +285,7 @@ def test_distillation_after_a_sparsegpt_start_on_two_zero3_ranks(tmp_path, small
     """The teacher's copy of the original weights is built partitioned and filled from rank 0
     just before SparseGPT rewrites them: both ranks train on the same masks and weights."""
     extra = ["pst.init=sparsegpt", "train.distill.weight=0.5", "oneshot.calibration_blocks=6",
-             "oneshot.block_columns=16", "pst.final_sparsity=0.5"]  # fmt: skip
+             "oneshot.block_columns=16", "pst.final_sparsity=0.5", "pst.factor_scale=weight"]  # fmt: skip
     probe_run(tmp_path, tmp_path / "taught", small_text, extra, steps=3)
     ranks = [json.loads((tmp_path / "taught" / f"rank{i}.json").read_text()) for i in range(2)]
     steps, _ = read_metrics(tmp_path / "run")
