@@ -283,8 +283,8 @@ class DistillConfig:
     """Distillation from the frozen dense backbone:
     loss = (1 - weight) CE + weight T^2 KL(teacher || student)."""
 
-    # lambda; 0: off (no teacher pass); auto: the weight measured best for the run's start
-    # (methods/starts.py: 0.5 after a start that rewrites the weights, 0 otherwise)
+    # lambda; 0: off (no teacher pass); auto: the weight measured best (methods/starts.py: 0.5
+    # wherever the original model can teach, 0 where it cannot)
     weight: Share | Literal["auto"] = 0.0
     temperature: Annotated[float, Field(gt=0.0)] = 1.0  # T
 

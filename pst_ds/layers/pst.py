@@ -41,10 +41,12 @@ class PSTLinear(SparseLinear):
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
         super().__init__(base, config)
         out_features, in_features = self.out_features, self.in_features
-        self.hyper_in_units = PSTHyper(
+        self.hyper_per_unit = PSTHyper(
             config.alpha1, config.alpha2, config.beta, self.transposed, config.compile, config.threshold_band
         )
         # Saved with the model: fixed by the original weight, whatever a warm start writes later.
+        # (Persistent even when it is 1: export builds on meta and fills every buffer from the
+        # checkpoint; one that is not saved would be left uninitialised.)
         self.register_buffer("factor_unit", factor_unit(base, config))
         self._apply_unit()
         self.register_load_state_dict_post_hook(lambda module, _: module._apply_unit())
@@ -70,7 +72,7 @@ class PSTLinear(SparseLinear):
         buffer was saved in fp32 or after an engine cast the model to bf16, so a resumed run
         computes what the uninterrupted one did."""
         unit = 1.0 if self.factor_unit.is_meta else float(self.factor_unit.to(torch.bfloat16))
-        h = self.hyper_in_units
+        h = self.hyper_per_unit
         self.hyper = replace(h, alpha1=unit * h.alpha1, alpha2=unit * h.alpha2, beta=unit * h.beta)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
