@@ -110,6 +110,10 @@ class PSTConfig:
     initial_warmup: Share = 0.1  # fraction of steps held at initial_sparsity
     final_warmup: Share = 0.3  # fraction of steps held at final_sparsity
     compile: bool = True  # fuse the layer's element-wise work with torch.compile (same math)
+    # What backward knows M from: the forward's mask packed to bits (out*in/8 bytes per layer, kept
+    # from forward to backward), or S recomputed and selected again (nothing kept). Learned
+    # thresholds always recompute: their gradient needs S. See docs/results.md (issue 22).
+    saved_mask: Literal["bits", "recompute"] = "bits"
     # Mask kind (masks/kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
     mask: str = "topk"
     mask_scope: Literal["matrix", "row"] = "matrix"  # topk, threshold: one count per matrix or per row

@@ -77,6 +77,7 @@ KIND_VARIANTS = {
     "pst_nm_2_4": {"mask": "nm", "final_sparsity": 0.5},
     "pst_vnm_64_2_5": {"mask": "vnm", "mask_m": 5, "final_sparsity": 0.6},
     "pst_activation": {"importance": "activation"},
+    "pst_recompute": {"saved_mask": "recompute"},  # backward selects again instead of saved bits
 }
 
 

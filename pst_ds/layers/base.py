@@ -133,6 +133,11 @@ class SparseLinear(WrappedLinear):
         # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
         self.track_mask = False
         self.settling = MaskSettling()
+        # One selection per optimizer step (the sparsity controller turns this on and starts each
+        # step): W and the factors change only at a step, so every micro-batch, checkpointed
+        # recompute and backward until the next one would select the same mask again.
+        self.selection_per_step = False
+        self._held: Selection | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -148,6 +153,16 @@ class SparseLinear(WrappedLinear):
 
     def _refresh_host_state(self) -> None:
         self._pruned_host = self.pruned.detach().to("cpu", copy=True)
+        self._held = None  # another state in force: select again
+
+    def start_step(self) -> None:
+        """An optimizer step changed W or the factors: the next training forward selects again."""
+        self._held = None
+
+    def reuses_selection(self) -> bool:
+        """Whether the forward about to run takes (or makes) the step's held selection: training
+        forwards only, so an evaluation or a warm start's calibration always selects afresh."""
+        return self.selection_per_step and self.training and torch.is_grad_enabled()
 
     @property
     def pruned_count(self) -> torch.Tensor:
@@ -188,18 +203,24 @@ class SparseLinear(WrappedLinear):
         """(S, the weight the mask applies to), both (out, in) fp32, without autograd."""
         raise NotImplementedError
 
-    def selection(self, scores: torch.Tensor, check: bool = True) -> Selection:
+    def selection(self, scores: torch.Tensor, check: bool = True, reuse: bool = False) -> Selection:
         """The kind's mask of ``scores`` at the state in force; ``check``: refuse non-finite scores
-        (a device sync, so training checks on logged steps only where the selection has none)."""
-        return self.mask_kind.select(scores, self._pruned_host, check)
+        (a device sync, so training checks on logged steps only where the selection has none).
+        ``reuse`` (``reuses_selection()``): the step's held selection, made now if none is held."""
+        if reuse and self._held is not None:
+            return self._held
+        selection = self.mask_kind.select(scores, self._pruned_host, check)
+        if reuse:
+            self._held = selection
+        return selection
 
     def masked_forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = x (M * W)^T + b with M chosen without autograd (the weight's own gradient, if it
         trains, is G * M); the mask is noted, and its scores checked, on logged steps."""
-        weight = self.oriented_weight()
+        weight, reuse = self.oriented_weight(), self.reuses_selection()
         with torch.no_grad():
             scores, _ = self.scores_and_weight()
-            keep = self.selection(scores, check=self.track_mask).mask(scores)
+            keep = self.selection(scores, check=self.track_mask, reuse=reuse).mask(scores)
             if self.track_mask:
                 self.note_mask(keep)
         return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)

@@ -21,6 +21,7 @@ in pst_function.py, which keeps nothing weight-sized between them.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import deepspeed
 import torch
@@ -42,7 +43,13 @@ class PSTLinear(SparseLinear):
         super().__init__(base, config)
         out_features, in_features = self.out_features, self.in_features
         self.hyper_per_unit = PSTHyper(
-            config.alpha1, config.alpha2, config.beta, self.transposed, config.compile, config.threshold_band
+            config.alpha1,
+            config.alpha2,
+            config.beta,
+            self.transposed,
+            config.compile,
+            config.threshold_band,
+            config.saved_mask,
         )
         # Saved with the model: fixed by the original weight, whatever a warm start writes later.
         # (Persistent even when it is 1: export builds on meta and fills every buffer from the
@@ -91,7 +98,14 @@ class PSTLinear(SparseLinear):
         with torch.no_grad():
             Ae, Be = extended_importance_factors(self.A, self.B, self.R, self.C, hyper.alpha1, hyper.alpha2)
             run = kernels(hyper.compiled)["updated_and_scores"]
-            return run(self.weight, self.U, self.V, Ae, Be, hyper.beta, hyper.transposed, self.column_scale())
+            shape = (self.out_features, self.in_features)
+            out = (
+                torch.empty(shape, device=self.weight.device),
+                torch.empty(shape, device=self.weight.device),
+            )
+            return run(
+                self.weight, self.U, self.V, Ae, Be, hyper.beta, hyper.transposed, self.column_scale(), out
+            )
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         updated, scores = self.updated_and_scores()
@@ -119,8 +133,7 @@ class PSTLinear(SparseLinear):
             self.keep_fraction(),
             self.column_scale(),
             self.hyper,
-            self.mask_kind,
-            self.pruned_count,
+            partial(self.selection, reuse=self.reuses_selection()),
             record,
         )
         if record:

@@ -35,7 +35,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..masks.kinds import MaskKind
+from ..masks.bits import pack_rows, unpacked_groups
+from ..masks.kinds import Selection
+from .workspace import WORKSPACE
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class PSTHyper:
     transposed: bool  # a GPT-2 Conv1D weight, stored (in, out)
     compiled: bool  # the element-wise blocks through torch.compile
     threshold_band: float = 0.05  # learned thresholds: the band around t that estimates d/drho
+    saved_mask: str = "bits"  # pst.saved_mask: M packed for backward ("bits"), or S again ("recompute")
 
 
 def extended_importance_factors(
@@ -70,7 +73,8 @@ def low_rank_product(a: torch.Tensor, b: torch.Tensor, unrolled: bool = False) -
     if not unrolled:
         return a.float() @ b.float()
     a, b = a.float(), b.float()
-    return sum(a[:, j, None] * b[j] for j in range(a.shape[1]))
+    column = (-1,) + (1,) * (b.dim() - 1)  # b may be grouped: (r, in / 8, 8)
+    return sum(a[:, j].reshape(column) * b[j] for j in range(a.shape[1]))
 
 
 def updated_and_scores(
@@ -81,25 +85,33 @@ def updated_and_scores(
     Be: torch.Tensor,
     beta: float,
     transposed: bool,
-    col_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None,
+    out: tuple[torch.Tensor, torch.Tensor],
     unrolled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', S), both (out, in) fp32."""
-    w = weight.t() if transposed else weight
-    updated = w.float() + beta * low_rank_product(U, V, unrolled)
+    """(W', S), both (out, in) fp32, written into ``out``."""
+    updated = updated_weight(weight, U, V, beta, transposed, unrolled)
     magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
-    return updated, magnitude + low_rank_product(Ae, Be, unrolled)
+    out[0].copy_(updated)
+    out[1].copy_(magnitude + low_rank_product(Ae, Be, unrolled))
+    return out
 
 
-def apply_mask(keep: Callable, updated: torch.Tensor, scores: torch.Tensor, *selection) -> torch.Tensor:
-    """M * W' (fp32), M = keep(S, *selection)."""
-    return updated * keep(scores, *selection)
-
-
-def _apply_mask_in_place(
-    keep: Callable, updated: torch.Tensor, scores: torch.Tensor, *selection
+def updated_weight(
+    weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor, beta: float, transposed: bool, unrolled: bool
 ) -> torch.Tensor:
-    return updated.mul_(keep(scores, *selection))  # eager: spares a weight-sized buffer
+    """W' = W + beta U V, (out, in) fp32."""
+    w = weight.t() if transposed else weight
+    return w.float() + beta * low_rank_product(U, V, unrolled)
+
+
+def apply_mask(
+    keep: Callable, updated: torch.Tensor, scores: torch.Tensor, *selection, out: torch.Tensor, pack: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M * W' in ``out``'s dtype, M packed to bits for backward if ``pack``), M = keep(S, *selection)."""
+    mask = keep(scores, *selection)
+    out.copy_(updated * mask)
+    return out, pack_rows(mask) if pack else None
 
 
 def backward_terms(
@@ -109,13 +121,37 @@ def backward_terms(
     scores: torch.Tensor,
     col_scale: torch.Tensor | None,
     *selection,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M * W', dS, dW') from G = dL/d(M * W') and W', S as recomputed by forward's own kernel
     (the same kernel, so the same bits: the mask cannot differ between forward and backward)."""
-    mask = keep(scores, *selection).float()
-    grad = grad_masked.float()
+    return _backward_terms(keep(scores, *selection), grad_masked, updated, col_scale, out)
+
+
+def backward_terms_from_bits(
+    grad_masked: torch.Tensor,
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    beta: float,
+    transposed: bool,
+    col_scale: torch.Tensor | None,
+    bits: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M * W', dS, dW') with M the forward's own mask, saved as bits: no S, no selection."""
+    updated = updated_weight(weight, U, V, beta, transposed, unrolled=True)
+    mask = unpacked_groups(bits).view(updated.shape)
+    return _backward_terms(mask, grad_masked, updated, col_scale, out)
+
+
+def _backward_terms(mask, grad_masked, updated, col_scale, out):
+    mask, grad = mask.float(), grad_masked.float()
     magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
-    return updated * mask, grad * updated, grad * (mask + magnitude)
+    out[0].copy_(updated * mask)
+    out[1].copy_(grad * updated)
+    out[2].copy_(grad * (mask + magnitude))
+    return out
 
 
 def keep_fraction_gradient(
@@ -140,17 +176,24 @@ def _allow_a_variant_per_mask_kind() -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
+BLOCKS = {
+    "updated_and_scores": updated_and_scores,
+    "apply_mask": apply_mask,
+    "backward_terms": backward_terms,
+    "backward_terms_from_bits": backward_terms_from_bits,
+    "keep_fraction_gradient": keep_fraction_gradient,
+}
+
+
 def kernels(compiled: bool, keep: Callable | None = None) -> dict:
     """The element-wise blocks (the masking ones for mask test ``keep``), eager or through
-    ``torch.compile``: fused into single passes, with dynamic shapes for every layer shape."""
-    blocks = {"updated_and_scores": updated_and_scores, "apply_mask": _apply_mask_in_place}
-    blocks["backward_terms"] = backward_terms
+    ``torch.compile``: fused into single passes that write into the buffers given, with dynamic
+    shapes for every layer shape."""
+    blocks = dict(BLOCKS)
     if compiled:
-        if not _compiled:  # in-place writes to an input break fusion: the mask is applied out of place
+        if not _compiled:
             _allow_a_variant_per_mask_kind()
-            fused = {"updated_and_scores": updated_and_scores, "apply_mask": apply_mask}
-            fused["backward_terms"] = backward_terms
-            _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in fused.items()})
+            _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in BLOCKS.items()})
         blocks = {**_compiled, "updated_and_scores": partial(_compiled["updated_and_scores"], unrolled=True)}
     if keep is not None:  # bound outside the compiled function: its code object stays one
         blocks["apply_mask"] = partial(blocks["apply_mask"], keep)
@@ -158,10 +201,16 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
     return blocks
 
 
+def weight_sized(slot: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scratch of the (out, in) shape ``like`` has, from the shared workspace."""
+    return WORKSPACE.take(slot, tuple(like.shape), dtype, like.device)
+
+
 class PSTLinearFunction(torch.autograd.Function):
     """y = x (M * W')^T + b with the gradients above.
 
-    ``kind`` and ``pruned`` (the host copy of the layer's mask state) give M; ``keep_fraction``
+    ``select(scores, check)`` gives M's selection (the layer's: the kind at the state in force,
+    held for the optimizer step in training); ``keep_fraction``
     (learned thresholds only) receives its gradient; ``record``, when a list (a logged step),
     receives the bool mask, and the scores are checked for NaN and inf.
     """
@@ -181,61 +230,77 @@ class PSTLinearFunction(torch.autograd.Function):
         keep_fraction,
         col_scale,
         hyper: PSTHyper,
-        kind: MaskKind,
-        pruned: torch.Tensor,
+        select: Callable[..., Selection],
         record: list | None,
     ):
+        blocks = kernels(hyper.compiled)
         Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
         scale = None if col_scale is None else col_scale.float()
-        updated, scores = kernels(hyper.compiled)["updated_and_scores"](
-            weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale
+        updated, scores = blocks["updated_and_scores"](
+            weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale, out=_scores_scratch(weight, hyper)
         )
-        selection = kind.select(scores, pruned, check=record is not None)
+        selection = select(scores, check=record is not None)
         given = selection.for_kernels(scores)
         if record is not None:
             record.append(given.mask(scores))
-        masked = kernels(hyper.compiled, given.keep)["apply_mask"](updated, scores, *given.args)
-        del given
-        del scores
-        ctx.save_for_backward(x, weight, U, V, A, B, R, C, scale)
-        ctx.selection, ctx.hyper, ctx.has_bias = selection, hyper, bias is not None  # the selection is small
+        # Backward needs M: the forward's own bits (out*in/8 bytes), or S again and the selection.
+        from_bits = hyper.saved_mask == "bits" and keep_fraction is None and scores.shape[1] % 8 == 0
+        masked, bits = kernels(hyper.compiled, given.keep)["apply_mask"](
+            updated, scores, *given.args, out=weight_sized("masked", scores, x.dtype), pack=from_bits
+        )
+        del given, updated, scores
+        ctx.save_for_backward(x, weight, U, V, A, B, R, C, scale, bits)
+        ctx.selection = None if from_bits else selection  # a few numbers per matrix, row or group
+        ctx.hyper, ctx.has_bias = hyper, bias is not None
         ctx.keep_fraction = None if keep_fraction is None else (keep_fraction.shape, keep_fraction.dtype)
-        return F.linear(x, masked.to(x.dtype), bias)
+        return F.linear(x, masked, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, U, V, A, B, R, C, scale = ctx.saved_tensors
+        x, weight, U, V, A, B, R, C, scale, bits = ctx.saved_tensors
         hyper, selection = ctx.hyper, ctx.selection
-        Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
-        grad_masked = grad_2d.t().mm(x_2d)  # (out, in)
-        updated, scores = kernels(hyper.compiled)["updated_and_scores"](
-            weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale
+        grad_masked = torch.mm(
+            grad_2d.t(), x_2d, out=_scratch("grad_masked", (grad_2d.shape[1], x_2d.shape[1]), x)
         )
-        given = selection.for_kernels(scores)
-        masked, grad_scores, grad_updated = kernels(hyper.compiled, given.keep)["backward_terms"](
-            grad_masked, updated, scores, scale, *given.args
-        )
-        del given
-        grad_keep = None
-        if ctx.keep_fraction is not None and ctx.needs_input_grad[9]:
-            shape, dtype = ctx.keep_fraction
-            grad_keep = torch.zeros(shape, dtype=dtype, device=x.device)
-            if selection.args:  # a threshold is in force (not the dense warm-up)
-                band = keep_fraction_gradient(grad_scores, scores, selection.args[0], hyper.threshold_band)
-                grad_keep = band.reshape(shape).to(dtype)
-        del updated, scores, grad_masked
-        grad_x = grad_out.matmul(masked.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        terms = (weight_sized("masked", grad_masked, grad_out.dtype), *_terms_scratch(grad_masked))
+        grad_keep, blocks = None, kernels(hyper.compiled)
+        if bits is not None:
+            masked, grad_scores, grad_updated = blocks["backward_terms_from_bits"](
+                grad_masked, weight, U, V, hyper.beta, hyper.transposed, scale, bits, out=terms
+            )
+        else:
+            Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
+            updated, scores = blocks["updated_and_scores"](
+                weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale, out=_scores_scratch(weight, hyper)
+            )
+            given = selection.for_kernels(scores)
+            masked, grad_scores, grad_updated = kernels(hyper.compiled, given.keep)["backward_terms"](
+                grad_masked, updated, scores, scale, *given.args, out=terms
+            )
+            del given
+            if ctx.keep_fraction is not None and ctx.needs_input_grad[9]:
+                shape, dtype = ctx.keep_fraction
+                grad_keep = torch.zeros(shape, dtype=dtype, device=x.device)
+                if selection.args:  # a threshold is in force (not the dense warm-up)
+                    band = blocks["keep_fraction_gradient"](
+                        grad_scores, scores, selection.args[0], hyper.threshold_band
+                    )
+                    grad_keep = band.reshape(shape).to(dtype)
+            del updated, scores
+        del grad_masked
+        grad_x = grad_out.matmul(masked) if ctx.needs_input_grad[0] else None
         del masked
         beta, r_m = hyper.beta, A.shape[1]
         grad_U = (beta * grad_updated.mm(V.float().t())).to(U.dtype)
         grad_V = (beta * U.float().t().mm(grad_updated)).to(V.dtype)
         grad_weight = None
         if ctx.needs_input_grad[1]:  # W is frozen in PST; kept correct for anyone who unfreezes it
-            grad_weight = (grad_updated.t() if hyper.transposed else grad_updated).to(weight.dtype)
+            grad_weight = (grad_updated.t() if hyper.transposed else grad_updated).to(weight.dtype, copy=True)
         del grad_updated
-        rows = grad_scores.mm(Be[: r_m + 1].t())  # Be[:r_m + 1] = [B; 1^T]: (out, r_m + 1)
+        Be_rows = torch.cat([B.float(), torch.ones_like(B[:1], dtype=torch.float32)])  # [B; 1^T]
+        rows = grad_scores.mm(Be_rows.t())  # (out, r_m + 1)
         cols = (
             torch.cat([A.float(), torch.ones_like(rows[:, :1])], dim=1).t().mm(grad_scores)
         )  # (r_m + 1, in)
@@ -258,5 +323,22 @@ class PSTLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
-            None,
         )
+
+
+def _scratch(slot: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    return WORKSPACE.take(slot, shape, like.dtype, like.device)
+
+
+def _oriented_shape(weight: torch.Tensor, hyper: PSTHyper) -> tuple[int, int]:
+    rows, cols = weight.shape
+    return (cols, rows) if hyper.transposed else (rows, cols)
+
+
+def _scores_scratch(weight: torch.Tensor, hyper: PSTHyper) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = _oriented_shape(weight, hyper)
+    return tuple(WORKSPACE.take(slot, shape, torch.float32, weight.device) for slot in ("updated", "scores"))
+
+
+def _terms_scratch(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return weight_sized("grad_scores", like), weight_sized("grad_updated", like)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_BIT_VALUES = 2 ** torch.arange(8, dtype=torch.uint8)
+from ..masks.bits import pack_bits
+
 _POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.uint8)
 
 
@@ -20,13 +21,6 @@ def rank_slice(numel: int, rank: int, world_size: int) -> slice:
     """Rank ``rank``'s share of ``numel`` flat entries (contiguous, ceil-divided)."""
     share = -(-numel // world_size)
     return slice(min(rank * share, numel), min((rank + 1) * share, numel))
-
-
-def pack_bits(flags: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 bytes, eight flags each (the last byte zero-padded)."""
-    flat = flags.reshape(-1)
-    flat = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % 8))
-    return (flat.view(-1, 8) * _BIT_VALUES.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
 def count_changed(packed: torch.Tensor, previous: torch.Tensor) -> int:

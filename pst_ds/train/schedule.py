@@ -58,6 +58,8 @@ class SparsityController:
         # Each layer's final sparsity when they differ (pst.sparsity_profile, set from calibration);
         # None: uniform. At every step a layer's sparsity is the schedule's times its final/target.
         self.profile: dict[str, float] | None = None
+        for layer in layers.values():  # W and the factors change only at the steps it is told of
+            layer.selection_per_step = True
 
     def sparsity_at(self, step: int) -> float:
         """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune,
@@ -107,6 +109,8 @@ class SparsityController:
     def apply(self, step: int) -> None:
         """The state in force for the forward of step ``step + 1`` (after ``step`` steps)."""
         sparsity = self.sparsity_at(step)
+        for layer in self.layers.values():
+            layer.start_step()
         if self.learned:
             self._allocate(sparsity)
         else:
