@@ -328,3 +328,20 @@ def test_threshold_needs_pst_and_activation_needs_a_magnitude():
         load_experiment(
             "configs/experiments/tiny_llama.yaml", ["method=movement", "pst.importance=activation"]
         )
+
+
+@pytest.mark.parametrize("n, m, cols", [(2, 4, 24), (2, 4, 22), (2, 5, 23), (1, 3, 10)])
+def test_fused_group_masks_are_the_eager_masks(n, m, cols):
+    """nm and vnm masks as torch.compile fuses them (entries read by column index) are the eager
+    masks exactly, ties and a narrower last group included."""
+    from pst_ds.masks.kinds import VNM, keep_vnm
+    from pst_ds.masks.select import keep_n_of_m
+
+    torch.manual_seed(0)
+    scores = torch.randint(0, 4, (19, cols)).float()  # many ties
+    fused = torch.compile(keep_n_of_m, dynamic=True, fullgraph=True)
+    assert torch.equal(fused(scores, n, m), keep_n_of_m(scores, n, m))
+    if m >= 4:
+        columns = VNM(v=8, m=m)._pattern(scores).args[0]
+        fused_vnm = torch.compile(keep_vnm, dynamic=True, fullgraph=True)
+        assert torch.equal(fused_vnm(scores, columns, 8, m), keep_vnm(scores, columns, 8, m))

@@ -49,6 +49,9 @@ def keep_all(scores: torch.Tensor) -> torch.Tensor:
 def keep_vnm(scores: torch.Tensor, columns: torch.Tensor, v: int, m: int) -> torch.Tensor:
     """2:M among each row's chosen columns; ``columns`` (row blocks, in) marks each block's."""
     rows, cols = scores.shape
+    if torch.compiler.is_compiling():  # fused: each row reads its block's columns by index
+        chosen = columns[torch.arange(rows, device=scores.device) // v]
+        return keep_n_of_m(torch.where(chosen, scores, float("-inf")), 2, m) & chosen
     pad = (-rows) % v
     blocks = torch.nn.functional.pad(scores, (0, 0, 0, pad)) if pad else scores
     chosen = columns[:, None, :]  # broadcast over the block's rows, never expanded
@@ -76,9 +79,9 @@ class Selection:
     """A mask as ``keep(scores, *args)``: ``args`` are small tensors or ints (or, ramping into a
     pattern, the pattern's own Selection).
 
-    ``fusable``: whether compiled kernels should evaluate ``keep`` themselves. The group ranks
-    of nm and vnm are not: inductor's CPU code for them took up to 11.5x the eager time (mean
-    of 5 calls on a 1536x576 matrix), so their mask is made eagerly, once, and handed in.
+    ``fusable``: whether compiled kernels should evaluate ``keep`` themselves. A ramp into a
+    pattern is not (it selects among the pattern's pruned entries): its mask is made eagerly,
+    once, and handed in.
     """
 
     keep: Callable[..., torch.Tensor]
@@ -266,7 +269,7 @@ class NM(MaskKind):
         return Selection(keep_into_pattern, (pattern, int(pruned)), fusable=False)
 
     def _pattern(self, scores: torch.Tensor) -> Selection:
-        return Selection(keep_n_of_m, (self.n, self.m), fusable=False)
+        return Selection(keep_n_of_m, (self.n, self.m))
 
     def describe(self) -> dict:
         return {"kind": self.name, "n": self.n, "m": self.m}
@@ -318,7 +321,7 @@ class VNM(NM):
         pad = (-rows) % self.v  # a shorter last block: zero rows add nothing to the sums
         block_sums = torch.nn.functional.pad(scores.detach(), (0, 0, 0, pad)).view(-1, self.v, cols).sum(1)
         columns = keep_n_of_m(block_sums, 4, self.m)
-        return Selection(keep_vnm, (columns, self.v, self.m), fusable=False)
+        return Selection(keep_vnm, (columns, self.v, self.m))
 
     def describe(self) -> dict:
         return {"kind": self.name, "v": self.v, "n": self.n, "m": self.m}
