@@ -81,21 +81,28 @@ KIND_VARIANTS = {
 }
 
 
-def layer_variants(out_f: int, in_f: int, sparsity: float, kinds: bool = True) -> dict[str, nn.Module]:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def layer_variants(
+    out_f: int, in_f: int, sparsity: float, kinds: bool = True, dtype: torch.dtype = torch.float32
+) -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    dense = nn.Linear(in_f, out_f, bias=False)
-    frozen = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+    dense = nn.Linear(in_f, out_f, bias=False).to(DEVICE, dtype)
+    frozen = nn.Linear(in_f, out_f, bias=False).requires_grad_(False).to(DEVICE, dtype)
     configs = {"pst": PSTConfig(), "pst_eager": PSTConfig(compile=False)}
     if kinds:
         configs.update({name: PSTConfig(**knobs) for name, knobs in KIND_VARIANTS.items()})
     pst_layers = {name: PSTLinear(frozen, config) for name, config in configs.items()}
-    for layer in pst_layers.values():
-        layer.sparsity = sparsity
+    for name, layer in pst_layers.items():  # a pattern's own share, not a ramp into it
+        layer.sparsity = configs[name].final_sparsity if layer.mask_kind.grouped else sparsity
         with torch.no_grad():  # trained-looking factors (fp32 scores of large matrices still tie)
             for name in ("V", "B", "R", "C"):
                 getattr(layer, name).normal_(0, 0.01)
         if layer.input_stats is not None:  # as gathered from real inputs: positive, uneven
             layer.input_sq.copy_(torch.rand(in_f) * 2)
+        layer.to(DEVICE)
     return {
         "dense": dense,
         "lora": LoRALinear(frozen, LoRAConfig()),
@@ -108,17 +115,25 @@ def _time_step(module: nn.Module, x: torch.Tensor) -> float:
     """Seconds of one forward+backward."""
     module.zero_grad(set_to_none=True)
     x.grad = None
+    _synchronize()
     start = time.perf_counter()
     module(x).sum().backward()
+    _synchronize()
     return time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bench_layers(args: argparse.Namespace) -> dict:
     results = {}
     for shape in args.shapes:
         out_f, in_f, tokens = SHAPES[shape]
-        variants = layer_variants(out_f, in_f, args.sparsity, kinds=not args.no_kinds)
-        x = torch.randn(tokens, in_f, requires_grad=True)
+        dtype = DTYPES[args.dtype]
+        variants = layer_variants(out_f, in_f, args.sparsity, kinds=not args.no_kinds, dtype=dtype)
+        x = torch.randn(tokens, in_f, device=DEVICE, dtype=dtype, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in variants}
 
         for module in variants.values():  # warm-up: compilation, allocator
@@ -132,6 +147,7 @@ def bench_layers(args: argparse.Namespace) -> dict:
             "in": in_f,
             "tokens": tokens,
             "sparsity": args.sparsity,
+            "dtype": args.dtype,
             "median_ms": {n: 1e3 * t for n, t in medians.items()},
             "ratio_to_dense": {n: t / medians["dense"] for n, t in medians.items()},
             "all_ms": {n: [1e3 * v for v in t] for n, t in times.items()},
@@ -212,6 +228,7 @@ def main() -> None:
     layers.add_argument("--repeats", type=int, default=5)
     layers.add_argument("--sparsity", type=float, default=0.5)
     layers.add_argument("--no_kinds", action="store_true", help="only the default PST layer and baselines")
+    layers.add_argument("--dtype", default="fp32", choices=DTYPES, help="the weights' and inputs' dtype")
     methods = sub.add_parser("methods", help="whole training runs, one per method")
     methods.add_argument("--methods", nargs="+", default=list(TRAINED), choices=TRAINED)
     methods.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU ranks without a GPU)")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers.workspace import WORKSPACE
+
 # Above this many entries, selection brackets the k-th value from a fixed random sample and
 # finishes on the few entries inside the bracket; below it, kthvalue on everything is as fast.
 _BRACKET_MIN_NUMEL = 1 << 18
@@ -81,11 +83,15 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch
     half = 6.0 * (k / n * (1 - k / n) * m) ** 0.5 + 2
     lo = sample.kthvalue(max(int(centre - half), 1)).values
     hi = sample.kthvalue(min(int(centre + half) + 1, m)).values
-    # Whole-tensor passes: a loop over cache-sized chunks was slower (many small parallel ops).
-    up_to_hi = flat <= hi
-    where = torch.nonzero(up_to_hi & (flat >= lo)).reshape(-1)  # ascending flat indices
+    # Whole-tensor passes (a loop over cache-sized chunks was slower: many small parallel ops),
+    # into reused scratch: fresh weight-sized bool buffers cost more in page faults than the compares.
+    in_bracket = torch.ge(flat, lo, out=WORKSPACE.take("bracket", flat.shape, torch.bool, flat.device))
+    below = n - int(torch.count_nonzero(in_bracket))
+    in_bracket.logical_and_(
+        torch.le(flat, hi, out=WORKSPACE.take("up_to_hi", flat.shape, torch.bool, flat.device))
+    )
+    where = torch.nonzero(in_bracket).reshape(-1)  # ascending flat indices
     inside = flat[where]
-    below = int(torch.count_nonzero(up_to_hi)) - inside.numel()
     rank = k - below
     if not 1 <= rank <= inside.numel():
         return None
