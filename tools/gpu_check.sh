@@ -56,7 +56,7 @@ $PY tools/bench.py layers --shapes $SHAPES --repeats $REPEATS --dtype $DTYPE --o
 echo "== 2. ZeRO-3 steps ($CONFIG)"
 for ds in $RUNS; do
   name=$(basename "$ds" .json)
-  deepspeed $LAUNCH --master_port 29533 tools/gpu_step.py --config "$CONFIG" --ds_config "$ds" \
+  $PY -m deepspeed.launcher.runner $LAUNCH --master_port 29533 tools/gpu_step.py --config "$CONFIG" --ds_config "$ds" \
     --steps $STEPS --out "$OUT/$name"
 done
 

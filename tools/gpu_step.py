@@ -38,9 +38,16 @@ def run_method(args: argparse.Namespace, name: str, ds_config: dict) -> dict:
     method = method_class(name)(config)
     architecture = dict(config.model.random or {})
     hf_config = AutoConfig.for_model(architecture.pop("model_type"), vocab_size=args.vocab, **architecture)
+    micro, accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
+    engine_config = {
+        **ds_config,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
+    }
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     torch.manual_seed(config.train.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage == 3):
+    with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=stage == 3):
         model = AutoModelForCausalLM.from_config(hf_config)
     inject(model, method)
     if config.train.gradient_checkpointing:
@@ -49,13 +56,6 @@ def run_method(args: argparse.Namespace, name: str, ds_config: dict) -> dict:
     controller = SparsityController(method, args.steps, layers) if layers else None
     if controller is not None:
         controller.put_in_force(layers, config.pst.final_sparsity)
-    micro, accumulation = config.train.micro_batch_size, config.train.gradient_accumulation_steps
-    engine_config = {
-        **ds_config,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
-    }
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=engine_config)
     generator = torch.Generator().manual_seed(0)
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*", help="experiment overrides, key=value")
     args = parser.parse_args(argv)
+    deepspeed.init_distributed()
     try:
         ds_config = load_ds_config(args.ds_config)
         results = {name: run_method(args, name, ds_config) for name in args.methods}
