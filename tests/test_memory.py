@@ -67,3 +67,19 @@ def test_estimate_counts_what_zero3_shards_and_what_it_does_not():
     offloaded = estimate(config, offload, 1, on_gpu=True)
     assert offloaded.on_host == one.optimizer and offloaded.total == one.total - one.optimizer
     assert estimate(config, offload, 1, on_gpu=False).on_host == 0  # a CPU rank's host is its device
+
+
+def test_mask_bits_kept_between_passes_are_counted():
+    """pst.saved_mask=bits keeps out*in/8 bytes per pruned layer from forward to backward: all of
+    them without checkpointing, one block's with it; recompute and learned thresholds keep none."""
+    zero3 = {"zero_optimization": {"stage": 3}}
+    path = "configs/experiments/tiny_llama.yaml"
+    numel = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)  # q, o; k, v; gate, up, down in 2 blocks
+
+    def buffers(*overrides):
+        return estimate(load_experiment(path, list(overrides)), zero3, 1, on_gpu=True).pst_buffers
+
+    recompute = buffers("pst.saved_mask=recompute")
+    assert buffers() - recompute == numel // 8
+    assert buffers("train.gradient_checkpointing=true") - recompute == numel // 8 // 2
+    assert buffers("pst.mask=threshold") == recompute

@@ -61,6 +61,11 @@ class Method:
     injects: ClassVar[bool] = True  # replaces the targeted layers (dense trains them as they are)
     transient_weight_copies: ClassVar[int] = 0  # memory model: fp32 weight-sized buffers in backward
 
+    def mask_bytes_kept(self, numel: int) -> int:
+        """Memory model: bytes a pruned layer of ``numel`` weights keeps from forward to backward
+        beside its input (PST's mask bits)."""
+        return 0
+
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.pst = self.layer_config(config.pst)

@@ -13,8 +13,12 @@ class PST(Method):
     name = "pst"
     warm_startable = True
     learns_thresholds = True
-    # W', S, M * W', dS, dW' and G (fp32), alive at once in backward (layers/pst_function.py)
+    # The workspace's slots (layers/pst_function.py): W', S, M * W', G, dS and dW', fp32 at most
     transient_weight_copies = 6
+
+    def mask_bytes_kept(self, numel: int) -> int:
+        bits = self.pst.saved_mask == "bits" and not self.pst.kind().learned
+        return -(-numel // 8) if bits else 0
 
     def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
         return PSTLinear(base, self.pst)

@@ -10,8 +10,9 @@
     activations  what autograd saves for backward, counted on the meta device from the real
                  model's forward (so no formula per architecture); with gradient checkpointing
                  the blocks' inputs and one block's recomputation
-    pst buffers  PST's weight-sized fp32 transients of the largest pruned layer in backward
-                 (W', S, M*W', dS, dW' and the gradient; pst_function.py keeps none between passes)
+    pst buffers  PST's weight-sized fp32 scratch of the largest pruned layer (W', S, M*W', dS,
+                 dW' and the gradient: one workspace for all layers), and the mask bits each
+                 layer keeps from forward to backward (out*in/8 bytes; one block's with checkpointing)
     runtime      the process itself (torch, DeepSpeed, transformers, the data): measured once on
                  CPU ranks (CPU_RUNTIME_BYTES); the CUDA context is outside torch's allocator
 
@@ -212,6 +213,10 @@ def estimate(
     pruned = [layer for _, layer in iter_pst_layers(model)]
     largest_pruned = max((layer.out_features * layer.in_features for layer in pruned), default=0)
     pst_buffers = method.transient_weight_copies * 4 * largest_pruned
+    # Each pruned layer's mask bits live from its forward to its backward: every layer's at once,
+    # or one block's when checkpointing recomputes the blocks one at a time.
+    kept = sum(method.mask_bytes_kept(layer.out_features * layer.in_features) for layer in pruned)
+    pst_buffers += kept // max(len(_blocks(model)), 1) if train.gradient_checkpointing else kept
     runtime = 0 if on_gpu else CPU_RUNTIME_BYTES
     return MemoryEstimate(
         parameters, gathered, gradients, optimizer, activations, pst_buffers, runtime, on_host

@@ -1,0 +1,115 @@
+"""The cost model (pst_ds/train/cost.py) against counts written out here, tools/estimate_step.py
+end to end, and tools/gpu_check.sh's CPU dry run (the GPU machine's run, at toy sizes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pst_ds.config import load_experiment
+from pst_ds.train.cost import Device, LayerShape, layer_seconds, model_shapes, passes, step_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = LayerShape(out=300, inp=200, tokens=50)
+E, T = 300 * 200, 50
+
+
+def total(method, **knobs):
+    found = passes(method, SHAPE, **knobs)
+    return sum(p.flops for p in found), sum(p.bytes for p in found)
+
+
+def test_gemm_counts_of_each_method():
+    gemm_flops = 2 * E * T
+    assert total("dense")[0] == 3 * gemm_flops  # y, dx and the weight's gradient
+    # No weight gradient; the rank-8 factors' products, 2 r (o + i) T each, three each way.
+    assert total("lora")[0] == 2 * gemm_flops + 6 * 2 * 8 * (300 + 200) * T
+    assert total("pst")[0] > 3 * gemm_flops  # PST needs G = dy^T x for its factors
+
+
+def test_bits_move_fewer_bytes_than_selecting_again_and_selection_is_counted_once():
+    bits, recompute = total("pst")[1], total("pst", saved_mask="recompute")[1]
+    # Recompute writes W' and S again (8 bytes an entry) and reads them back instead of W (8 - 4)
+    # and its bits (1/8 byte); bits add their eighth of a byte written in the forward:
+    # 8 + 8 - 4 + 4 (W read for W', S again) - 1/8 - 1/8.
+    assert recompute - bits == pytest.approx(E * (8 + 8 - 4 + 4 - 0.125 - 0.125))
+    assert total("pst", select=False)[1] < total("pst")[1]
+    device = Device("test", 1e12, 1e10)
+    one = step_seconds(device, "pst", [SHAPE], micro_batches=1, checkpointing=False)
+    four = step_seconds(device, "pst", [SHAPE], micro_batches=4, checkpointing=False)
+    assert four < 4 * one  # the step's selection, once
+    checkpointed = step_seconds(device, "pst", [SHAPE], micro_batches=1, checkpointing=True)
+    forward_again = sum(
+        device.seconds(p.flops, p.bytes) for p in passes("pst", SHAPE, select=False) if p.forward
+    )
+    assert checkpointed == pytest.approx(one + forward_again)
+
+
+def test_roofline_limits():
+    compute_bound = Device("fast memory", 1e12, 1e18)
+    memory_bound = Device("fast compute", 1e18, 1e9)
+    # With free memory traffic PST costs its GEMMs (3 of them) plus the element-wise FLOPs.
+    ratio = layer_seconds(compute_bound, "pst", SHAPE) / layer_seconds(compute_bound, "dense", SHAPE)
+    assert 1.0 < ratio < 1.5
+    ratio = layer_seconds(memory_bound, "pst", SHAPE) / layer_seconds(memory_bound, "dense", SHAPE)
+    assert ratio > 3  # element-wise passes over the weight dominate
+    dense_one = step_seconds(memory_bound, "dense", [SHAPE], 1, False, world_size=1)
+    dense_two = step_seconds(memory_bound, "dense", [SHAPE], 1, False, world_size=2)
+    assert dense_two < dense_one  # Adam on half the weights per rank
+
+
+def test_model_shapes_of_a_config_are_its_linears():
+    config = load_experiment(str(ROOT / "configs/experiments/tiny_llama.yaml"))
+    pruned, rest = model_shapes(config, act_bytes=2)
+    assert len(pruned) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 blocks
+    assert {(s.out, s.inp) for s in pruned} == {(64, 64), (32, 64), (128, 64), (64, 128)}
+    assert all(s.tokens == config.train.micro_batch_size * config.data.block_size for s in pruned)
+    assert len(rest) == 1 and rest[0].inp == 64 and rest[0].out >= 256  # the head (bytes and specials)
+
+
+def test_estimate_step_checks_measured_layers_and_predicts_steps(tmp_path):
+    measured = {"results": {"tiny": {"ratio_to_dense": {"pst": 2.0, "lora": 1.0}}}}
+    (tmp_path / "layers.json").write_text(json.dumps(measured))
+    command = [
+        sys.executable,
+        str(ROOT / "tools/estimate_step.py"),
+        "--measured",
+        str(tmp_path / "layers.json"),
+    ]
+    config = str(ROOT / "configs/experiments/tiny_llama.yaml")
+    done = subprocess.run(
+        [*command, "--configs", config, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out/estimate_step.json").read_text())
+    pst = report["layers"]["tiny/pst"]
+    assert pst["measured"] == 2.0 and pst["predicted"] > 1.0
+    assert f"| tiny (64x48, 16) | pst | {pst['predicted']:.2f} | 2.00 |" in done.stdout
+    steps = report["steps"]["tiny_llama/h100"]
+    assert steps["topk"]["step_x_dense"] == pytest.approx(steps["topk"]["pst_s"] / steps["dense_s"])
+    missing = subprocess.run(
+        [*command[:2], "--measured", str(tmp_path / "none.json")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("pst-ds: error:")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "pst-ds: GPU check done" in done.stdout
+    layers = json.loads((tmp_path / "layers/layers.json").read_text())
+    assert layers["results"]["tiny"]["dtype"] == "fp32" and "pst" in layers["results"]["tiny"]["median_ms"]
+    steps = json.loads((tmp_path / "zero3/steps.json").read_text())["results"]
+    assert set(steps) == {"pst", "lora", "dense"} and all(r["finite"] for r in steps.values())
+    assert len(steps["pst"]["losses"]) == 3
+    assert (tmp_path / "estimate/estimate_step.md").exists()
