@@ -79,3 +79,14 @@ def test_method_bench_reads_each_run(tmp_path):
     # Adam keeps two moments (plus ZeRO's fp32 master copy) of every trainable parameter.
     assert dense["optimizer_state_bytes_per_rank"] >= 8 * dense["trainable_params"]
     assert dense["optimizer_state_bytes_per_rank"] > pst["optimizer_state_bytes_per_rank"]
+
+
+def test_pass_bench_times_every_pass_of_the_layer(tmp_path):
+    run_bench("passes", "--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "passes.json").read_text())["results"]["tiny"]
+    gemms = [name for name in report["median_ms"] if name.startswith("GEMM")]
+    assert len(gemms) == 3 and report["dense_gemms_ms"] == pytest.approx(
+        sum(report["median_ms"][n] for n in gemms)
+    )
+    assert {"W -> W', S", "selection (topk)", "G, W, bits -> M*W', dS, dW'"} <= set(report["median_ms"])
+    assert "| all PST passes |" in (tmp_path / "passes.md").read_text()

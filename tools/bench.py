@@ -1,11 +1,13 @@
 """Speed and memory of PST beside its baselines, measured in one run: per layer and end to end.
 
-    python tools/bench.py layers  [--shapes smollm2-mlp llama7b-mlp] [--repeats 5]
+    python tools/bench.py layers  [--shapes smollm2-mlp llama7b-mlp] [--repeats 5] [--dtype bf16]
+    python tools/bench.py passes  [--shapes llama7b-mlp] [--repeats 5]
     python tools/bench.py methods [--methods pst dense ...] [--num_gpus 2] [--steps 6] [overrides]
 
 ``layers`` times one layer's forward+backward for each formulation in the same process,
 interleaved repeat by repeat so that machine noise hits all alike, and reports medians and
-ratios to dense fine-tuning of that layer. ``methods`` runs ``launch/train.py`` through the
+ratios to dense fine-tuning of that layer. ``passes`` times each pass of PST's layer alone, beside
+dense's three GEMMs: where the time goes. ``methods`` runs ``launch/train.py`` through the
 deepspeed launcher once per method on the same model, data and engine, and reads each run's
 summary.json: trainable parameters, optimizer-state bytes and peak memory per rank, median
 step time after warm-up, tokens/s, and ratios to PST. Both print a markdown table and write
@@ -164,6 +166,73 @@ def bench_layers(args: argparse.Namespace) -> dict:
     return {"kind": "layers", "threads": torch.get_num_threads(), "results": results, "table": lines}
 
 
+def pass_timings(out_f: int, in_f: int, tokens: int, sparsity: float, repeats: int) -> dict[str, float]:
+    """Median ms of each pass of PST's default layer at one shape, each run alone, beside dense's GEMMs:
+    where a PST layer's time goes (pst_function.py names the passes)."""
+    from pst_ds.layers import pst_function as pf
+
+    layer = layer_variants(out_f, in_f, sparsity, kinds=False)["pst"]
+    h, w = layer.hyper, layer.weight
+    x = torch.randn(tokens, in_f, device=DEVICE)
+    dy = torch.randn(tokens, out_f, device=DEVICE)
+    Ae, Be = pf.extended_importance_factors(layer.A, layer.B, layer.R, layer.C, h.alpha1, h.alpha2)
+    k = pf.kernels(h.compiled)
+    scratch = [torch.empty(out_f, in_f, device=DEVICE) for _ in range(6)]
+    with torch.no_grad():
+        updated, scores = k["updated_and_scores"](
+            w, layer.U, layer.V, Ae, Be, h.beta, False, None, out=scratch[:2]
+        )
+        selection = layer.mask_kind.select(scores, layer.pruned_count)
+        apply = pf.kernels(h.compiled, selection.keep)["apply_mask"]
+        _, bits = apply(updated, scores, *selection.args, out=scratch[2], pack=True)
+        grad = dy.t().mm(x)
+        runs = {
+            "GEMM y = x W^T": lambda: F.linear(x, w),
+            "GEMM dx = dy W": lambda: dy.mm(w),
+            "GEMM G = dy^T x": lambda: torch.mm(dy.t(), x, out=scratch[3]),
+            "W -> W', S": lambda: k["updated_and_scores"](
+                w, layer.U, layer.V, Ae, Be, h.beta, False, None, out=scratch[:2]
+            ),
+            "selection (topk)": lambda: layer.mask_kind.select(scores, layer.pruned_count, check=False),
+            "W', S -> M*W' + bits": lambda: apply(
+                updated, scores, *selection.args, out=scratch[2], pack=True
+            ),
+            "G, W, bits -> M*W', dS, dW'": lambda: k["backward_terms_from_bits"](
+                grad, w, layer.U, layer.V, h.beta, False, None, bits, out=scratch[3:6]
+            ),
+            "factor GEMMs (4, thin)": lambda: (
+                scratch[5].mm(layer.V.t()),
+                layer.U.t().mm(scratch[5]),
+                scratch[4].mm(Be[: layer.mask_rank + 1].t()),
+                Ae.t().mm(scratch[4]),
+            ),
+        }
+        times = {name: [] for name in runs}
+        for run in runs.values():
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                _synchronize()
+                start = time.perf_counter()
+                run()
+                _synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def bench_passes(args: argparse.Namespace) -> dict:
+    results, lines = {}, []
+    for shape in args.shapes:
+        out_f, in_f, tokens = SHAPES[shape]
+        ms = pass_timings(out_f, in_f, tokens, args.sparsity, args.repeats)
+        dense = sum(v for n, v in ms.items() if n.startswith("GEMM"))
+        results[shape] = {"median_ms": ms, "dense_gemms_ms": dense}
+        lines += [f"| {shape} ({out_f}x{in_f}, {tokens}) pass | ms | x dense's 3 GEMMs |", "|---|---|---|"]
+        lines += [f"| {name} | {v:.1f} | {v / dense:.3f} |" for name, v in ms.items()]
+        lines.append(f"| all PST passes | {sum(ms.values()):.1f} | {sum(ms.values()) / dense:.2f} |")
+    return {"kind": "passes", "threads": torch.get_num_threads(), "results": results, "table": lines}
+
+
 # Methods that train (one-shot ones take no step), and variants of them: name -> overrides.
 TRAINED = {name: [f"method={name}"] for name, method in METHODS.items() if method.trains}
 TRAINED["pst_distill"] = ["method=pst", "train.distill.weight=0.5"]  # + the teacher's forward
@@ -229,6 +298,10 @@ def main() -> None:
     layers.add_argument("--sparsity", type=float, default=0.5)
     layers.add_argument("--no_kinds", action="store_true", help="only the default PST layer and baselines")
     layers.add_argument("--dtype", default="fp32", choices=DTYPES, help="the weights' and inputs' dtype")
+    passes_ = sub.add_parser("passes", help="each pass of PST's layer alone, beside dense's GEMMs")
+    passes_.add_argument("--shapes", nargs="+", default=["llama7b-mlp"], choices=SHAPES)
+    passes_.add_argument("--repeats", type=int, default=5)
+    passes_.add_argument("--sparsity", type=float, default=0.5)
     methods = sub.add_parser("methods", help="whole training runs, one per method")
     methods.add_argument("--methods", nargs="+", default=list(TRAINED), choices=TRAINED)
     methods.add_argument("--num_gpus", type=int, default=2, help="ranks (CPU ranks without a GPU)")
@@ -237,12 +310,12 @@ def main() -> None:
     methods.add_argument("--steps", type=int, default=6)
     methods.add_argument("--warmup_steps", type=int, default=2, help="steps left out of the median")
     methods.add_argument("overrides", nargs="*", help="experiment overrides, key=value")
-    for p in (layers, methods):
+    for p in (layers, passes_, methods):
         p.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = bench_layers(args) if args.kind == "layers" else bench_methods(args)
+    report = {"layers": bench_layers, "passes": bench_passes, "methods": bench_methods}[args.kind](args)
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     # The CPU allocator changes the figures (see docs/results.md): say which one ran.
     report["ld_preload"] = os.environ.get("LD_PRELOAD", "")
