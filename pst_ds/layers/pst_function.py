@@ -1,8 +1,10 @@
 """PST's forward and backward for one layer, at about the cost of dense training of that layer.
 
-Nothing weight-sized is kept between forward and backward: only the layer input, the
-factors and the mask's selection (a threshold, or a few numbers per row or block). Backward
-recomputes W' and S from the weight, which ZeRO-3 gathers again for backward anyway. The math
+Between forward and backward the layer keeps its input and the forward's mask packed to bits
+(out*in/8 bytes, pst.saved_mask=bits), or with pst.saved_mask=recompute only the selection (a
+threshold, or a few numbers per row or block), from which backward finds M in S again. Either
+way backward recomputes W' from the weight, which ZeRO-3 gathers again for backward anyway.
+The selection itself is the layer's, held for the optimizer step (layers/base.py). The math
 (W is out x in; a = 1, or the input-norm scale of activation importance, importance.py; alpha
 and beta arrive multiplied by the layer's unit, pst.factor_scale):
 
@@ -24,6 +26,8 @@ gradient is the mean of dS over the entries at the threshold, times the group's 
 The element-wise blocks are plain functions; with ``pst.compile`` (the default) they run
 through ``torch.compile``, which fuses each into one pass over the weight. That matters on
 large matrices, where each eager element-wise op is a full read and write of the weight.
+Every weight-sized result is written into the shared workspace (layers/workspace.py), never
+into a fresh buffer, and no block returns it to autograd.
 """
 
 from __future__ import annotations
