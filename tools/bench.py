@@ -5,7 +5,8 @@
     python tools/bench.py methods [--methods pst dense ...] [--num_gpus 2] [--steps 6] [overrides]
 
 ``layers`` times one layer's forward+backward for each formulation in the same process,
-interleaved repeat by repeat so that machine noise hits all alike, and reports medians and
+interleaved repeat by repeat, in a shuffled order each time, so that machine noise and what the
+previous formulation left behind hit all alike, and reports medians and
 ratios to dense fine-tuning of that layer. ``passes`` times each pass of PST's layer alone, beside
 dense's three GEMMs: where the time goes. ``methods`` runs ``launch/train.py`` through the
 deepspeed launcher once per method on the same model, data and engine, and reads each run's
@@ -22,6 +23,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: se
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -140,9 +142,12 @@ def bench_layers(args: argparse.Namespace) -> dict:
 
         for module in variants.values():  # warm-up: compilation, allocator
             _time_step(module, x)
+        order = random.Random(0)  # a new order each repeat: no formulation always follows the same one
         for _ in range(args.repeats):
-            for name, module in variants.items():
-                times[name].append(_time_step(module, x))
+            names = list(variants)
+            order.shuffle(names)
+            for name in names:
+                times[name].append(_time_step(variants[name], x))
         medians = {name: statistics.median(t) for name, t in times.items()}
         results[shape] = {
             "out": out_f,

@@ -104,7 +104,15 @@ class PSTLinear(SparseLinear):
                 torch.empty(shape, device=self.weight.device),
             )
             return run(
-                self.weight, self.U, self.V, Ae, Be, hyper.beta, hyper.transposed, self.column_scale(), out
+                self.weight,
+                self.U,
+                self.V,
+                Ae,
+                Be,
+                hyper.beta,
+                hyper.transposed,
+                self.column_scale(),
+                out=out,
             )
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

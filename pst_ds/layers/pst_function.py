@@ -90,15 +90,20 @@ def updated_and_scores(
     beta: float,
     transposed: bool,
     col_scale: torch.Tensor | None,
-    out: tuple[torch.Tensor, torch.Tensor],
+    out: tuple[torch.Tensor, torch.Tensor] | None,
     unrolled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', S), both (out, in) fp32, written into ``out``."""
+    """(W', S), both (out, in) fp32, written into ``out`` (None: fresh tensors)."""
     updated = updated_weight(weight, U, V, beta, transposed, unrolled)
     magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
-    out[0].copy_(updated)
-    out[1].copy_(magnitude + low_rank_product(Ae, Be, unrolled))
-    return out
+    out = out or (None, None)
+    return _store(out[0], updated), _store(out[1], magnitude + low_rank_product(Ae, Be, unrolled))
+
+
+def _store(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``value`` written into ``buffer`` (fused into the pass that computes it), or itself, in
+    (out, in) row-major order either way (eager ops follow a Conv1D weight's transposed layout)."""
+    return value.contiguous() if buffer is None else buffer.copy_(value)
 
 
 def updated_weight(
@@ -110,12 +115,18 @@ def updated_weight(
 
 
 def apply_mask(
-    keep: Callable, updated: torch.Tensor, scores: torch.Tensor, *selection, out: torch.Tensor, pack: bool
+    keep: Callable,
+    updated: torch.Tensor,
+    scores: torch.Tensor,
+    *selection,
+    out: torch.Tensor | None,
+    pack: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(M * W' in ``out``'s dtype, M packed to bits for backward if ``pack``), M = keep(S, *selection)."""
+    """(M * W' in ``out``'s dtype, M packed to bits for backward if ``pack``), M = keep(S, *selection).
+    Without ``out`` (eager), M * W' is written over W'."""
     mask = keep(scores, *selection)
-    out.copy_(updated * mask)
-    return out, pack_rows(mask) if pack else None
+    masked = updated.mul_(mask) if out is None else out.copy_(updated * mask)
+    return masked, pack_rows(mask) if pack else None
 
 
 def backward_terms(
@@ -145,17 +156,16 @@ def backward_terms_from_bits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(M * W', dS, dW') with M the forward's own mask, saved as bits: no S, no selection."""
     updated = updated_weight(weight, U, V, beta, transposed, unrolled=True)
-    mask = unpacked_groups(bits).view(updated.shape)
+    mask = unpacked_groups(bits).reshape(updated.shape)
     return _backward_terms(mask, grad_masked, updated, col_scale, out)
 
 
 def _backward_terms(mask, grad_masked, updated, col_scale, out):
     mask, grad = mask.float(), grad_masked.float()
     magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
-    out[0].copy_(updated * mask)
-    out[1].copy_(grad * updated)
-    out[2].copy_(grad * (mask + magnitude))
-    return out
+    out = out or (None, None, None)
+    terms = updated * mask, grad * updated, grad * (mask + magnitude)
+    return tuple(_store(buffer, term) for buffer, term in zip(out, terms, strict=True))
 
 
 def keep_fraction_gradient(
@@ -192,8 +202,9 @@ BLOCKS = {
 def kernels(compiled: bool, keep: Callable | None = None) -> dict:
     """The element-wise blocks (the masking ones for mask test ``keep``), eager or through
     ``torch.compile``: fused into single passes that write into the buffers given, with dynamic
-    shapes for every layer shape."""
-    blocks = dict(BLOCKS)
+    shapes for every layer shape. Eager blocks return fresh tensors instead: each eager op writes
+    one anyway, and a copy into the buffer would be one more pass."""
+    blocks = {name: _fresh(fn) if name in WRITING else fn for name, fn in BLOCKS.items()}
     if compiled:
         if not _compiled:
             _allow_a_variant_per_mask_kind()
@@ -203,6 +214,16 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
         blocks["apply_mask"] = partial(blocks["apply_mask"], keep)
         blocks["backward_terms"] = partial(blocks["backward_terms"], keep)
     return blocks
+
+
+WRITING = ("updated_and_scores", "apply_mask", "backward_terms", "backward_terms_from_bits")
+
+
+def _fresh(block: Callable) -> Callable:
+    def run(*args, out=None, **kwargs):
+        return block(*args, out=None, **kwargs)
+
+    return run
 
 
 def weight_sized(slot: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -257,7 +278,7 @@ class PSTLinearFunction(torch.autograd.Function):
         ctx.selection = None if from_bits else selection  # a few numbers per matrix, row or group
         ctx.hyper, ctx.has_bias = hyper, bias is not None
         ctx.keep_fraction = None if keep_fraction is None else (keep_fraction.shape, keep_fraction.dtype)
-        return F.linear(x, masked, bias)
+        return F.linear(x, masked.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -294,7 +315,7 @@ class PSTLinearFunction(torch.autograd.Function):
                     grad_keep = band.reshape(shape).to(dtype)
             del updated, scores
         del grad_masked
-        grad_x = grad_out.matmul(masked) if ctx.needs_input_grad[0] else None
+        grad_x = grad_out.matmul(masked.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         del masked
         beta, r_m = hyper.beta, A.shape[1]
         grad_U = (beta * grad_updated.mm(V.float().t())).to(U.dtype)

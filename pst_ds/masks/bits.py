@@ -18,7 +18,7 @@ def pack_rows(flags: torch.Tensor) -> torch.Tensor:
     Groups of eight along the contiguous dimension: ``torch.compile`` fuses it into the pass that
     makes the mask, with no index arithmetic."""
     rows, cols = flags.shape
-    return _packed_groups(flags.view(rows, cols // 8, 8))
+    return _packed_groups(flags.reshape(rows, cols // 8, 8))
 
 
 def _packed_groups(groups: torch.Tensor) -> torch.Tensor:
