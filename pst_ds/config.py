@@ -112,7 +112,8 @@ class PSTConfig:
     compile: bool = True  # fuse the layer's element-wise work with torch.compile (same math)
     # What backward knows M from: the forward's mask packed to bits (out*in/8 bytes per layer, kept
     # from forward to backward), or S recomputed and selected again (nothing kept). Learned
-    # thresholds always recompute: their gradient needs S. See docs/results.md (issue 22).
+    # thresholds, eager layers (compile=false) and inputs not a multiple of 8 always recompute.
+    # See docs/results.md (issue 22).
     saved_mask: Literal["bits", "recompute"] = "bits"
     # Mask kind (masks/kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
     mask: str = "topk"

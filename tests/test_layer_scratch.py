@@ -61,9 +61,11 @@ def test_saved_bits_give_the_gradients_of_selecting_again(kind, conv1d, compiled
         torch.testing.assert_close(value, recompute[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("saved_mask, kept", [("bits", 96 * 80 // 8), ("recompute", 0)])
-def test_bits_are_all_that_is_kept_beside_the_input(saved_mask, kept):
-    layer = pst_layer(nn.Linear(80, 96).requires_grad_(False), saved_mask, compiled=True)
+@pytest.mark.parametrize(
+    "saved_mask, compiled, kept", [("bits", True, 96 * 80 // 8), ("recompute", True, 0), ("bits", False, 0)]
+)
+def test_bits_are_all_that_is_kept_beside_the_input(saved_mask, compiled, kept):
+    layer = pst_layer(nn.Linear(80, 96).requires_grad_(False), saved_mask, compiled=compiled)
     x = torch.randn(7, 80)
     params = {p.data_ptr() for p in layer.parameters()}
     seen = []

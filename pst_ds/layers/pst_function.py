@@ -269,7 +269,13 @@ class PSTLinearFunction(torch.autograd.Function):
         if record is not None:
             record.append(given.mask(scores))
         # Backward needs M: the forward's own bits (out*in/8 bytes), or S again and the selection.
-        from_bits = hyper.saved_mask == "bits" and keep_fraction is None and scores.shape[1] % 8 == 0
+        # (Packing is a fused pass's by-product; eager, it costs more than selecting again.)
+        from_bits = (
+            hyper.saved_mask == "bits"
+            and hyper.compiled
+            and keep_fraction is None
+            and scores.shape[1] % 8 == 0
+        )
         masked, bits = kernels(hyper.compiled, given.keep)["apply_mask"](
             updated, scores, *given.args, out=weight_sized("masked", scores, x.dtype), pack=from_bits
         )
