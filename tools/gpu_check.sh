@@ -24,8 +24,10 @@ if [ "${1:-}" = "--prepare" ]; then
   mkdir -p "$WHEELS"
   # DeepSpeed ships a source archive: build its wheel here once (pure Python, no ops compiled).
   DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$WHEELS" "deepspeed==$DEEPSPEED_VERSION"
-  $PY -m pip download -q --only-binary=:all: --python-version 3.11 --platform manylinux2014_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "$WHEELS" $DEEPSPEED_DEPS
+  for version in 3.10 3.11 3.12 3.13; do  # whichever Python the GPU machine has
+    $PY -m pip download -q --only-binary=:all: --python-version $version --platform manylinux2014_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d "$WHEELS" $DEEPSPEED_DEPS
+  done
   du -sh "$WHEELS"
   exit 0
 fi
