@@ -188,6 +188,12 @@ class PSTConfig:
         self.kind().check(self)
         return self
 
+    def saves_mask_bits(self) -> bool:
+        """Whether backward reads M from bits the forward packed (pst.saved_mask=bits): packing is
+        a by-product of the compiled pass (eager, it costs more than selecting again), and a
+        learned threshold's gradient needs S itself."""
+        return self.saved_mask == "bits" and self.compile and not self.kind().learned
+
     def kind(self) -> type[MaskKind]:
         """The mask kind class ``mask`` names (masks/kinds.py)."""
         from .masks.kinds import MASK_KINDS

@@ -49,7 +49,7 @@ class PSTLinear(SparseLinear):
             self.transposed,
             config.compile,
             config.threshold_band,
-            config.saved_mask,
+            config.saves_mask_bits(),
         )
         # Saved with the model: fixed by the original weight, whatever a warm start writes later.
         # (Persistent even when it is 1: export builds on meta and fills every buffer from the

@@ -54,7 +54,7 @@ class PSTHyper:
     transposed: bool  # a GPT-2 Conv1D weight, stored (in, out)
     compiled: bool  # the element-wise blocks through torch.compile
     threshold_band: float = 0.05  # learned thresholds: the band around t that estimates d/drho
-    saved_mask: str = "bits"  # pst.saved_mask: M packed for backward ("bits"), or S again ("recompute")
+    mask_bits: bool = False  # backward reads M from the forward's bits (PSTConfig.saves_mask_bits)
 
 
 def extended_importance_factors(
@@ -77,8 +77,7 @@ def low_rank_product(a: torch.Tensor, b: torch.Tensor, unrolled: bool = False) -
     if not unrolled:
         return a.float() @ b.float()
     a, b = a.float(), b.float()
-    column = (-1,) + (1,) * (b.dim() - 1)  # b may be grouped: (r, in / 8, 8)
-    return sum(a[:, j].reshape(column) * b[j] for j in range(a.shape[1]))
+    return sum(a[:, j, None] * b[j] for j in range(a.shape[1]))
 
 
 def updated_and_scores(
@@ -269,13 +268,7 @@ class PSTLinearFunction(torch.autograd.Function):
         if record is not None:
             record.append(given.mask(scores))
         # Backward needs M: the forward's own bits (out*in/8 bytes), or S again and the selection.
-        # (Packing is a fused pass's by-product; eager, it costs more than selecting again.)
-        from_bits = (
-            hyper.saved_mask == "bits"
-            and hyper.compiled
-            and keep_fraction is None
-            and scores.shape[1] % 8 == 0
-        )
+        from_bits = hyper.mask_bits and scores.shape[1] % 8 == 0
         masked, bits = kernels(hyper.compiled, given.keep)["apply_mask"](
             updated, scores, *given.args, out=weight_sized("masked", scores, x.dtype), pack=from_bits
         )

@@ -17,8 +17,7 @@ class PST(Method):
     transient_weight_copies = 6
 
     def mask_bytes_kept(self, numel: int) -> int:
-        bits = self.pst.saved_mask == "bits" and self.pst.compile and not self.pst.kind().learned
-        return -(-numel // 8) if bits else 0
+        return -(-numel // 8) if self.pst.saves_mask_bits() else 0
 
     def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
         return PSTLinear(base, self.pst)
