@@ -102,6 +102,7 @@ class PSTConfig:
     # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
     # calibration data (oneshot section), held at final_sparsity from the first step (hold), or
     # found at initial_sparsity and then ramped to final_sparsity on the cubic schedule (ramp);
+    # zeros: the model's own zero weights (a model already pruned), each layer at its own count;
     # auto: the start measured best for final_sparsity and the mask (methods/starts.py).
     init: str = "magnitude"
     init_schedule: Literal["hold", "ramp"] = "hold"
@@ -149,7 +150,7 @@ class PSTConfig:
         from .methods import METHODS
         from .methods.starts import AUTO
 
-        starts = [n for n, m in METHODS.items() if m.starts_training or m.calibrates]
+        starts = [n for n, m in METHODS.items() if m.starts_training or m.calibrates or m.reads_zeros]
         return _registered("pst.init", init, [*starts, AUTO])
 
     @field_validator("target_modules")

@@ -51,6 +51,15 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     ),
     "pst_activation": ("PST, activation importance, beta 0.1", ["method=pst", "pst.init=magnitude"]),
     "pst": ("PST, the default experiment", ["method=pst"]),
+    "masked_lora": ("masked LoRA: the start's mask frozen, LoRA merged under it", ["method=masked_lora"]),
+    "pst_mask_only": (
+        "PST, the learned mask alone (no weight update: pst.beta=0)",
+        ["method=pst", "pst.beta=0"],
+    ),
+    "pst_frozen_importance": (
+        "PST, importance factors frozen (train.importance_lr=1e-12)",
+        ["method=pst", "train.importance_lr=1e-12"],
+    ),
     "pst_distill": ("PST + distillation", ["method=pst", "train.distill.weight=0.5"]),
     "pst_wanda_row": ("PST + Wanda warm start, per-row top-k", ["method=pst", "pst.mask_scope=row"]),
     "pst_wanda": ("PST + Wanda warm start", ["method=pst", "pst.init=wanda"]),

@@ -9,15 +9,18 @@ from .base import Calibration, Method
 from .dense import Dense
 from .lora import LoRA
 from .magnitude import Magnitude
+from .masked_lora import MaskedLoRA
 from .movement import Movement
 from .pst import PST
 from .random import Random
 from .smp import SMP
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
+from .zeros import Zeros
 
 METHODS: dict[str, type[Method]] = {
-    method.name: method for method in (PST, Magnitude, Movement, SMP, LoRA, Dense, Wanda, SparseGPT, Random)
+    method.name: method
+    for method in (PST, MaskedLoRA, Magnitude, Movement, SMP, LoRA, Dense, Wanda, SparseGPT, Random, Zeros)
 }
 
 

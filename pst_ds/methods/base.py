@@ -52,6 +52,7 @@ class Method:
     prunes: ClassVar[bool] = True  # its layers carry a mask (SparseLinear) on the schedule
     trains: ClassVar[bool] = True  # takes optimizer steps (False: train.max_steps is not used)
     calibrates: ClassVar[bool] = False  # prunes once from calibration data; can be a pst.init
+    reads_zeros: ClassVar[bool] = False  # its mask is the model's own zeros; can be a pst.init
     starts_training: ClassVar[bool] = False  # pst.init's cold start: S = |W| on the cubic schedule
     frozen_backbone: ClassVar[bool] = True  # W never changes (the distillation teacher is W itself)
     rewrites_backbone: ClassVar[bool] = False  # as a warm start, writes new weights into W
@@ -83,7 +84,7 @@ class Method:
 
         pst = cls.layer_config(config.pst)
         init = method_class(pst.init)
-        if init.calibrates:
+        if init.calibrates or init.reads_zeros:
             if not (cls.warm_startable or init is cls):
                 starts = ", ".join(names_with("warm_startable"))
                 raise ConfigError(f"pst.init={init.name} warm-starts {starts}, not {cls.name}")
@@ -137,10 +138,17 @@ class Method:
 
     def holds_final_sparsity(self) -> bool:
         """True: the final sparsity is in force from the first step (a one-shot start held there,
-        or no training at all); False: the cubic schedule ramps to it (pst.init_schedule=ramp
-        starts it from the one-shot mask at pst.initial_sparsity)."""
-        held = self.warm_start_method() is not None and self.pst.init_schedule == "hold"
-        return held or not self.trains
+        the model's own zeros, or no training at all); False: the cubic schedule ramps to it
+        (pst.init_schedule=ramp starts it from the one-shot mask at pst.initial_sparsity)."""
+        started = self.warm_start_method() is not None or self.starts_from_zeros()
+        return (started and self.pst.init_schedule == "hold") or not self.trains
+
+    def starts_from_zeros(self) -> bool:
+        """True when each layer's mask state is its weight's own zeros (pst.init=zeros), not the
+        schedule's count (oneshot/zeros.py)."""
+        from . import method_class
+
+        return method_class(self.pst.init).reads_zeros
 
     def factor_ranks(self) -> dict[str, int]:
         """The config keys of its low-rank factors' ranks, with their values (none by default):

@@ -15,6 +15,7 @@ from ..masks.allocation import allocate_kept
 from ..masks.select import num_pruned
 from ..methods import Calibration, Method
 from ..oneshot.owl import owl_profile
+from ..oneshot.zeros import zero_counts
 
 
 def cubic_sparsity(
@@ -58,6 +59,9 @@ class SparsityController:
         # Each layer's final sparsity when they differ (pst.sparsity_profile, set from calibration);
         # None: uniform. At every step a layer's sparsity is the schedule's times its final/target.
         self.profile: dict[str, float] | None = None
+        # Each layer's own mask state, whatever the schedule says (pst.init=zeros: its weight's
+        # zeros, read again whenever a run is built: the weights are frozen). None: the schedule's.
+        self.own_counts = zero_counts(layers) if method.starts_from_zeros() and layers else None
         for layer in layers.values():  # W and the factors change only at the steps it is told of
             layer.selection_per_step = True
 
@@ -68,6 +72,8 @@ class SparsityController:
         config = self.config
         if not self.method.prunes:
             return 0.0
+        if self.own_counts is not None:
+            return self._share(self.own_counts)
         if self.method.holds_final_sparsity():
             return config.final_sparsity
         return cubic_sparsity(
@@ -97,9 +103,17 @@ class SparsityController:
     def put_in_force(self, layers: dict[str, SparseLinear], sparsity: float) -> None:
         """``sparsity`` in ``layers`` now, whatever the schedule says (the dense model evaluated
         before a warm start; a one-shot method's blocks as it prunes them), as each layer's share
-        of it under the profile."""
+        of it under the profile (with a layer's own count, that count whenever any is pruned)."""
         for name, layer in layers.items():
-            layer.sparsity = sparsity * self._scale(name)
+            if self.own_counts is not None and sparsity > 0:
+                layer.put_in_force(self.own_counts[name])
+            else:
+                layer.sparsity = sparsity * self._scale(name)
+
+    def _share(self, counts: dict[str, torch.Tensor]) -> float:
+        """The pruned share of all the layers with ``counts`` in force."""
+        numel = sum(layer.out_features * layer.in_features for layer in self.layers.values())
+        return sum(int(count.sum()) for count in counts.values()) / numel
 
     def _scale(self, name: str) -> float:
         """Layer ``name``'s sparsity over the model's (1 without a profile)."""

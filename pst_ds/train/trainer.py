@@ -127,6 +127,9 @@ class Trainer:
         )
         self.checkpoints = self.output_dir / "checkpoints"
         self.resumed = False
+        # The step whose state this run holds in a checkpoint (None: none yet). Not the folder's
+        # newest tag: with train.resume=never an earlier run's checkpoint may carry the same step.
+        self.saved_step: int | None = None
         # Before reading the folder's checkpoints: another live run may be writing them.
         self.lock = RunLock(self.output_dir)
         agreed(lambda: self.lock.acquire(self.warn), run_here=self.rank == 0)
@@ -248,7 +251,7 @@ class Trainer:
             )
         checkpoint.load(self.engine, self.checkpoints, tag)
         self.controller.profile = saved.get("sparsity_profile")
-        self.resumed = True
+        self.resumed, self.saved_step = True, saved["step"]
         if self.rank == 0:
             print(f"pst-ds: resumed from {self.checkpoints / tag}", flush=True)
         return saved["step"]
@@ -276,12 +279,13 @@ class Trainer:
                 "the folder's permissions, then run the same command"
                 + (" to resume from it" if checkpoint.complete_tags(self.checkpoints) else "")
             ) from None
+        self.saved_step = self.step
         self.logger.info(f"step {self.step}: saved {tag} in {time.time() - start:.1f} s")
 
     def export(self) -> dict[str, Any]:
         """Export the final state: checkpoint it (if not yet), then rank 0 consolidates it.
         Returns where it went and its sparsity (on every rank)."""
-        if checkpoint.latest_tag(self.checkpoints) != checkpoint.tag_for(self.step):
+        if self.saved_step != self.step:
             self.save_checkpoint()
         out, total, problem = self.output_dir / "export", None, None
         if self.rank == 0:

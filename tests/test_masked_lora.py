@@ -1,0 +1,187 @@
+"""method=masked_lora (a LoRA trained under a frozen one-shot mask) and pst.init=zeros (a model
+that is already sparse): the layer against an independent reference, the mask that never moves,
+the zeros that survive export, PST moving a read mask at the same count, and bad input."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file, save_file
+from test_cli_errors import one_error_line
+from test_train_in_process import tiny_trainer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from pst_ds.config import ConfigError, LoRAConfig, PSTConfig, load_experiment
+from pst_ds.layers.masked_lora import MaskedLoRALinear
+from pst_ds.train.distributed import leave_process_group
+
+TINY = "configs/experiments/tiny_llama.yaml"
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mask", ["topk", "nm"])
+def test_the_layer_is_a_masked_merged_lora(base_kind, mask):
+    """y, dx, dA and dB against plain autograd on M * (W + s B A), with M the top-k of |W|."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16) if base_kind == "linear" else Conv1D(16, 24)
+    base.requires_grad_(False)
+    layer = MaskedLoRALinear(base, PSTConfig(mask=mask, final_sparsity=0.5), LoRAConfig(rank=4, alpha=8))
+    layer.sparsity = 0.5
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    weight = (base.weight.t() if base_kind == "conv1d" else base.weight).float()
+    if mask == "topk":  # an independent mask: the 50% largest |W| of the matrix
+        keep = weight.abs() > weight.abs().reshape(-1).kthvalue(weight.numel() // 2).values
+    else:  # 2 of every 4 consecutive inputs, by |W|
+        groups = weight.abs().reshape(16, -1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
+        keep = keep.reshape(16, 24)
+    A, B = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B))
+    x_ref = x.detach().clone().requires_grad_()
+    expected = torch.nn.functional.linear(x_ref, keep * (weight + 2.0 * B @ A), base.bias)
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-4, atol=1e-5)
+    assert base.weight.grad is None  # W frozen
+
+
+def run_tiny(tmp_path, overrides: list[str], small_text) -> tuple[dict, list[dict], dict]:
+    """An in-process tiny run: (its summary, each step's masks, the export's report)."""
+    trainer = tiny_trainer(
+        [
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            f"data.train_files=[{small_text}]",
+            "data.block_size=32",
+            "train.lr=0.02",
+            "train.export=true",
+            "oneshot.calibration_blocks=4",
+            "oneshot.block_columns=16",
+            *overrides,
+        ]
+    )
+    masks, apply = [], trainer.controller.apply
+
+    def noted(step: int) -> None:  # the masks in force for each step's forward
+        apply(step)
+        if step > 0 or not masks:
+            masks.append({name: layer.mask().clone() for name, layer in trainer.pst_layers.items()})
+
+    trainer.controller.apply = noted
+    try:
+        summary = trainer.train()
+    finally:
+        leave_process_group()
+    report = json.loads((tmp_path / "run" / "export" / "pst_sparsity.json").read_text())
+    return summary, masks, report
+
+
+def exported_zeros(folder) -> dict[str, torch.Tensor]:
+    tensors = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    return {k.removesuffix(".weight"): v == 0 for k, v in tensors.items() if v.dim() == 2}
+
+
+@pytest.mark.parametrize(
+    "start", [["pst.init=sparsegpt", "pst.final_sparsity=0.7", "train.distill.weight=0.5"],
+              ["pst.init=wanda", "pst.importance=activation", "pst.mask=nm", "pst.final_sparsity=0.5"]],
+    ids=["sparsegpt_distilled", "wanda_2of4"],
+)  # fmt: skip
+def test_the_start_mask_never_moves_and_the_export_keeps_it(tmp_path, small_text, start):
+    summary, masks, report = run_tiny(tmp_path, ["method=masked_lora", *start], small_text)
+    assert len(masks) == 5  # the start's, then after each of the 4 steps
+    for step_masks in masks[1:]:
+        for name, mask in step_masks.items():
+            assert torch.equal(mask, masks[0][name]), name
+    assert summary["eval_ppl_after"] < summary["eval_after_warm_start"]["validation"]  # it trains
+    zeros = exported_zeros(tmp_path / "run" / "export")
+    for name, mask in masks[0].items():
+        assert torch.equal(zeros[name], ~mask), name  # exactly the start's mask, nothing more
+        assert report["layers"][name]["pattern_verified"]
+    assert report["method"] == "masked_lora"
+
+
+@pytest.fixture
+def sparse_model_dir(tmp_path, tiny_model_dir):
+    """tiny_llama's folder with half of every targeted weight zeroed by magnitude (a model pruned
+    elsewhere), and a copy kept dense."""
+    folder = tmp_path / "sparse"
+    folder.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and ("proj" in name):
+            cut = tensor.abs().reshape(-1).kthvalue(tensor.numel() // 2).values
+            tensors[name] = torch.where(tensor.abs() > cut, tensor, 0.0)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def from_folder(folder) -> list[str]:
+    return ["model.source=path", f"model.path={folder}", "model.random=null", "model.tokenizer=null"]
+
+
+def test_masked_lora_from_a_sparse_model_keeps_every_zero(tmp_path, small_text, sparse_model_dir):
+    summary, masks, report = run_tiny(
+        tmp_path, ["method=masked_lora", "pst.init=zeros", *from_folder(sparse_model_dir)], small_text
+    )
+    given = exported_zeros(sparse_model_dir)
+    exported = exported_zeros(tmp_path / "run" / "export")
+    for name in masks[0]:
+        assert torch.equal(exported[name], given[name]), name  # the same zeros, no others
+        for step_masks in masks:
+            assert torch.equal(step_masks[name], ~given[name]), name
+    assert summary["final_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert summary["eval_ppl_after"] < summary["eval_ppl_before"]  # before: the sparse model as given
+
+
+def test_pst_from_a_sparse_model_moves_the_mask_at_its_count(tmp_path, small_text, sparse_model_dir):
+    _, masks, report = run_tiny(
+        tmp_path,
+        ["method=pst", "pst.init=zeros", "train.lr=0.05", *from_folder(sparse_model_dir)],
+        small_text,
+    )
+    given = exported_zeros(sparse_model_dir)
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], ~given[name]), name  # the first step's mask: its zeros
+        assert int((~masks[-1][name]).sum()) == int(given[name].sum()) == report["layers"][name]["zeros"]
+    moved = sum(int((masks[-1][n] != masks[0][n]).sum()) for n in masks[0])
+    assert moved > 0  # PST learns the mask on from there
+
+
+@pytest.mark.slow
+def test_a_dense_model_is_refused_as_a_zeros_start(tmp_path, python, tiny_model_dir):
+    """Found once the model is built, inside the process group: one line, exit 2, nothing written."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}", "method=masked_lora",
+         "pst.init=zeros", *from_folder(tiny_model_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the model is not sparse" in one_error_line(result.stderr)
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=masked_lora", "pst.init=wanda", "pst.importance=activation", "pst.init_schedule=ramp"],
+         "freezes the start's mask"),
+        (["method=pst", "pst.init=zeros", "pst.mask=threshold"], "pst.init=zeros holds each layer's own"),
+        (["method=movement", "pst.init=zeros"], "pst.init=zeros warm-starts"),
+    ],
+)  # fmt: skip
+def test_settings_a_frozen_or_read_mask_cannot_take(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(TINY, overrides)
