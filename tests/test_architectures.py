@@ -79,7 +79,7 @@ def test_default_targets_find_every_block_linear_and_nothing_else(model_type):
     input_ids = torch.randint(3, 128, (2, 12))
     dense = model(input_ids).last_hidden_state if model_type == "bert" else model(input_ids).logits
 
-    assert sorted(inject_pst(model, PSTConfig(compile=False))) == expected
+    assert sorted(inject_pst(model, PSTConfig.release(compile=False))) == expected
     assert sorted(name for name, _ in iter_pst_layers(model)) == expected
     set_sparsity(model, 0.5)
     output = model(input_ids)
@@ -91,10 +91,10 @@ def test_default_targets_find_every_block_linear_and_nothing_else(model_type):
 
 
 def test_a_preset_stands_for_its_family_patterns():
-    config = PSTConfig(target_modules=["preset:gpt_neox"])
+    config = PSTConfig.release(target_modules=["preset:gpt_neox"])
     assert config.target_modules == TARGET_PRESETS["gpt_neox"]
     with pytest.raises(ConfigError, match="no preset 'neox'"):
-        PSTConfig(target_modules=["preset:neox"])
+        PSTConfig.release(target_modules=["preset:neox"])
 
 
 class Custom(nn.Module):
@@ -110,10 +110,12 @@ class Custom(nn.Module):
 
 def test_a_model_whose_linears_match_nothing_is_told_their_names():
     with pytest.raises(ConfigError) as err:
-        inject_pst(Custom(), PSTConfig(compile=False))
+        inject_pst(Custom(), PSTConfig.release(compile=False))
     message = str(err.value)
     assert "matches no Linear/Conv1D layer of Custom" in message
     assert re.search(r"its linear layers: blocks\.N\.w_in, blocks\.N\.w_out, head \(", message), message
     # Named, they are found.
-    names = inject_pst(Custom(), PSTConfig(compile=False, target_modules=[r"blocks\.\d+\.w_(in|out)"]))
+    names = inject_pst(
+        Custom(), PSTConfig.release(compile=False, target_modules=[r"blocks\.\d+\.w_(in|out)"])
+    )
     assert len(names) == 6

@@ -34,7 +34,7 @@ def oriented(base):
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_magnitude_masks_smallest_weights_and_trains_kept_ones(kind):
     base = base_layer(kind)
-    layer = MagnitudeLinear(base, PSTConfig())
+    layer = MagnitudeLinear(base, PSTConfig.release())
     layer.sparsity = 0.6
     x, g = torch.randn(5, 40), torch.randn(5, 24)
     W = oriented(base).clone()
@@ -53,7 +53,7 @@ def test_magnitude_masks_smallest_weights_and_trains_kept_ones(kind):
 @pytest.mark.parametrize("train_weight", [True, False], ids=["movement", "smp"])
 def test_movement_scores_get_straight_through_gradient(train_weight):
     base = base_layer("linear")
-    layer = MovementLinear(base, PSTConfig(), train_weight=train_weight)
+    layer = MovementLinear(base, PSTConfig.release(), train_weight=train_weight)
     with torch.no_grad():
         layer.scores.normal_()
     layer.sparsity = 0.7
@@ -77,7 +77,7 @@ def test_smp_leaves_the_weights_bit_identical_after_optimizer_steps():
     base = base_layer("linear")
     base.bias.requires_grad_(False)  # frozen by the injector in a real run
     before = base.weight.detach().clone()
-    layer = MovementLinear(base, PSTConfig(), train_weight=False)
+    layer = MovementLinear(base, PSTConfig.release(), train_weight=False)
     layer.sparsity = 0.5
     trainable = [p for p in layer.parameters() if p.requires_grad]
     assert [id(p) for p in trainable] == [id(layer.scores)]
@@ -122,11 +122,11 @@ def test_lora_matches_reference_and_merges(kind):
 )
 def test_each_method_trains_only_its_own_parameters(method, trainable_in_layer, tiny_model):
     model = tiny_model("tiny_llama")
-    names = inject_pst(model, PSTConfig(trainable_modules=["lm_head"]), method, LoRAConfig())
+    names = inject_pst(model, PSTConfig.release(trainable_modules=["lm_head"]), method, LoRAConfig())
     assert len(names) == 14  # q, k, v, o, gate, up, down in each of the 2 blocks
     layer = model.get_submodule(names[0])
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == trainable_in_layer
-    heads = {id(p) for p in head_parameters(model, PSTConfig(trainable_modules=["lm_head"]))}
+    heads = {id(p) for p in head_parameters(model, PSTConfig.release(trainable_modules=["lm_head"]))}
     outside = [
         n
         for n, p in model.named_parameters()
@@ -138,7 +138,7 @@ def test_each_method_trains_only_its_own_parameters(method, trainable_in_layer, 
 
 def test_dense_trains_everything_and_unknown_method_is_refused(tiny_model):
     model = tiny_model("tiny_llama")
-    inject_pst(model, PSTConfig(), "dense")
+    inject_pst(model, PSTConfig.release(), "dense")
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="method must be one of"):
         ExperimentConfig(method="obc")
@@ -146,7 +146,7 @@ def test_dense_trains_everything_and_unknown_method_is_refused(tiny_model):
 
 def test_random_mask_is_exact_seeded_and_blind_to_the_weights():
     base = base_layer("linear", out_f=64, in_f=80)
-    layers = [RandomMaskLinear(base, PSTConfig(), seed=seed) for seed in (1, 1, 2)]
+    layers = [RandomMaskLinear(base, PSTConfig.release(), seed=seed) for seed in (1, 1, 2)]
     for layer in layers:
         layer.sparsity = 0.5
     mask = layers[0].mask()
@@ -162,7 +162,7 @@ def test_random_mask_is_exact_seeded_and_blind_to_the_weights():
 
 def test_random_baseline_trains_nothing_and_holds_the_final_sparsity(tiny_model):
     model = tiny_model("tiny_llama")
-    config = PSTConfig(final_sparsity=0.6)
+    config = PSTConfig.release(final_sparsity=0.6)
     method = pst_method(config, "random")
     names = inject_pst(model, config, "random")
     layers = dict(iter_pst_layers(model))

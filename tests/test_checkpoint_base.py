@@ -54,7 +54,7 @@ def test_a_fingerprint_is_hashed_once_and_notices_a_change(tmp_path, monkeypatch
 )
 def test_methods_that_change_the_backbone_keep_saving_it(method, init, changes):
     importance = {"importance": "activation"} if init == "wanda" else {}  # as pst.init=wanda asks
-    config = ExperimentConfig(method=method, pst=PSTConfig(init=init, **importance))
+    config = ExperimentConfig(method=method, pst=PSTConfig.release(init=init, **importance))
     assert method_class(method)(config).changes_backbone() is changes
 
 

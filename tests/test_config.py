@@ -6,13 +6,18 @@ from pst_ds import ConfigError, PSTConfig, load_experiment
 from pst_ds.config import DEFAULT_TARGET_MODULES, PROJECT_ROOT, check_files
 
 
-def test_defaults_are_the_release_defaults():
-    cfg = PSTConfig()
-    assert (cfg.weight_rank, cfg.mask_rank) == (8, 8)
-    assert (cfg.alpha1, cfg.alpha2, cfg.beta) == (1.0, 1.0, 1.0)
-    assert (cfg.initial_sparsity, cfg.final_sparsity) == (0.0, 0.9)
-    assert (cfg.initial_warmup, cfg.final_warmup) == (0.1, 0.3)
-    assert cfg.target_modules == DEFAULT_TARGET_MODULES
+def test_defaults_are_the_measured_best_and_the_release_is_kept_by_name():
+    cfg, default = PSTConfig(), load_experiment("configs/experiments/default.yaml").pst
+    for name in ("alpha1", "alpha2", "beta", "factor_scale", "importance", "init_schedule"):
+        assert getattr(cfg, name) == getattr(default, name), name  # the default experiment's
+    assert cfg.init == "auto" and load_experiment(None).train.distill.weight == 0.5  # auto, resolved
+    release = PSTConfig.release()
+    assert (release.weight_rank, release.mask_rank) == (8, 8)
+    assert (release.alpha1, release.alpha2, release.beta) == (1.0, 1.0, 1.0)
+    assert (release.factor_scale, release.importance, release.init) == ("one", "magnitude", "magnitude")
+    assert (release.initial_sparsity, release.final_sparsity) == (0.0, 0.9)
+    assert (release.initial_warmup, release.final_warmup) == (0.1, 0.3)
+    assert release.target_modules == DEFAULT_TARGET_MODULES
 
 
 @pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "configs/experiments").glob("*.yaml")))

@@ -22,7 +22,7 @@ def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):
     assert getattr(model.config, "quantization_config", None) is None
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
 
-    names = inject_pst(model, PSTConfig())
+    names = inject_pst(model, PSTConfig.release())
     assert len(names) == 30 * 7
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # (r_w + r_m + 1) * (out + in) per matrix, the paper's count.
@@ -80,4 +80,4 @@ def test_gemma3_270m_converts_and_injects_when_its_extra_is_installed():
         640,
         262144,
     )
-    assert len(inject_pst(model, PSTConfig())) == 18 * 7
+    assert len(inject_pst(model, PSTConfig.release())) == 18 * 7

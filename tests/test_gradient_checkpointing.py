@@ -9,7 +9,7 @@ from pst_ds.io.models import enable_gradient_checkpointing
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
 from pst_ds.train.schedule import SparsityController
 
-CONFIG = PSTConfig(weight_rank=4, mask_rank=4, importance="activation")
+CONFIG = PSTConfig.release(weight_rank=4, mask_rank=4, importance="activation")
 
 
 def loss_grads_and_saved_bytes(model, batch):

@@ -37,7 +37,7 @@ def test_injection_replaces_block_linears_only(name, tiny_model):
     input_ids = torch.randint(0, 200, (2, 16))
     dense_logits = model(input_ids).logits
 
-    replaced = inject_pst(model, PSTConfig())
+    replaced = inject_pst(model, PSTConfig.release())
 
     assert sorted(replaced) == sorted(EXPECTED[name])
     assert sorted(n for n, _ in iter_pst_layers(model)) == sorted(EXPECTED[name])
@@ -69,7 +69,7 @@ def test_bert_defaults_skip_pooler_and_train_the_head():
         num_labels=2,
     )
     model = BertForSequenceClassification(config)
-    replaced = inject_pst(model, PSTConfig(trainable_modules=["classifier"]))
+    replaced = inject_pst(model, PSTConfig.release(trainable_modules=["classifier"]))
     assert len(replaced) == 2 * 6
     assert not any("pooler" in name for name in replaced)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -79,15 +79,15 @@ def test_bert_defaults_skip_pooler_and_train_the_head():
 
 def test_patterns_that_match_nothing_are_errors(tiny_model):
     with pytest.raises(ConfigError, match="q_projection"):
-        inject_pst(tiny_model("tiny_llama"), PSTConfig(target_modules=["q_proj", "q_projection"]))
+        inject_pst(tiny_model("tiny_llama"), PSTConfig.release(target_modules=["q_proj", "q_projection"]))
     with pytest.raises(ConfigError, match="matches no Linear"):
-        inject_pst(tiny_model("tiny_llama"), PSTConfig(target_modules=["embed_tokens"]))
+        inject_pst(tiny_model("tiny_llama"), PSTConfig.release(target_modules=["embed_tokens"]))
     with pytest.raises(ConfigError, match="classifier"):
-        inject_pst(tiny_model("tiny_gpt2"), PSTConfig(trainable_modules=["classifier"]))
+        inject_pst(tiny_model("tiny_gpt2"), PSTConfig.release(trainable_modules=["classifier"]))
 
 
 def test_set_sparsity_rejects_out_of_range(tiny_model):
     model = tiny_model("tiny_gpt2")
-    inject_pst(model, PSTConfig())
+    inject_pst(model, PSTConfig.release())
     with pytest.raises(ValueError):
         set_sparsity(model, 1.0)

@@ -71,7 +71,7 @@ def unit_of(W: torch.Tensor, factor_scale: str) -> float:
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75])
 def test_forward_and_factor_gradients_match_reference(kind, sparsity, compiled, factor_scale):
     torch.manual_seed(0)
-    cfg = PSTConfig(
+    cfg = PSTConfig.release(
         weight_rank=4,
         mask_rank=3,
         alpha1=0.7,
@@ -125,7 +125,7 @@ def test_weight_units_make_the_same_factors_act_alike_on_weights_of_any_scale(fa
     base, scaled = nn.Linear(48, 32, bias=False), nn.Linear(48, 32, bias=False)
     with torch.no_grad():
         scaled.weight.copy_(4 * base.weight)
-    cfg = PSTConfig(
+    cfg = PSTConfig.release(
         weight_rank=4, mask_rank=3, alpha1=0.1, alpha2=0.1, beta=0.1, factor_scale=factor_scale, compile=False
     )
     small, large = PSTLinear(base, cfg), PSTLinear(scaled, cfg)
@@ -152,7 +152,7 @@ def test_tied_scores_give_the_reference_mask_and_gradients(shape, compiled):
     base = nn.Linear(in_f, out_f, bias=False)
     with torch.no_grad():  # 33 distinct magnitudes, and V = B = R = C = 0: S = |W| ties everywhere
         base.weight.copy_((base.weight * 32 / base.weight.abs().max()).round())
-    layer = PSTLinear(base, PSTConfig(weight_rank=4, mask_rank=3, compile=compiled))
+    layer = PSTLinear(base, PSTConfig.release(weight_rank=4, mask_rank=3, compile=compiled))
     layer.sparsity = 0.5
     x, g = torch.randn(7, in_f), torch.randn(7, out_f)
 
@@ -176,7 +176,7 @@ def test_exact_zero_count_under_heavy_ties(dtype, sparsity):
     base = nn.Linear(96, 80, bias=False)
     with torch.no_grad():  # few distinct magnitudes: most scores tie
         base.weight.copy_((base.weight * 8).round() / 8)
-    layer = PSTLinear(base.to(dtype), PSTConfig())
+    layer = PSTLinear(base.to(dtype), PSTConfig.release())
     layer.sparsity = sparsity
     mask = layer.mask()
     assert (~mask).sum().item() == int(mask.numel() * sparsity)
@@ -210,7 +210,7 @@ def test_selection_matches_full_stable_sort(shape, distinct_values):
 def test_initial_factors_make_it_magnitude_pruning():
     torch.manual_seed(3)
     base = nn.Linear(30, 20)
-    layer = PSTLinear(base, PSTConfig(weight_rank=8, mask_rank=8))
+    layer = PSTLinear(base, PSTConfig.release(weight_rank=8, mask_rank=8))
     assert layer.U.std() > 0.5 and layer.A.std() > 0.5  # N(0, 1)
     for name in ("V", "B", "R", "C"):
         assert not getattr(layer, name).any()
@@ -234,7 +234,7 @@ def test_schedule_corners():
 
 def test_mask_changes_are_counted_between_noted_forwards():
     torch.manual_seed(4)
-    layer = PSTLinear(nn.Linear(20, 10), PSTConfig())
+    layer = PSTLinear(nn.Linear(20, 10), PSTConfig.release())
     x = torch.randn(3, 20)
     layer.sparsity, layer.track_mask = 0.3, True
     layer(x)
@@ -253,7 +253,7 @@ def test_backward_keeps_only_the_input_and_small_tensors(compiled):
     O(out + in) numbers for backward; the autograd formulation saves weight-sized tensors."""
     torch.manual_seed(5)
     out_f, in_f, tokens = 96, 80, 7
-    layer = PSTLinear(nn.Linear(in_f, out_f), PSTConfig(compile=compiled))
+    layer = PSTLinear(nn.Linear(in_f, out_f), PSTConfig.release(compile=compiled))
     layer.sparsity = 0.5
     x = torch.randn(tokens, in_f)
     params = {p.data_ptr() for p in layer.parameters()}
@@ -303,7 +303,9 @@ def test_finite_scores_whose_sum_overflows_are_accepted():
 
 
 def test_pst_layer_names_no_layer_but_refuses_nan_factors():
-    layer = PSTLinear(nn.Linear(16, 8), PSTConfig(final_sparsity=0.5, initial_sparsity=0.5, compile=False))
+    layer = PSTLinear(
+        nn.Linear(16, 8), PSTConfig.release(final_sparsity=0.5, initial_sparsity=0.5, compile=False)
+    )
     with torch.no_grad():
         layer.C[3] = float("nan")  # one column of S
     with pytest.raises(NonFiniteScoresError, match="8 NaN"):

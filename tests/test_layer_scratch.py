@@ -23,7 +23,7 @@ KINDS = {
 def pst_layer(base: nn.Module, saved_mask: str, compiled: bool, **knobs) -> PSTLinear:
     torch.manual_seed(0)
     layer = PSTLinear(
-        base, PSTConfig(weight_rank=4, mask_rank=4, compile=compiled, saved_mask=saved_mask, **knobs)
+        base, PSTConfig.release(weight_rank=4, mask_rank=4, compile=compiled, saved_mask=saved_mask, **knobs)
     )
     layer.sparsity = 0.6 if knobs.get("mask") == "vnm" else 0.5
     with torch.no_grad():

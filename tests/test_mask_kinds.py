@@ -56,7 +56,9 @@ def ref_vnm(S: torch.Tensor, v: int, m: int) -> torch.Tensor:
 
 def make_layer(out_f, in_f, seed=0, **knobs):
     torch.manual_seed(seed)
-    layer = PSTLinear(nn.Linear(in_f, out_f, bias=False), PSTConfig(weight_rank=3, mask_rank=2, **knobs))
+    layer = PSTLinear(
+        nn.Linear(in_f, out_f, bias=False), PSTConfig.release(weight_rank=3, mask_rank=2, **knobs)
+    )
     with torch.no_grad():
         for name in ("V", "B", "R", "C"):
             getattr(layer, name).normal_(0, 0.05)
@@ -193,13 +195,13 @@ def test_pattern_checks_catch_a_broken_pattern():
 
 def test_pattern_kinds_refuse_a_sparsity_they_cannot_give():
     with pytest.raises(ConfigError, match="set pst.final_sparsity=0.5"):
-        PSTConfig(mask="nm", final_sparsity=0.7)
+        PSTConfig.release(mask="nm", final_sparsity=0.7)
     with pytest.raises(ConfigError, match="set pst.final_sparsity=0.6"):
-        PSTConfig(mask="vnm", mask_m=5, final_sparsity=0.5)
+        PSTConfig.release(mask="vnm", mask_m=5, final_sparsity=0.5)
     with pytest.raises(ConfigError, match="mask_n < mask_m"):
-        PSTConfig(mask="nm", mask_n=4, mask_m=4, final_sparsity=0.0)
+        PSTConfig.release(mask="nm", mask_n=4, mask_m=4, final_sparsity=0.0)
     with pytest.raises(ConfigError, match="pst.mask must be one of"):
-        PSTConfig(mask="random")
+        PSTConfig.release(mask="random")
 
 
 # ---------------------------------------------------------------- activation importance
@@ -231,7 +233,7 @@ def test_input_statistics_are_a_running_mean_of_squares():
 
 def test_activation_statistics_are_gathered_in_warmup_only(tiny_model):
     model = tiny_model("tiny_llama")
-    config = PSTConfig(importance="activation", final_sparsity=0.5, initial_warmup=0.2)
+    config = PSTConfig.release(importance="activation", final_sparsity=0.5, initial_warmup=0.2)
     inject_pst(model, config)
     layers = dict(iter_pst_layers(model))
     controller = SparsityController(pst_method(config), 10, layers)
@@ -272,7 +274,7 @@ def test_allocation_is_exact_and_follows_the_logits():
 @pytest.mark.parametrize("scope", ["matrix", "row"])
 def test_controller_keeps_the_global_count_exact_at_every_step(tiny_model, scope):
     model = tiny_model("tiny_gpt2")
-    config = PSTConfig(mask="threshold", mask_scope=scope, final_sparsity=0.7)
+    config = PSTConfig.release(mask="threshold", mask_scope=scope, final_sparsity=0.7)
     inject_pst(model, config)
     layers = dict(iter_pst_layers(model))
     torch.manual_seed(1)
@@ -319,15 +321,16 @@ def test_threshold_gradient_is_the_band_mean_of_the_mask_gradient(compiled, scop
     torch.testing.assert_close(layer.threshold_logit.grad, d_rho * rho * (1 - rho), rtol=1e-4, atol=1e-6)
 
 
-def test_threshold_needs_pst_and_activation_needs_a_magnitude():
+def test_threshold_needs_pst_and_learned_scores_take_no_activation_importance():
     from pst_ds.config import load_experiment
+    from pst_ds.methods import method_class
 
     with pytest.raises(ConfigError, match="method=magnitude has none"):
         load_experiment("configs/experiments/tiny_llama.yaml", ["method=magnitude", "pst.mask=threshold"])
-    with pytest.raises(ConfigError, match="method=movement learns its scores"):
-        load_experiment(
-            "configs/experiments/tiny_llama.yaml", ["method=movement", "pst.importance=activation"]
-        )
+    config = load_experiment(
+        "configs/experiments/tiny_llama.yaml", ["method=movement", "pst.importance=activation"]
+    )
+    assert method_class("movement")(config).pst.importance == "magnitude"  # its scores are its own
 
 
 @pytest.mark.parametrize("n, m, cols", [(2, 4, 24), (2, 4, 22), (2, 5, 23), (1, 3, 10)])

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file, save_file
 from test_cli_errors import one_error_line
+from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 from test_train_in_process import tiny_trainer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -185,3 +186,59 @@ def test_a_dense_model_is_refused_as_a_zeros_start(tmp_path, python, tiny_model_
 def test_settings_a_frozen_or_read_mask_cannot_take(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(TINY, overrides)
+
+
+def launch_two_zero3_ranks(tmp_path, run, overrides: list[str]) -> None:
+    ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
+    result = subprocess.run(
+        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+         "--ds_config", str(ds_config), "--config", TINY, f"train.output_dir={run}", "train.export=true",
+         "train.max_steps=4", "train.micro_batch_size=2", "data.block_size=32",
+         "data.max_validation_blocks=4", "oneshot.calibration_blocks=4", "oneshot.block_columns=16",
+         *overrides],
+        cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_masked_lora_then_zeros_starts_on_two_zero3_ranks(tmp_path, small_text):
+    """Masked LoRA from Wanda's 2:4 mask under ZeRO-3 (the backbone sharded): the mask never moves
+    (mask_changed 0 at every step) and the export passes the 2:4 check. Its export is then a sparse
+    model: masked LoRA from its zeros keeps every one of them with checkpoints that hold only the
+    adapters, and PST from them ends at the same count with its pattern checked."""
+    text = f"data.train_files=[{small_text}]"
+    first = tmp_path / "masked"
+    launch_two_zero3_ranks(
+        tmp_path, first, [text, "method=masked_lora", "pst.init=wanda", "pst.importance=activation",
+                          "pst.mask=nm", "pst.final_sparsity=0.5"],
+    )  # fmt: skip
+    steps, _ = read_metrics(first)
+    changed = [r["mask_changed"] for r in steps if "mask_changed" in r]
+    assert len(changed) == 3 and changed == [0.0, 0.0, 0.0]  # noted from the second logged step on
+    report = json.loads((first / "export" / "pst_sparsity.json").read_text())
+    given = exported_zeros(first / "export")
+    for name, layer in report["layers"].items():
+        assert layer["pattern_verified"] and layer["sparsity"] == 0.5, name
+
+    sparse = [
+        "model.source=path",
+        f"model.path={first / 'export'}",
+        "model.random=null",
+        "model.tokenizer=null",
+    ]
+    second = tmp_path / "from_zeros"
+    launch_two_zero3_ranks(tmp_path, second, [text, "method=masked_lora", "pst.init=zeros", *sparse])
+    kept = exported_zeros(second / "export")
+    for name in given:
+        assert torch.equal(kept[name], given[name]), name  # every zero kept, no new one
+    manifest = json.loads(next((second / "checkpoints").glob("*/COMPLETE")).read_text())
+    assert manifest["base"] is not None  # read back from the model's folder: only the adapters saved
+
+    third = tmp_path / "pst_from_zeros"
+    launch_two_zero3_ranks(tmp_path, third, [text, "method=pst", "pst.init=zeros", "pst.mask=nm",
+                                             "pst.final_sparsity=0.5", *sparse])  # fmt: skip
+    report = json.loads((third / "export" / "pst_sparsity.json").read_text())
+    for name, layer in report["layers"].items():
+        assert layer["pattern_verified"] and layer["zeros"] == int(given[name].sum()), name

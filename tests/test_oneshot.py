@@ -72,7 +72,7 @@ def ref_wanda_mask(W, input_sq, sparsity):
 
 def linear_blocks(model):
     """The plain model's targeted linears, grouped by block in model order."""
-    cfg = PSTConfig()
+    cfg = PSTConfig.release()
     from pst_ds.config import name_matches
 
     names = [
@@ -269,9 +269,9 @@ def test_blocks_run_one_at_a_time_only_when_they_chain():
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"pst": {"init": "wanda"}}, "pst.init=wanda keeps Wanda's mask in force"),
+        ({"pst": {"init": "wanda", "importance": "magnitude"}}, "pst.init=wanda keeps Wanda's mask in force"),
         ({"pst": {"init": "lasso"}}, "pst.init must be one of magnitude, wanda, sparsegpt"),
-        ({"method": "movement", "pst": {"init": "sparsegpt"}}, "warm-starts pst, magnitude"),
+        ({"method": "movement", "pst": {"init": "sparsegpt"}}, "warm-starts pst, masked_lora, magnitude"),
         ({"method": "magnitude", "train": {"distill": {"weight": 0.5}}}, "frozen dense backbone"),
         ({"train": {"distill": {"weight": 1.5}}}, r"distill.weight must be a number in \[0, 1\] or 'auto'"),
         ({"oneshot": {"damp": 0}}, "oneshot.damp must be > 0"),

@@ -97,7 +97,10 @@ def test_a_profile_scales_with_the_schedule_and_starts_learned_thresholds_apart(
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"pst": {"sparsity_profile": "owl"}}, "sets each block's sparsity from calibration data"),
+        (
+            {"pst": {"sparsity_profile": "owl", "init": "magnitude"}},
+            "sets each block's sparsity from calibration data",
+        ),
         (
             {
                 "pst": {

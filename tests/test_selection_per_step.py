@@ -20,7 +20,7 @@ KINDS = {
 
 def layer_of(kind: str, compiled: bool = False) -> PSTLinear:
     torch.manual_seed(0)
-    config = PSTConfig(weight_rank=4, mask_rank=4, compile=compiled, **KINDS[kind])
+    config = PSTConfig.release(weight_rank=4, mask_rank=4, compile=compiled, **KINDS[kind])
     layer = PSTLinear(nn.Linear(80, 96).requires_grad_(False), config)
     layer.sparsity = 0.6 if kind == "vnm" else 0.5
     with torch.no_grad():

@@ -41,6 +41,7 @@ from train_runs import train_once  # noqa: E402
 from pst_ds import PSTConfig, PSTLinear  # noqa: E402
 from pst_ds.config import LoRAConfig  # noqa: E402
 from pst_ds.layers.baselines import LoRALinear  # noqa: E402
+from pst_ds.layers.masked_lora import MaskedLoRALinear  # noqa: E402
 from pst_ds.methods import METHODS  # noqa: E402
 
 # (out, in, tokens) per named shape: the SmolLM2-135M and LLaMA-7B block linears.
@@ -107,9 +108,15 @@ def layer_variants(
         if layer.input_stats is not None:  # as gathered from real inputs: positive, uneven
             layer.input_sq.copy_(torch.rand(in_f) * 2)
         layer.to(DEVICE)
+    masked_lora = MaskedLoRALinear(frozen, PSTConfig(final_sparsity=sparsity), LoRAConfig()).to(DEVICE)
+    masked_lora.sparsity = sparsity
+    masked_lora.selection_per_step = True  # as the controller sets it: a frozen mask is selected once
+    with torch.no_grad():
+        masked_lora.lora_B.normal_(0, 0.01)
     return {
         "dense": dense,
         "lora": LoRALinear(frozen, LoRAConfig()),
+        "masked_lora": masked_lora,
         **pst_layers,
         "pst_sort_autograd": SortEveryForward(pst_layers["pst"]),
     }

@@ -103,6 +103,7 @@ class PSTRun:
     def __post_init__(self) -> None:
         self.layers = dict(iter_pst_layers(self.model))
         self.callback = PSTCallback(self)
+        self.loss_distils = False  # PSTTrainer's compute_loss distils; a Trainer's own loss does not
 
     def optimizer(self, args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         """``Trainer(optimizer_cls_and_kwargs=...)``: AdamW over the trainable parameters, one group
@@ -147,6 +148,14 @@ class PSTCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         run = self.run
+        weight = run.config.train.distill.weight
+        if weight and not run.loss_distils and state.is_world_process_zero:
+            print(
+                f"pst-ds: warning: train.distill.weight={weight} asks for the original model as a teacher, "
+                "but this Trainer computes its own loss, so it trains without one (PSTTrainer distils; "
+                "train.distill.weight=0 silences this)",
+                flush=True,
+            )
         self.controller = SparsityController(run.method, state.max_steps, run.layers)
         if state.global_step == 0 and run.method.warm_start_method() is not None:
             self._warm_start(args, state, kwargs["model"], kwargs["train_dataloader"])
@@ -207,6 +216,7 @@ class PSTTrainer(Trainer):
 
     def __init__(self, pst: PSTRun, *args: Any, **kwargs: Any) -> None:
         self.pst = pst
+        pst.loss_distils = True
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), pst.callback]
         super().__init__(*args, **kwargs)
         if pst.config.train.distill.weight:

@@ -38,30 +38,32 @@ def dense_forward() -> Iterator[None]:
 class DenseTeacher(nn.Module):
     """A frozen copy of a layer's original weight, for distillation's teacher when a warm start
     rewrites the weight itself (pst.init=sparsegpt). Built partitioned under ZeRO-3 (so it
-    costs one more frozen weight per shard, never a whole one per rank), filled by the warm
-    start just before it rewrites the weight, saved in checkpoints, never exported."""
+    costs one more frozen weight per shard, never a whole one per rank) and filled by the warm
+    start just before it rewrites the weight; a copy from birth otherwise. Saved in
+    checkpoints, never exported."""
 
     exported = False
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
         return F.linear(x, self.weight.t() if transposed else self.weight, bias)
 
 
 def dense_teacher(base: nn.Linear | Conv1D) -> DenseTeacher:
-    """An empty DenseTeacher for ``base``'s weight, partitioned at birth when ZeRO-3 is on."""
+    """A DenseTeacher for ``base``'s weight: a copy of it, on its device (meta in a meta build);
+    under ZeRO-3 empty and partitioned at birth, filled by the warm start that rewrites it."""
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
-    shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
     if not is_deepspeed_zero3_enabled():
-        return DenseTeacher(shape, base.weight.dtype)
+        return DenseTeacher(base.weight.detach().clone())
     import deepspeed
 
+    shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
-        return DenseTeacher(shape, base.weight.dtype)
+        return DenseTeacher(torch.zeros(shape, dtype=base.weight.dtype))
 
 
 class WrappedLinear(nn.Module):

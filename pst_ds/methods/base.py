@@ -57,7 +57,7 @@ class Method:
     frozen_backbone: ClassVar[bool] = True  # W never changes (the distillation teacher is W itself)
     rewrites_backbone: ClassVar[bool] = False  # as a warm start, writes new weights into W
     warm_startable: ClassVar[bool] = False  # may start from a calibrating method's mask (pst.init)
-    learns_scores: ClassVar[bool] = False  # trains a score per weight: no activation importance
+    learns_scores: ClassVar[bool] = False  # trains a score per weight: importance is its own
     learns_thresholds: ClassVar[bool] = False  # may use a learned mask kind (pst.mask=threshold)
     injects: ClassVar[bool] = True  # replaces the targeted layers (dense trains them as they are)
     transient_weight_copies: ClassVar[int] = 0  # memory model: fp32 weight-sized buffers in backward
@@ -74,8 +74,9 @@ class Method:
     # ------------------------------------------------------------------ config
     @classmethod
     def layer_config(cls, pst: PSTConfig) -> PSTConfig:
-        """The PST section this method's layers use (a one-shot method fixes its own start)."""
-        return pst
+        """The PST section this method's layers use (a one-shot method fixes its own start; a
+        method that learns a score per weight has no |W| for activation importance to scale)."""
+        return pst.replaced(importance="magnitude") if cls.learns_scores else pst
 
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
@@ -117,8 +118,6 @@ class Method:
                 )
         if pst.kind().learned and not cls.learns_thresholds:
             raise ConfigError(f"pst.mask={pst.mask} learns PST's thresholds; method={cls.name} has none")
-        if pst.importance == "activation" and cls.learns_scores:
-            raise ConfigError(f"pst.importance=activation scales |W|; method={cls.name} learns its scores")
 
     @classmethod
     def check_as_warm_start(cls, pst: PSTConfig) -> None:
