@@ -53,6 +53,7 @@ def main() -> None:
         disable_tqdm=True,
         max_length=96,
         completion_only_loss=True,
+        bf16=False,  # TRL defaults to bf16; configs/zero3.json trains in fp32 (CPU ranks)
         seed=0,
     )
     tokenizer = AutoTokenizer.from_pretrained(args_in.model)
