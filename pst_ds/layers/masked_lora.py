@@ -57,10 +57,11 @@ class MaskedLoRAFunction(torch.autograd.Function):
             merged = _merged(oriented, lora_A, lora_B, ctx.scale, keep)
             grad_x = grad_y @ merged.to(grad_y.dtype)
         flat_grad, flat_x = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-        # dL/d(BA) = s * M * G, G = dy^T x: the weight-sized gradient LoRA alone never forms.
-        masked = (flat_grad.t() @ flat_x).float().mul_(keep).mul_(ctx.scale)
-        grad_B = (masked @ lora_A.float().t()).to(lora_B.dtype)
-        grad_A = (lora_B.float().t() @ masked).to(lora_A.dtype)
+        # dL/d(BA) = s * M * G, G = dy^T x: the weight-sized gradient LoRA alone never forms
+        # (s is applied to the thin products: one pass over a weight-sized tensor fewer).
+        masked = (flat_grad.t() @ flat_x).float().mul_(keep)
+        grad_B = (masked @ lora_A.float().t()).mul_(ctx.scale).to(lora_B.dtype)
+        grad_A = (lora_B.float().t() @ masked).mul_(ctx.scale).to(lora_A.dtype)
         grad_bias = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
 
