@@ -73,16 +73,21 @@ class MovementLinear(SparseLinear):
         return F.linear(x, (mask * weight.float()).to(x.dtype), self.bias)
 
 
+def lora_factors(layer: WrappedLinear, config: LoRAConfig) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's A (rank, in), Kaiming-uniform, and B (out, rank), zeros, in the base weight's dtype."""
+    factory = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+    lora_A = nn.Parameter(torch.empty(config.rank, layer.in_features, **factory))
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    return lora_A, nn.Parameter(torch.zeros(layer.out_features, config.rank, **factory))
+
+
 class LoRALinear(WrappedLinear):
     """A dense low-rank update beside the frozen weight (Hu et al. 2021)."""
 
     def __init__(self, base: nn.Linear | Conv1D, config: LoRAConfig) -> None:
         super().__init__(base)
         self.scale = config.alpha / config.rank
-        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(config.rank, self.in_features, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.rank, **factory))
+        self.lora_A, self.lora_B = lora_factors(self, config)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"method": [self.lora_A, self.lora_B]}

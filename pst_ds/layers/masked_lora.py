@@ -16,7 +16,6 @@ again and reads M again from W.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoRAConfig, PSTConfig
 from .base import SparseLinear
+from .baselines import lora_factors
 
 
 def _merged(
@@ -72,10 +72,7 @@ class MaskedLoRALinear(SparseLinear):
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, lora: LoRAConfig) -> None:
         super().__init__(base, config)
         self.scale = lora.alpha / lora.rank
-        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(lora.rank, self.in_features, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, lora.rank, **factory))
+        self.lora_A, self.lora_B = lora_factors(self, lora)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"method": [self.lora_A, self.lora_B]}
