@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pst_ds.config import ConfigError, load_experiment
+    from pst_ds.config import ConfigError
+    from pst_ds.experiment import load_experiment
     from pst_ds.train.distributed import leave_process_group
     from pst_ds.train.preemption import PREEMPTED_EXIT
     from pst_ds.train.trainer import Preempted, Trainer, TrainingError, load_ds_config

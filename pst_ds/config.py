@@ -14,25 +14,21 @@ import types
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
 import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from .masks.kinds import MaskKind
+from .errors import ConfigError
+from .masks.kinds import MASK_KINDS, MaskKind
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 # Config sections refuse keys they do not have.
 _SECTION = pydantic.ConfigDict(extra="forbid")
-
-
-class ConfigError(Exception):
-    """A user-facing configuration problem; the message is the whole explanation."""
 
 
 # Block linears by model family, by qualified module name. A pattern matches a module whose name
@@ -67,7 +63,7 @@ def name_matches(name: str, patterns: list[str]) -> bool:
     return any(re.fullmatch(rf"(?:.*\.)?(?:{p})", name) for p in patterns)
 
 
-def _registered(key: str, name: str, names: typing.Iterable[str]) -> str:
+def registered(key: str, name: str, names: typing.Iterable[str]) -> str:
     """``name`` if a registry holds it; else a ConfigError listing what it holds."""
     names = list(names)
     if name not in names:
@@ -145,18 +141,7 @@ class PSTConfig:
     @field_validator("mask")
     @classmethod
     def _known_kind(cls, mask: str) -> str:
-        from .masks.kinds import MASK_KINDS  # the kinds' own module knows their names
-
-        return _registered("pst.mask", mask, MASK_KINDS)
-
-    @field_validator("init")
-    @classmethod
-    def _known_start(cls, init: str) -> str:
-        from .methods import METHODS
-        from .methods.starts import AUTO
-
-        starts = [n for n, m in METHODS.items() if m.starts_training or m.calibrates or m.reads_zeros]
-        return _registered("pst.init", init, [*starts, AUTO])
+        return registered("pst.mask", mask, MASK_KINDS)
 
     @field_validator("target_modules")
     @classmethod
@@ -217,8 +202,6 @@ class PSTConfig:
 
     def kind(self) -> type[MaskKind]:
         """The mask kind class ``mask`` names (masks/kinds.py)."""
-        from .masks.kinds import MASK_KINDS
-
         return MASK_KINDS[self.mask]
 
     def replaced(self, **changes: Any) -> PSTConfig:
@@ -382,38 +365,6 @@ class ExperimentConfig:
     pst: PSTConfig = field(default_factory=PSTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     oneshot: OneShotConfig = field(default_factory=OneShotConfig)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        from .methods import METHODS  # the methods' own package knows their names
-
-        return _registered("method", method, METHODS)
-
-    @model_validator(mode="after")
-    def _auto_resolved(self) -> ExperimentConfig:
-        """pst.init=auto becomes the start measured best for this sparsity and mask, and
-        train.distill.weight=auto the weight measured best after that start (methods/starts.py)."""
-        from .methods import method_class
-        from .methods.starts import AUTO, best_distill_weight, best_start
-
-        method = method_class(self.method)
-        if self.pst.init == AUTO:
-            start = best_start(self.pst, method.warm_startable or method.calibrates)
-            self.pst = self.pst.replaced(init=start)
-        if self.train.distill.weight == AUTO:
-            weight = best_distill_weight(self.pst, method)
-            self.train = dataclasses.replace(
-                self.train, distill=dataclasses.replace(self.train.distill, weight=weight)
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _method_accepts(self) -> ExperimentConfig:
-        from .methods import method_class
-
-        method_class(self.method).check(self)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -612,8 +563,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         ) from None
 
 
-def load_experiment(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read an experiment YAML (or start from the defaults), apply overrides, validate."""
+def read_experiment(path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML (or start from the defaults), apply overrides, validate the data
+    (the method's own rules come after: pst_ds/experiment.py)."""
     data: dict[str, Any] = {}
     if path is not None:
         file = resolve_path(path)

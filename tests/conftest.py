@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pst_ds.config import ExperimentConfig, PSTConfig, load_experiment
+from pst_ds.config import PSTConfig
+from pst_ds.experiment import experiment_config, load_experiment
 from pst_ds.io.models import LAUNCHER_VARIABLES, load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,4 +77,4 @@ def pst_method(config: PSTConfig, name: str = "pst"):
     from pst_ds.methods import method_class
 
     no_teacher = TrainConfig(distill=DistillConfig(weight=0.0))  # the release's: these tests need none
-    return method_class(name)(ExperimentConfig(method=name, pst=config, train=no_teacher))
+    return method_class(name)(experiment_config(method=name, pst=config, train=no_teacher))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch.train import parse_args  # noqa: E402
-from pst_ds.config import load_experiment  # noqa: E402
+from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402
 from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
 

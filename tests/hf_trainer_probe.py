@@ -17,7 +17,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pst_ds.config import load_experiment  # noqa: E402
+from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.integrations.hf import (  # noqa: E402
     PSTTrainer,
     accelerator_config,

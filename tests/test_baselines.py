@@ -7,7 +7,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig
-from pst_ds.config import ConfigError, ExperimentConfig, LoRAConfig
+from pst_ds.config import ConfigError, LoRAConfig
+from pst_ds.experiment import experiment_config
 from pst_ds.layers.baselines import LoRALinear, MagnitudeLinear, MovementLinear
 from pst_ds.layers.inject import head_parameters, inject_pst, iter_pst_layers
 from pst_ds.methods.random import RandomMaskLinear
@@ -141,7 +142,7 @@ def test_dense_trains_everything_and_unknown_method_is_refused(tiny_model):
     inject_pst(model, PSTConfig.release(), "dense")
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match="method must be one of"):
-        ExperimentConfig(method="obc")
+        experiment_config(method="obc")
 
 
 def test_random_mask_is_exact_seeded_and_blind_to_the_weights():

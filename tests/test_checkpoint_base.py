@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
-from pst_ds.config import ExperimentConfig, PSTConfig
+from pst_ds.config import PSTConfig
+from pst_ds.experiment import experiment_config
 from pst_ds.io import base_model
 from pst_ds.methods import method_class
 from pst_ds.train import checkpoint
@@ -54,7 +55,7 @@ def test_a_fingerprint_is_hashed_once_and_notices_a_change(tmp_path, monkeypatch
 )
 def test_methods_that_change_the_backbone_keep_saving_it(method, init, changes):
     importance = {"importance": "activation"} if init == "wanda" else {}  # as pst.init=wanda asks
-    config = ExperimentConfig(method=method, pst=PSTConfig.release(init=init, **importance))
+    config = experiment_config(method=method, pst=PSTConfig.release(init=init, **importance))
     assert method_class(method)(config).changes_backbone() is changes
 
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 from test_distributed import ds_env
 
-from pst_ds.config import load_experiment
+from pst_ds.experiment import load_experiment
 from pst_ds.io.data import load_classification
 from pst_ds.io.models import load_tokenizer
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pst_ds.config import load_experiment
+from pst_ds.experiment import load_experiment
 from pst_ds.train.cost import Device, LayerShape, layer_seconds, model_shapes, passes, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pst_ds.config import ExperimentConfig, build_section
+from pst_ds.experiment import experiment_from_dict
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
 from pst_ds.train.distill import distillation_loss, soft_kl, teacher_forward
 
@@ -16,7 +16,7 @@ IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
 def injected(tiny_model, method="pst", sparsity=0.0):
     model = tiny_model("tiny_llama")
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = build_section(ExperimentConfig, {"method": method, "pst": {"compile": False}}, "")
+    config = experiment_from_dict({"method": method, "pst": {"compile": False}})
     inject_pst(model, config.pst, method, config.lora)
     for _, layer in iter_pst_layers(model):
         layer.sparsity = sparsity

@@ -12,7 +12,7 @@ from reference_export import merge_layers
 from safetensors.torch import load_file
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
-from pst_ds.config import load_experiment
+from pst_ds.experiment import load_experiment
 from pst_ds.io.data import load_text_blocks
 from pst_ds.io.export import export_checkpoint
 from pst_ds.io.models import load_tokenizer

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from pst_ds.config import ConfigError, load_experiment
+from pst_ds.config import ConfigError
+from pst_ds.experiment import load_experiment
 from pst_ds.integrations.hf import PSTTrainer, deepspeed_config, prepare
 from pst_ds.io.models import load_model, load_tokenizer
 from pst_ds.layers.base import dense_forward

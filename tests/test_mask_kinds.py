@@ -12,6 +12,7 @@ from torch import nn
 
 from pst_ds import PSTConfig, PSTLinear
 from pst_ds.config import ConfigError
+from pst_ds.experiment import load_experiment
 from pst_ds.layers.importance import InputStatistics, fold_step
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
 from pst_ds.masks.allocation import allocate_kept
@@ -322,7 +323,7 @@ def test_threshold_gradient_is_the_band_mean_of_the_mask_gradient(compiled, scop
 
 
 def test_threshold_needs_pst_and_learned_scores_take_no_activation_importance():
-    from pst_ds.config import load_experiment
+
     from pst_ds.methods import method_class
 
     with pytest.raises(ConfigError, match="method=magnitude has none"):

@@ -15,7 +15,8 @@ from test_train_in_process import tiny_trainer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from pst_ds.config import ConfigError, LoRAConfig, PSTConfig, load_experiment
+from pst_ds.config import ConfigError, LoRAConfig, PSTConfig
+from pst_ds.experiment import load_experiment
 from pst_ds.layers.masked_lora import MaskedLoRALinear
 from pst_ds.train.distributed import leave_process_group
 

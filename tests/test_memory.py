@@ -3,7 +3,7 @@ stored bytes against a 2-rank ZeRO-3 engine's: test_distributed.py."""
 
 import torch
 
-from pst_ds.config import load_experiment
+from pst_ds.experiment import load_experiment
 from pst_ds.io.models import load_model, load_tokenizer
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
 from pst_ds.methods import method_class

@@ -12,7 +12,8 @@ import torch
 from conftest import pst_method
 from torch import nn
 
-from pst_ds.config import ConfigError, ExperimentConfig, OneShotConfig, PSTConfig, build_section
+from pst_ds.config import ConfigError, OneShotConfig, PSTConfig
+from pst_ds.experiment import experiment_from_dict
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
 from pst_ds.masks.kinds import NM, TopK
 from pst_ds.methods import Calibration, method_class
@@ -125,7 +126,7 @@ def one_shot(method, model, layers, batches, sparsity, **oneshot):
 
 
 def experiment(method, **pst):
-    return build_section(ExperimentConfig, {"method": method, "pst": {"compile": False, **pst}}, "")
+    return experiment_from_dict({"method": method, "pst": {"compile": False, **pst}})
 
 
 def injected(tiny_model, config):
@@ -279,7 +280,7 @@ def test_blocks_run_one_at_a_time_only_when_they_chain():
 )
 def test_bad_one_shot_and_distill_settings_are_refused(data, message):
     with pytest.raises(ConfigError, match=message):
-        build_section(ExperimentConfig, data, "")
+        experiment_from_dict(data)
 
 
 @pytest.mark.parametrize(
@@ -299,9 +300,9 @@ def test_auto_start_is_the_measured_best_the_run_can_use(pst, distill, start):
         "pst": {"init": "auto", "importance": "activation", **pst},
         "train": {"distill": {"weight": distill}},
     }
-    config = build_section(ExperimentConfig, data, "")
+    config = experiment_from_dict(data)
     assert config.pst.init == start  # resolved once: the saved config and the checkpoints say which
-    smp = build_section(ExperimentConfig, {**data, "method": "smp", "pst": {"init": "auto", **pst}}, "")
+    smp = experiment_from_dict({**data, "method": "smp", "pst": {"init": "auto", **pst}})
     assert smp.pst.init == "magnitude"  # a method that takes no warm start starts from |W|
 
 
@@ -323,7 +324,7 @@ def test_auto_distillation_wherever_the_original_model_can_teach(method, pst, we
         "pst": {"init": "auto", "importance": "activation", **pst},
         "train": {"distill": {"weight": "auto"}},
     }
-    config = build_section(ExperimentConfig, data, "")
+    config = experiment_from_dict(data)
     assert config.train.distill.weight == weight
     copied = weight > 0 and config.pst.init == "sparsegpt"  # a copy only where the start rewrites W
     assert method_class(method)(config).keeps_dense_teacher() is copied

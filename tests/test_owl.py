@@ -5,7 +5,8 @@ import torch
 from conftest import pst_method
 from test_oneshot import calibration, experiment, injected, ref_wanda_mask
 
-from pst_ds.config import ConfigError, ExperimentConfig, build_section
+from pst_ds.config import ConfigError
+from pst_ds.experiment import experiment_from_dict
 from pst_ds.methods import Calibration
 from pst_ds.oneshot.calibrate import block_of
 from pst_ds.oneshot.owl import outlier_share, owl_sparsities
@@ -118,4 +119,4 @@ def test_a_profile_scales_with_the_schedule_and_starts_learned_thresholds_apart(
 )
 def test_owl_settings_it_cannot_follow_are_refused(data, message):
     with pytest.raises(ConfigError, match=message):
-        build_section(ExperimentConfig, data, "")
+        experiment_from_dict(data)

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM
 
-from pst_ds.config import load_experiment
+from pst_ds.experiment import load_experiment
 from pst_ds.io.models import LAUNCHER_VARIABLES
 from pst_ds.masks.select import num_pruned
 from pst_ds.train.distributed import leave_process_group

@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pst_ds import PSTConfig  # noqa: E402
-from pst_ds.config import ExperimentConfig  # noqa: E402
+from pst_ds.experiment import experiment_config  # noqa: E402
 from pst_ds.integrations.hf import accelerator_config, deepspeed_config, prepare, save_pruned  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402
 
@@ -60,7 +60,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args_in.model, dtype=torch.float32)
     sparsity = PSTConfig(final_sparsity=0.5)  # a bare PST section: the library's defaults
     pst = prepare(
-        model, sparsity if args_in.method == "pst" else ExperimentConfig(method=args_in.method, pst=sparsity)
+        model, sparsity if args_in.method == "pst" else experiment_config(method=args_in.method, pst=sparsity)
     )
     trainer = SFTTrainer(
         model=model,

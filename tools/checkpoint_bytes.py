@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from pst_ds.config import load_experiment  # noqa: E402
+from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.io.models import load_model, load_tokenizer  # noqa: E402
 from pst_ds.train import checkpoint  # noqa: E402
 from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from pst_ds.config import ConfigError, load_experiment  # noqa: E402
+from pst_ds.config import ConfigError  # noqa: E402
+from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.train.cost import GPUS, Device, LayerShape, layer_seconds, model_shapes, step_seconds  # noqa: E402
 
 # bench.py's layer formulations: (method, knobs).

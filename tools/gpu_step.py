@@ -25,7 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pst_ds.config import ConfigError, load_experiment  # noqa: E402
+from pst_ds.config import ConfigError  # noqa: E402
+from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.layers.inject import inject, iter_pst_layers  # noqa: E402
 from pst_ds.methods import method_class  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402

@@ -33,7 +33,8 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config import ConfigError, ExperimentConfig, ModelConfig, PSTConfig, build_section, load_experiment
+from ..config import ConfigError, ExperimentConfig, ModelConfig, PSTConfig
+from ..experiment import experiment_config, experiment_from_dict, load_experiment
 from ..io.data import calibration_batches
 from ..io.export import (
     DEFAULT_SHARD_BYTES,
@@ -124,7 +125,7 @@ def prepare(
     shapes come from the partitioned weights). ``config``: an experiment config, its YAML file
     (with ``key=value`` overrides) or a bare PST section."""
     if isinstance(config, PSTConfig):
-        config = ExperimentConfig(pst=config)
+        config = experiment_config(pst=config)
     elif not isinstance(config, ExperimentConfig):
         config = load_experiment(str(config), list(overrides))
     method = method_class(config.method)(config)
@@ -291,7 +292,7 @@ def _from_checkpoint(folder: Path, out_dir: Path, max_shard_bytes: int) -> dict[
     experiment = json.loads((folder / RUN_FILE).read_text())["experiment"]
     # The structure from the checkpoint's own config.json (the Trainer saves it), not the source.
     experiment["model"] = dataclasses.asdict(ModelConfig(source="path", path=str(folder.resolve())))
-    method = method_class(experiment["method"])(build_section(ExperimentConfig, experiment, ""))
+    method = method_class(experiment["method"])(experiment_from_dict(experiment))
     tokenizer = (
         AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     )

@@ -26,7 +26,8 @@ from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.utils import logging as hf_logging
 
-from ..config import ConfigError, ExperimentConfig, build_section, check_writable
+from ..config import ConfigError, check_writable
+from ..experiment import experiment_from_dict
 from ..layers.base import SparseLinear, WrappedLinear
 from ..layers.inject import build_model
 from ..masks.kinds import mask_kind
@@ -171,7 +172,7 @@ def export_checkpoint(
     # The config as saved: building it reads no file, so the training data may be gone by now.
     saved = json.loads((run_dir / "config.json").read_text())
     experiment = saved["experiment"]
-    method = method_class(experiment.get("method", "pst"))(build_section(ExperimentConfig, experiment, ""))
+    method = method_class(experiment.get("method", "pst"))(experiment_from_dict(experiment))
     manifest = checkpoint.read_manifest(root, tag)
     origin = {"checkpoint": str(root / tag), "step": manifest["step"]}
     base, read_back = manifest.get("base"), None

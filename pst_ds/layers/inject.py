@@ -17,11 +17,11 @@ from transformers.pytorch_utils import Conv1D
 from ..config import (
     DEFAULT_TARGET_MODULES,
     ConfigError,
-    ExperimentConfig,
     LoRAConfig,
     PSTConfig,
     name_matches,
 )
+from ..experiment import experiment_config
 from ..io.models import load_model
 from ..methods import Method, method_class
 from .base import SparseLinear, WrappedLinear, dense_teacher
@@ -120,7 +120,7 @@ def inject_pst(
 ) -> list[str]:
     """The library's entry point: inject ``method``'s layers (PST by default) with ``config``
     after ``from_pretrained``. Returns the targeted layers' names."""
-    experiment = ExperimentConfig(method=method, pst=config, lora=lora or LoRAConfig())
+    experiment = experiment_config(method=method, pst=config, lora=lora or LoRAConfig())
     return inject(model, method_class(method)(experiment))
 
 

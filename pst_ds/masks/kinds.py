@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..config import PSTConfig

@@ -1,6 +1,7 @@
-"""The methods a run can train with, by name: one module each, one line each below.
+"""The methods a run can train with, by name: one module each, one import line each below.
 
-``method_class(name)`` is how everything else finds a method; it never compares names.
+A ``Method`` subclass with a ``name`` registers itself (methods/base.py); ``method_class(name)``
+is how everything else finds one. Nothing compares method names.
 """
 
 from __future__ import annotations
@@ -18,20 +19,11 @@ from .sparsegpt import SparseGPT
 from .wanda import Wanda
 from .zeros import Zeros
 
-METHODS: dict[str, type[Method]] = {
-    method.name: method
-    for method in (PST, MaskedLoRA, Magnitude, Movement, SMP, LoRA, Dense, Wanda, SparseGPT, Random, Zeros)
-}
-
-
-def method_class(name: str) -> type[Method]:
-    """The method registered as ``name`` (KeyError: validate the config first)."""
-    return METHODS[name]
-
-
-def names_with(*flags: str) -> list[str]:
-    """The registered methods that have every one of ``flags`` set, in registry order."""
-    return [name for name, method in METHODS.items() if all(getattr(method, flag) for flag in flags)]
+METHODS: dict[str, type[Method]] = Method.registry
+method_class = Method.named
+names_with = Method.names_with
 
 
 __all__ = ["METHODS", "Calibration", "Method", "method_class", "names_with"]
+__all__ += ["Dense", "LoRA", "Magnitude", "MaskedLoRA", "Movement", "PST", "Random", "SMP", "SparseGPT"]
+__all__ += ["Wanda", "Zeros"]

@@ -1,9 +1,10 @@
 """What a method is: its capabilities, the layer it injects and its hooks in a run's life.
 
 A method (pst, a baseline, a one-shot pruner) is one subclass of ``Method`` in its own module,
-registered by one line in ``methods/__init__.py``. The config, the injector, the controller,
-the trainer, export and the memory model ask the class (its flags and hooks); none of them
-compares method names. Modelled on llm-compressor's Modifiers and PEFT's tuner registry.
+imported by one line in ``methods/__init__.py``; a subclass with a ``name`` registers itself.
+The experiment's settling, the injector, the controller, the trainer, export and the memory
+model ask the class (its flags and hooks); none of them compares method names.
+Modelled on llm-compressor's Modifiers and PEFT's tuner registry.
 
     capabilities    class flags: prunes, trains, calibrates, frozen_backbone, ...
     check           its cross-section rules, run when the experiment config is validated
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..config import ConfigError, OneShotConfig, PSTConfig
+from ..config import OneShotConfig, PSTConfig
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers.pytorch_utils import Conv1D
@@ -49,6 +51,7 @@ class Method:
     flags that differ, and implement ``build_layer``."""
 
     name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[Method]]] = {}  # every named subclass, in import order
     prunes: ClassVar[bool] = True  # its layers carry a mask (SparseLinear) on the schedule
     trains: ClassVar[bool] = True  # takes optimizer steps (False: train.max_steps is not used)
     calibrates: ClassVar[bool] = False  # prunes once from calibration data; can be a pst.init
@@ -61,6 +64,21 @@ class Method:
     learns_thresholds: ClassVar[bool] = False  # may use a learned mask kind (pst.mask=threshold)
     injects: ClassVar[bool] = True  # replaces the targeted layers (dense trains them as they are)
     transient_weight_copies: ClassVar[int] = 0  # memory model: fp32 weight-sized buffers in backward
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Method.registry[cls.name] = cls
+
+    @staticmethod
+    def named(name: str) -> type[Method]:
+        """The method registered as ``name`` (KeyError: settle the config first)."""
+        return Method.registry[name]
+
+    @staticmethod
+    def names_with(*flags: str) -> list[str]:
+        """The registered methods that have every one of ``flags`` set, in registry order."""
+        return [n for n, method in Method.registry.items() if all(getattr(method, f) for f in flags)]
 
     def mask_bytes_kept(self, numel: int) -> int:
         """Memory model: bytes a pruned layer of ``numel`` weights keeps from forward to backward
@@ -81,10 +99,9 @@ class Method:
     @classmethod
     def check(cls, config: ExperimentConfig) -> None:
         """Refuse what this method cannot do with the rest of ``config`` (ConfigError)."""
-        from . import method_class, names_with
-
+        names_with = Method.names_with
         pst = cls.layer_config(config.pst)
-        init = method_class(pst.init)
+        init = Method.named(pst.init)
         if init.calibrates or init.reads_zeros:
             if not (cls.warm_startable or init is cls):
                 starts = ", ".join(names_with("warm_startable"))
@@ -130,9 +147,7 @@ class Method:
 
     def warm_start_method(self) -> type[Method] | None:
         """The calibrating method whose mask this run starts from (pst.init), if any."""
-        from . import method_class
-
-        init = method_class(self.pst.init)
+        init = Method.named(self.pst.init)
         return init if init.calibrates else None
 
     def holds_final_sparsity(self) -> bool:
@@ -145,9 +160,7 @@ class Method:
     def starts_from_zeros(self) -> bool:
         """True when each layer's mask state is its weight's own zeros (pst.init=zeros), not the
         schedule's count (oneshot/zeros.py)."""
-        from . import method_class
-
-        return method_class(self.pst.init).reads_zeros
+        return Method.named(self.pst.init).reads_zeros
 
     def factor_ranks(self) -> dict[str, int]:
         """The config keys of its low-rank factors' ranks, with their values (none by default):
