@@ -24,9 +24,7 @@ def loss_grads_and_saved_bytes(model, batch):
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(**batch).loss
-    controller = SparsityController(pst_method(CONFIG), 1, dict(iter_pst_layers(model)))
-    with controller.inputs_unobserved():  # checkpointing runs each block's forward again here
-        loss.backward()
+    loss.backward()  # checkpointing runs each block's forward again here: no input is counted twice
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, sum(saved)
 
@@ -36,11 +34,13 @@ def test_checkpointing_keeps_loss_and_factor_gradients_and_saves_less(tiny_model
     inject_pst(model, CONFIG, "pst")
     model.train()
     torch.manual_seed(3)
-    for _, layer in iter_pst_layers(model):
+    layers = dict(iter_pst_layers(model))
+    SparsityController(pst_method(CONFIG), 1, layers).apply(0)  # the first step gathers input norms
+    assert next(iter(layers.values())).board.record.gathering
+    for layer in layers.values():
         layer.sparsity = 0.5
         layer.V.data.normal_()  # so that U and A also get gradients
         layer.B.data.normal_()
-        layer.input_stats.collecting = True
     ids = torch.randint(0, 256, (2, 48))
     batch = {"input_ids": ids, "labels": ids}
 

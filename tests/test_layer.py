@@ -7,6 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 from pst_ds import PSTConfig, PSTLinear, cubic_sparsity
 from pst_ds.layers.settling import count_changed, pack_bits, rank_slice
+from pst_ds.layers.step import StepRecord
 from pst_ds.masks.kinds import StraightThroughMask, TopK
 from pst_ds.masks.select import NonFiniteScoresError, keep_from, num_pruned, select_pruned
 
@@ -236,13 +237,17 @@ def test_mask_changes_are_counted_between_noted_forwards():
     torch.manual_seed(4)
     layer = PSTLinear(nn.Linear(20, 10), PSTConfig.release())
     x = torch.randn(3, 20)
-    layer.sparsity, layer.track_mask = 0.3, True
+    layer.sparsity = 0.3
+    layer.board.publish(StepRecord(0, logged=True))
     layer(x)
     assert layer.settling.changes is None and not layer.track_mask  # first note: nothing to compare
     first = layer.mask()
     layer.sparsity = 0.5
-    layer(x)  # not tracked: the noted mask stays
-    layer.track_mask = True
+    layer(x)  # the step's mask was noted: this one is not
+    layer.board.publish(StepRecord(1, logged=False))
+    layer(x)  # not a logged step
+    assert layer.settling.changes is None
+    layer.board.publish(StepRecord(2, logged=True))
     layer(x)
     assert layer.settling.changes == int((layer.mask() != first).sum()) == 40
 

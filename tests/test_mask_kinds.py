@@ -15,6 +15,7 @@ from pst_ds.config import ConfigError
 from pst_ds.experiment import load_experiment
 from pst_ds.layers.importance import InputStatistics, fold_step
 from pst_ds.layers.inject import inject_pst, iter_pst_layers
+from pst_ds.layers.step import StepRecord
 from pst_ds.masks.allocation import allocate_kept
 from pst_ds.masks.kinds import NM, VNM, TopK
 from pst_ds.masks.select import num_pruned
@@ -301,7 +302,7 @@ def test_threshold_gradient_is_the_band_mean_of_the_mask_gradient(compiled, scop
     layer = make_layer(10, 30, mask="threshold", mask_scope=scope, threshold_band=0.2, compile=compiled)
     with torch.no_grad():
         layer.threshold_logit.normal_(0, 0.5)
-    layer.threshold_shift = 0.3
+    layer.board.publish(StepRecord(0, threshold_shifts={layer.layer_name: 0.3}))
     counts = torch.randint(5, 25, (10,)) if scope == "row" else torch.tensor(140)
     layer.pruned.copy_(counts)
     if scope == "row":

@@ -1,6 +1,7 @@
 """One selection per optimizer step: every micro-batch of a gradient-accumulation step, every
 recomputed forward of gradient checkpointing and every backward use the mask the step's first
-forward selected, and it is the mask a fresh selection gives; after the next step it is made again."""
+forward selected, and it is the mask a fresh selection gives; after the next step it is made again,
+even when the loop steps its optimizer without publishing the next step's record."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pst_ds import PSTConfig, PSTLinear
+from pst_ds.layers.step import StepRecord
 
 KINDS = {
     "topk": {},
@@ -18,10 +20,16 @@ KINDS = {
 }
 
 
-def layer_of(kind: str, compiled: bool = False) -> PSTLinear:
+class NotedLinear(PSTLinear):
+    """Notes the mask of every forward (a layer notes only a logged step's first)."""
+
+    track_mask = True
+
+
+def layer_of(kind: str, compiled: bool = False, noted: bool = False) -> PSTLinear:
     torch.manual_seed(0)
     config = PSTConfig.release(weight_rank=4, mask_rank=4, compile=compiled, **KINDS[kind])
-    layer = PSTLinear(nn.Linear(80, 96).requires_grad_(False), config)
+    layer = (NotedLinear if noted else PSTLinear)(nn.Linear(80, 96).requires_grad_(False), config)
     layer.sparsity = 0.6 if kind == "vnm" else 0.5
     with torch.no_grad():
         for name in ("V", "B", "R", "C"):
@@ -41,11 +49,12 @@ def counted_selections(layer: PSTLinear) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("publishes", [True, False], ids=["published", "loop-forgets"])
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_one_selection_per_step_gives_every_micro_batch_the_fresh_mask(kind, checkpointed):
-    held, fresh = layer_of(kind), layer_of(kind)
-    held.selection_per_step = True  # as the sparsity controller sets it
+def test_one_selection_per_step_gives_every_micro_batch_the_fresh_mask(kind, checkpointed, publishes):
+    held, fresh = layer_of(kind, noted=True), layer_of(kind, noted=True)
+    held.board.publish(StepRecord(0))  # as the sparsity controller does before the first step
     calls = counted_selections(held)
     fresh_calls = counted_selections(fresh)
     held.train(), fresh.train()
@@ -56,6 +65,8 @@ def test_one_selection_per_step_gives_every_micro_batch_the_fresh_mask(kind, che
     ]
     masks_by_step = []
     for step in range(2):
+        if publishes:  # the controller's record of this step (a loop that forgets it publishes none)
+            held.board.publish(StepRecord(step))
         recorded = []
         for x in inputs:
             outputs = []
@@ -65,7 +76,6 @@ def test_one_selection_per_step_gives_every_micro_batch_the_fresh_mask(kind, che
                 forward = (
                     (lambda v, m=layer: checkpoint(m, v, use_reentrant=False)) if checkpointed else layer
                 )
-                layer.track_mask = True
                 y = forward(x)
                 y.square().sum().backward()
                 outputs.append((y.detach(), record[0]))
@@ -81,14 +91,13 @@ def test_one_selection_per_step_gives_every_micro_batch_the_fresh_mask(kind, che
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
-        held.start_step()  # what the controller's apply() does after each optimizer step
         masks_by_step.append(recorded[0])
     assert not torch.equal(masks_by_step[0], masks_by_step[1])  # the step moved the mask: selected again
 
 
 def test_evaluation_and_no_grad_forwards_never_take_the_held_selection():
     layer = layer_of("topk")
-    layer.selection_per_step = True
+    layer.board.publish(StepRecord(0))
     calls = counted_selections(layer)
     x = torch.randn(3, 80)
     layer.train()
@@ -103,7 +112,8 @@ def test_evaluation_and_no_grad_forwards_never_take_the_held_selection():
     assert calls[0] == 4
     layer.put_in_force(layer.pruned_count)  # a new state in force drops the held selection
     layer.train()
-    layer.track_mask, record = True, []
+    layer.board.publish(StepRecord(0, logged=True))  # the same step: only the new count selects again
+    record = []
     layer.note_mask = record.append
     layer(x)
     assert calls[0] == 5 and torch.equal(record[0], expected)

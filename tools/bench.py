@@ -42,6 +42,7 @@ from pst_ds import PSTConfig, PSTLinear  # noqa: E402
 from pst_ds.config import LoRAConfig  # noqa: E402
 from pst_ds.layers.baselines import LoRALinear  # noqa: E402
 from pst_ds.layers.masked_lora import MaskedLoRALinear  # noqa: E402
+from pst_ds.layers.step import StepRecord  # noqa: E402
 from pst_ds.methods import METHODS  # noqa: E402
 
 # (out, in, tokens) per named shape: the SmolLM2-135M and LLaMA-7B block linears.
@@ -110,7 +111,7 @@ def layer_variants(
         layer.to(DEVICE)
     masked_lora = MaskedLoRALinear(frozen, PSTConfig(final_sparsity=sparsity), LoRAConfig()).to(DEVICE)
     masked_lora.sparsity = sparsity
-    masked_lora.selection_per_step = True  # as the controller sets it: a frozen mask is selected once
+    masked_lora.board.publish(StepRecord(0))  # as a controller does: a frozen mask is selected once
     with torch.no_grad():
         masked_lora.lora_B.normal_(0, 0.01)
     return {

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pst_ds.config import ConfigError  # noqa: E402
 from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.layers.inject import inject, iter_pst_layers  # noqa: E402
+from pst_ds.layers.step import StepRecord  # noqa: E402
 from pst_ds.methods import method_class  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402
 from pst_ds.train.engine import load_ds_config  # noqa: E402
@@ -57,6 +58,7 @@ def run_method(args: argparse.Namespace, name: str, ds_config: dict) -> dict:
     controller = SparsityController(method, args.steps, layers) if layers else None
     if controller is not None:
         controller.put_in_force(layers, config.pst.final_sparsity)
+        controller.board.publish(StepRecord(0))  # one selection per optimizer step, as in training
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=engine_config)
     generator = torch.Generator().manual_seed(0)
@@ -70,9 +72,6 @@ def run_method(args: argparse.Namespace, name: str, ds_config: dict) -> dict:
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        if controller is not None:
-            for layer in layers.values():
-                layer.start_step()  # as the controller's apply() does after each optimizer step
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from ..masks.kinds import Selection, mask_kind
 from ..masks.select import NonFiniteScoresError
 from .importance import InputStatistics, column_scale
 from .settling import MaskSettling
+from .step import StepBoard, in_backward, optimizer_steps
 
 # Set by dense_forward(): every injected layer computes x W^T + b (the frozen dense layer).
 _DENSE = contextvars.ContextVar("pst_ds_dense_forward", default=False)
@@ -37,10 +39,10 @@ def dense_forward() -> Iterator[None]:
 
 class DenseTeacher(nn.Module):
     """A frozen copy of a layer's original weight, for distillation's teacher when a warm start
-    rewrites the weight itself (pst.init=sparsegpt). Built partitioned under ZeRO-3 (so it
-    costs one more frozen weight per shard, never a whole one per rank) and filled by the warm
-    start just before it rewrites the weight; a copy from birth otherwise. Saved in
-    checkpoints, never exported."""
+    rewrites the weight itself (pst.init=sparsegpt). A copy from birth, taken before any start
+    runs: partitioned under ZeRO-3 (one more frozen weight per shard, never a whole one per
+    rank), on the weight's own device (meta in a meta build). Frozen like the backbone, so a
+    checkpoint leaves it out and resume reads it back from the base model; never exported."""
 
     exported = False
 
@@ -53,17 +55,30 @@ class DenseTeacher(nn.Module):
 
 
 def dense_teacher(base: nn.Linear | Conv1D) -> DenseTeacher:
-    """A DenseTeacher for ``base``'s weight: a copy of it, on its device (meta in a meta build);
-    under ZeRO-3 empty and partitioned at birth, filled by the warm start that rewrites it."""
+    """A DenseTeacher holding a copy of ``base``'s weight, on its device; under ZeRO-3 built
+    partitioned and filled shard by shard (a weight and its copy split alike over the ranks)."""
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled():
+    if not is_deepspeed_zero3_enabled() or not hasattr(base.weight, "ds_tensor"):
         return DenseTeacher(base.weight.detach().clone())
     import deepspeed
 
-    shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
-        return DenseTeacher(torch.zeros(shape, dtype=base.weight.dtype))
+        teacher = DenseTeacher(torch.empty(tuple(base.weight.ds_shape), dtype=base.weight.dtype))
+    with torch.no_grad():
+        teacher.weight.ds_tensor.copy_(base.weight.ds_tensor)
+    return teacher
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """Where an injected layer sits, given to it when it is built: its qualified name in the
+    model (for errors and per-layer state), the model's step board, and distillation's teacher
+    when a warm start will rewrite the weight."""
+
+    name: str = ""
+    board: StepBoard = field(default_factory=StepBoard)
+    teacher: DenseTeacher | None = None
 
 
 class WrappedLinear(nn.Module):
@@ -71,7 +86,7 @@ class WrappedLinear(nn.Module):
     Parameter objects (so checkpoints and ZeRO-3 hooks still see them) and knows its
     (out, in) orientation."""
 
-    def __init__(self, base: nn.Linear | Conv1D) -> None:
+    def __init__(self, base: nn.Linear | Conv1D, site: LayerSite | None = None) -> None:
         super().__init__()
         # Conv1D stores its weight as (in, out) and computes x @ W.
         self.transposed = isinstance(base, Conv1D)
@@ -80,8 +95,10 @@ class WrappedLinear(nn.Module):
         # Under ZeRO-3 the weight may already be partitioned: its real shape is ds_shape.
         shape = tuple(getattr(base.weight, "ds_shape", base.weight.shape))
         self.out_features, self.in_features = (shape[1], shape[0]) if self.transposed else shape
-        self.layer_name = ""  # its qualified name in the model, given by the injector (for errors)
-        self.dense_teacher: DenseTeacher | None = None  # the original weight, when a warm start rewrites it
+        site = site or LayerSite()
+        self.layer_name = site.name
+        self.board = site.board  # read only: the controller publishes each step's record there
+        self.dense_teacher = site.teacher  # the original weight, when a warm start rewrites it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _DENSE.get():
@@ -119,8 +136,8 @@ class SparseLinear(WrappedLinear):
     step. A host copy beside it is what the selection reads: no device sync per forward.
     """
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
-        super().__init__(base)
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite | None = None) -> None:
+        super().__init__(base, site)
         self.mask_kind = mask_kind(config)
         device = base.weight.device
         pruned = self.mask_kind.pruned_count(self.out_features, self.in_features, config.initial_sparsity)
@@ -132,14 +149,11 @@ class SparseLinear(WrappedLinear):
         if config.importance == "activation":
             self.input_stats = InputStatistics()
             self.register_buffer("input_sq", torch.ones(self.in_features, dtype=torch.float32, device=device))
-        # Mask settling, for logging: the trainer sets track_mask before a logged step's forward.
-        self.track_mask = False
+        # Mask settling, for logging: noted in the first training forward of a logged step.
         self.settling = MaskSettling()
-        # One selection per optimizer step (the sparsity controller turns this on and starts each
-        # step): W and the factors change only at a step, so every micro-batch, checkpointed
-        # recompute and backward until the next one would select the same mask again.
-        self.selection_per_step = False
-        self._held: Selection | None = None
+        self._noted_step: int | None = None
+        # The step's held selection and the key it was made under (layers/step.py).
+        self._held: tuple[object, Selection] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -157,14 +171,29 @@ class SparseLinear(WrappedLinear):
         self._pruned_host = self.pruned.detach().to("cpu", copy=True)
         self._held = None  # another state in force: select again
 
-    def start_step(self) -> None:
-        """An optimizer step changed W or the factors: the next training forward selects again."""
-        self._held = None
+    def selection_key(self) -> object:
+        """What a held selection stays valid for: this step of the record, and no optimizer step
+        taken since (W and the factors change only at one)."""
+        return (self.board.record.step, optimizer_steps())
 
     def reuses_selection(self) -> bool:
         """Whether the forward about to run takes (or makes) the step's held selection: training
-        forwards only, so an evaluation or a warm start's calibration always selects afresh."""
-        return self.selection_per_step and self.training and torch.is_grad_enabled()
+        forwards under a published record only, so an evaluation or a warm start's calibration
+        always selects afresh."""
+        return self.board.record is not None and self.training and torch.is_grad_enabled()
+
+    @property
+    def track_mask(self) -> bool:
+        """Whether this forward notes the mask (and checks its scores): the first training forward
+        of a logged step, not a recompute in backward."""
+        record = self.board.record
+        return (
+            record is not None
+            and record.logged
+            and self._noted_step != record.step
+            and self.training
+            and not in_backward()
+        )
 
     @property
     def pruned_count(self) -> torch.Tensor:
@@ -186,15 +215,17 @@ class SparseLinear(WrappedLinear):
         return None if self.input_stats is None else column_scale(self.input_sq)
 
     def observe_inputs(self, x: torch.Tensor) -> None:
-        """Add x to this step's input statistics when they are being gathered (the trainer stops
-        that for backward, where gradient checkpointing runs the forward again)."""
-        if self.input_stats is not None and self.input_stats.collecting and self.training:
+        """Add x to this step's input statistics when the record gathers them (not in backward,
+        where gradient checkpointing runs the forward again)."""
+        record = self.board.record
+        gathering = record is not None and record.gathering
+        if self.input_stats is not None and gathering and self.training and not in_backward():
             self.input_stats.observe(x)
 
     def note_mask(self, mask: torch.Tensor) -> None:
         """Count the entries (of this rank's slice) changed since the previously noted mask;
         once per logged step, so a checkpointed forward's recomputation notes nothing."""
-        self.track_mask = False
+        self._noted_step = None if self.board.record is None else self.board.record.step
         self.settling.note(mask)
 
     def mask_changes(self) -> int | None:
@@ -209,11 +240,11 @@ class SparseLinear(WrappedLinear):
         """The kind's mask of ``scores`` at the state in force; ``check``: refuse non-finite scores
         (a device sync, so training checks on logged steps only where the selection has none).
         ``reuse`` (``reuses_selection()``): the step's held selection, made now if none is held."""
-        if reuse and self._held is not None:
-            return self._held
+        if reuse and self._held is not None and self._held[0] == self.selection_key():
+            return self._held[1]
         selection = self.mask_kind.select(scores, self._pruned_host, check)
         if reuse:
-            self._held = selection
+            self._held = (self.selection_key(), selection)
         return selection
 
     def masked_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,8 +253,9 @@ class SparseLinear(WrappedLinear):
         weight, reuse = self.oriented_weight(), self.reuses_selection()
         with torch.no_grad():
             scores, _ = self.scores_and_weight()
-            keep = self.selection(scores, check=self.track_mask, reuse=reuse).mask(scores)
-            if self.track_mask:
+            track = self.track_mask
+            keep = self.selection(scores, check=track, reuse=reuse).mask(scores)
+            if track:
                 self.note_mask(keep)
         return F.linear(x, (weight * keep.to(weight.dtype)).to(x.dtype), self.bias)
 
@@ -234,7 +266,13 @@ class SparseLinear(WrappedLinear):
         return self.selection(scores).mask(scores)
 
     @torch.no_grad()
+    def masked_weight_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M * W' in the base layer's own layout and dtype, M (out, in)): what export writes, and
+        the mask it checks against the kind's pattern."""
+        scores, weight = self.scores_and_weight()
+        keep = self.selection(scores).mask(scores)
+        return self.to_base_layout(weight * keep), keep
+
     def merged_weight(self) -> torch.Tensor:
         """The masked weight in the base layer's own layout and dtype (for export)."""
-        scores, weight = self.scores_and_weight()
-        return self.to_base_layout(weight * self.selection(scores).mask(scores))
+        return self.masked_weight_and_mask()[0]

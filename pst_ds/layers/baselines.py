@@ -26,14 +26,14 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoRAConfig, PSTConfig
 from ..masks.kinds import StraightThroughMask
-from .base import SparseLinear, WrappedLinear
+from .base import LayerSite, SparseLinear, WrappedLinear
 
 
 class MagnitudeLinear(SparseLinear):
     """Gradual magnitude pruning: the mask keeps the largest |W|, the weight fine-tunes."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
-        super().__init__(base, config)
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite | None = None) -> None:
+        super().__init__(base, config, site)
         self.weight.requires_grad_(True)
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +52,10 @@ class MagnitudeLinear(SparseLinear):
 class MovementLinear(SparseLinear):
     """Movement pruning (``train_weight``) or static model pruning (weights frozen)."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, train_weight: bool) -> None:
-        super().__init__(base, config)
+    def __init__(
+        self, base: nn.Linear | Conv1D, config: PSTConfig, train_weight: bool, site: LayerSite | None = None
+    ) -> None:
+        super().__init__(base, config, site)
         self.weight.requires_grad_(train_weight)
         with deepspeed.zero.GatheredParameters([self.weight]):  # partitioned under ZeRO-3
             magnitude = self.oriented_weight().detach().float().abs().clone()
@@ -66,8 +68,9 @@ class MovementLinear(SparseLinear):
         return {"method": [self.weight], "scores": [self.scores]}
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = StraightThroughMask.apply(self.scores, self.mask_kind, self.pruned_count, self.track_mask)
-        if self.track_mask:
+        track = self.track_mask
+        mask = StraightThroughMask.apply(self.scores, self.mask_kind, self.pruned_count, track)
+        if track:
             self.note_mask(mask.detach() > 0)
         weight = self.oriented_weight()
         return F.linear(x, (mask * weight.float()).to(x.dtype), self.bias)
@@ -84,8 +87,8 @@ def lora_factors(layer: WrappedLinear, config: LoRAConfig) -> tuple[nn.Parameter
 class LoRALinear(WrappedLinear):
     """A dense low-rank update beside the frozen weight (Hu et al. 2021)."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: LoRAConfig) -> None:
-        super().__init__(base)
+    def __init__(self, base: nn.Linear | Conv1D, config: LoRAConfig, site: LayerSite | None = None) -> None:
+        super().__init__(base, site)
         self.scale = config.alpha / config.rank
         self.lora_A, self.lora_B = lora_factors(self, config)
 

@@ -31,7 +31,6 @@ class InputStatistics:
     """This step's sum of x_j^2 and token count for one layer (fp32, not saved: a step's worth)."""
 
     def __init__(self) -> None:
-        self.collecting = False
         self.square_sum: torch.Tensor | None = None
         self.tokens = 0
 

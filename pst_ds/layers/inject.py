@@ -24,7 +24,8 @@ from ..config import (
 from ..experiment import experiment_config
 from ..io.models import load_model
 from ..methods import Method, method_class
-from .base import SparseLinear, WrappedLinear, dense_teacher
+from .base import LayerSite, SparseLinear, WrappedLinear, dense_teacher
+from .step import StepBoard
 
 
 def _matching(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Module]]:
@@ -101,13 +102,13 @@ def inject(model: nn.Module, method: Method) -> list[str]:
     model.requires_grad_(False)
     # The factors' initial values are a function of train.seed alone: the same on every rank and
     # whichever loop injects (launch/train.py, an HF Trainer's prepare), whatever drew before.
+    board = StepBoard()  # one per model: its controller publishes each step's record there
     with torch.random.fork_rng():
         torch.manual_seed(method.config.train.seed)
         for name, module in targets:
-            layer = method.build_layer(name, module)
-            layer.layer_name = name
-            if method.keeps_dense_teacher():  # before the warm start rewrites the weight
-                layer.dense_teacher = dense_teacher(module)
+            # the teacher copies the weight before the warm start rewrites it
+            teacher = dense_teacher(module) if method.keeps_dense_teacher() else None
+            layer = method.build_layer(module, LayerSite(name, board, teacher))
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr, layer)
     for _, module in _matching(model, method.pst.trainable_modules):

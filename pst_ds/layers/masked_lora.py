@@ -24,7 +24,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoRAConfig, PSTConfig
-from .base import SparseLinear
+from .base import LayerSite, SparseLinear
 from .baselines import lora_factors
 
 
@@ -69,16 +69,20 @@ class MaskedLoRAFunction(torch.autograd.Function):
 class MaskedLoRALinear(SparseLinear):
     """A frozen, pruned ``nn.Linear`` or GPT-2 ``Conv1D`` with a LoRA update merged under its mask."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, lora: LoRAConfig) -> None:
-        super().__init__(base, config)
+    def __init__(
+        self, base: nn.Linear | Conv1D, config: PSTConfig, lora: LoRAConfig, site: LayerSite | None = None
+    ) -> None:
+        super().__init__(base, config, site)
         self.scale = lora.alpha / lora.rank
         self.lora_A, self.lora_B = lora_factors(self, lora)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"method": [self.lora_A, self.lora_B]}
 
-    def start_step(self) -> None:
-        """An optimizer step changes A and B, never W nor the mask: the selection stays held."""
+    def selection_key(self) -> object:
+        """An optimizer step changes A and B, never W nor the mask: the selection stays held
+        until another count is put in force."""
+        return None
 
     def put_in_force(self, pruned: torch.Tensor) -> None:
         # The controller writes the same count after every step; only a new one selects again.

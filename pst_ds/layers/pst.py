@@ -29,7 +29,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PSTConfig
-from .base import SparseLinear
+from .base import LayerSite, SparseLinear
 from .pst_function import PSTHyper, PSTLinearFunction, extended_importance_factors, kernels
 
 
@@ -39,8 +39,8 @@ class PSTLinear(SparseLinear):
     The factors are shaped for the (out, in) orientation whatever the base layout.
     """
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig) -> None:
-        super().__init__(base, config)
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite | None = None) -> None:
+        super().__init__(base, config, site)
         out_features, in_features = self.out_features, self.in_features
         self.hyper_per_unit = PSTHyper(
             config.alpha1,
@@ -71,7 +71,6 @@ class PSTLinear(SparseLinear):
             self.threshold_logit = nn.Parameter(
                 torch.zeros(out_features if self.mask_kind.per_row else 1, **factory)
             )
-            self.threshold_shift = 0.0  # the model-wide shift c, set by the sparsity controller
 
     def _apply_unit(self) -> None:
         """The hyper-parameters in the layer's unit, on the host (set on build and load, never read
@@ -118,6 +117,13 @@ class PSTLinear(SparseLinear):
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         updated, scores = self.updated_and_scores()
         return scores, updated
+
+    @property
+    def threshold_shift(self) -> float:
+        """The shift of this layer's threshold logit in the step's record (the model-wide c
+        plus its profile's prior; 0 before a controller publishes one)."""
+        record = self.board.record
+        return 0.0 if record is None else record.threshold_shifts.get(self.layer_name, 0.0)
 
     def keep_fraction(self) -> torch.Tensor | None:
         """rho = sigmoid(logit + c) of a learned threshold, for its gradient (masks/allocation.py)."""

@@ -152,6 +152,12 @@ class MaskKind:
         """What export reports about the pattern."""
         return {"kind": self.name}
 
+    def selection_cost(self) -> tuple[float, float]:
+        """For the cost model (train/cost.py): (bytes per entry the selection reads and writes,
+        element-wise FLOPs per entry of the mask test). Top-k brackets the k-th value (a
+        finiteness sum, two compares, the bracket's entries)."""
+        return 14.0, 2.0
+
     def pattern_problem(self, keep: torch.Tensor, pruned: torch.Tensor) -> str | None:
         """Why ``keep`` is not exactly this kind's mask with ``pruned``, or None if it is."""
         expected = int(pruned.sum())
@@ -193,6 +199,10 @@ class TopK(MaskKind):
     def describe(self) -> dict:
         return {"kind": self.name, "scope": self.scope}
 
+    def selection_cost(self) -> tuple[float, float]:
+        # a row scope runs a kthvalue per row and counts the entries below and tied
+        return (20.0 if self.per_row else 14.0), 2.0
+
     def pattern_problem(self, keep: torch.Tensor, pruned: torch.Tensor) -> str | None:
         if self.per_row:
             actual = keep.shape[1] - keep.sum(1)
@@ -222,6 +232,10 @@ class NM(MaskKind):
 
     def __init__(self, n: int = 2, m: int = 4) -> None:
         self.n, self.m = n, m
+
+    def selection_cost(self) -> tuple[float, float]:
+        # no selection pass: the mask is element-wise in S (each group's ranks)
+        return 0.0, 16.0
 
     @classmethod
     def from_config(cls, config: PSTConfig) -> MaskKind:
@@ -325,6 +339,10 @@ class VNM(NM):
 
     def describe(self) -> dict:
         return {"kind": self.name, "v": self.v, "n": self.n, "m": self.m}
+
+    def selection_cost(self) -> tuple[float, float]:
+        # each block's column sums, once; then 2:4 among the chosen columns
+        return 4.0, 24.0
 
     def pattern_problem(self, keep: torch.Tensor, pruned: torch.Tensor) -> str | None:
         if not bool(pruned.any()) or int(pruned) < self.pattern_count(*keep.shape):

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from transformers.pytorch_utils import Conv1D
 
     from ..config import ExperimentConfig
-    from ..layers.base import SparseLinear
+    from ..layers.base import LayerSite, SparseLinear
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Method:
         """Refuse a PST section this calibrating method cannot start (ConfigError)."""
 
     # ------------------------------------------------------------------ layers
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module | None:
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module | None:
         """The layer that replaces ``base``, the module called ``name`` (None: leave it in place)."""
         raise NotImplementedError
 
@@ -175,10 +175,16 @@ class Method:
         return distills and init is not None and init.rewrites_backbone
 
     def changes_backbone(self) -> bool:
-        """True when training or the warm start writes new values into the backbone's weights:
-        a checkpoint must then hold them, the base model's folder no longer does."""
+        """True when training writes new values into the backbone's weights: a checkpoint must
+        then hold them all, the base model's folder no longer does."""
+        return not self.frozen_backbone
+
+    def rewrites_backbone_at_start(self) -> bool:
+        """True when the warm start writes new weights into the backbone once (pst.init=sparsegpt)
+        and training leaves them: the run writes them once, as its start folder, and checkpoints
+        refer to it (io/start_weights.py)."""
         init = self.warm_start_method()
-        return not self.frozen_backbone or (init is not None and init.rewrites_backbone)
+        return self.frozen_backbone and init is not None and init.rewrites_backbone
 
     # ------------------------------------------------------------------ lifecycle
     def warm_start(self, calibration: Calibration) -> None:

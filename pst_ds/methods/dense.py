@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..layers.base import LayerSite
 from .base import Method
 
 
@@ -14,5 +15,5 @@ class Dense(Method):
     frozen_backbone = False
     injects = False
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> None:
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> None:
         return None

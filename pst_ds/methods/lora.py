@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..layers.base import LayerSite
 from ..layers.baselines import LoRALinear
 from .base import Method
 
@@ -13,8 +14,8 @@ class LoRA(Method):
     name = "lora"
     prunes = False
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return LoRALinear(base, self.config.lora)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return LoRALinear(base, self.config.lora, site)
 
     def factor_ranks(self) -> dict[str, int]:
         return {"lora.rank": self.config.lora.rank}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..layers.base import LayerSite
 from ..layers.baselines import MagnitudeLinear
 from .base import Method
 
@@ -16,5 +17,5 @@ class Magnitude(Method):
     warm_startable = True
     starts_training = True  # as pst.init: the release's start, the magnitude mask on the schedule
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return MagnitudeLinear(base, self.pst)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return MagnitudeLinear(base, self.pst, site)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import ConfigError, PSTConfig
+from ..layers.base import LayerSite
 from ..layers.masked_lora import MaskedLoRALinear
 from .base import Method
 from .wanda import Wanda
@@ -44,8 +45,8 @@ class MaskedLoRA(Method):
     def holds_final_sparsity(self) -> bool:
         return True  # the start's mask, frozen from the first step (magnitude's too: no schedule)
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return MaskedLoRALinear(base, self.pst, self.config.lora)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return MaskedLoRALinear(base, self.pst, self.config.lora, site)
 
     def factor_ranks(self) -> dict[str, int]:
         return {"lora.rank": self.config.lora.rank}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..layers.base import LayerSite
 from ..layers.baselines import MovementLinear
 from .base import Method
 
@@ -15,5 +16,5 @@ class Movement(Method):
     frozen_backbone = False
     learns_scores = True
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return MovementLinear(base, self.pst, train_weight=True)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return MovementLinear(base, self.pst, train_weight=True, site=site)

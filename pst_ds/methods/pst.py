@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..layers.base import LayerSite
 from ..layers.pst import PSTLinear
 from .base import Method
 
@@ -19,8 +20,8 @@ class PST(Method):
     def mask_bytes_kept(self, numel: int) -> int:
         return -(-numel // 8) if self.pst.saves_mask_bits() else 0
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return PSTLinear(base, self.pst)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return PSTLinear(base, self.pst, site)
 
     def factor_ranks(self) -> dict[str, int]:
         return {"pst.weight_rank": self.pst.weight_rank, "pst.mask_rank": self.pst.mask_rank}

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PSTConfig
+from ..layers.base import LayerSite
 from ..layers.pst import PSTLinear
 from .base import Method
 from .magnitude import Magnitude
@@ -23,8 +24,8 @@ from .magnitude import Magnitude
 class RandomMaskLinear(PSTLinear):
     """A PST layer whose importance is seeded noise: its mask is a uniformly random kept set."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, seed: int) -> None:
-        super().__init__(base, config)
+    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite, seed: int) -> None:
+        super().__init__(base, config, site)
         self.seed = seed
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,5 +47,5 @@ class Random(Method):
         # Its seeded noise is its start: a YAML's one-shot warm start (pst.init) does not apply.
         return pst.replaced(init=Magnitude.name)
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return RandomMaskLinear(base, self.pst, seed=zlib.crc32(name.encode()))
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return RandomMaskLinear(base, self.pst, site, seed=zlib.crc32(site.name.encode()))

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import ConfigError, OneShotConfig, PSTConfig
-from ..layers.base import SparseLinear
+from ..layers.base import LayerSite, SparseLinear
 from ..layers.pst import PSTLinear
 from ..oneshot.calibrate import prune_one_shot
 from ..oneshot.sparsegpt import sparsegpt_prune
@@ -39,19 +39,14 @@ class SparseGPT(Method):
                 f"pst.init=sparsegpt supports pst.mask {', '.join(obs_prunable_kinds())}, not {pst.mask}"
             )
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return PSTLinear(base, self.pst)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return PSTLinear(base, self.pst, site)
 
     @classmethod
     def calibrate(cls, calibration: Calibration, oneshot: OneShotConfig) -> None:
         def prune(layer: SparseLinear, hessian: torch.Tensor) -> None:
-            teacher = [] if layer.dense_teacher is None else [layer.dense_teacher.weight]
-            with (
-                torch.no_grad(),
-                deepspeed.zero.GatheredParameters([layer.weight, *teacher], modifier_rank=0),
-            ):
-                if teacher:  # distillation's teacher keeps the weight this sweep rewrites
-                    teacher[0].copy_(layer.weight)
+            # distillation's teacher (layer.dense_teacher) has held a copy of W since it was built
+            with torch.no_grad(), deepspeed.zero.GatheredParameters([layer.weight], modifier_rank=0):
                 updated = sparsegpt_prune(
                     layer.oriented_weight(),
                     hessian,

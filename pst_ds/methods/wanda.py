@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import ConfigError, OneShotConfig, PSTConfig
+from ..layers.base import LayerSite
 from ..layers.pst import PSTLinear
 from ..oneshot.calibrate import prune_one_shot
 from .base import Calibration, Method
@@ -32,8 +33,8 @@ class Wanda(Method):
                 "set pst.importance=activation"
             )
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return PSTLinear(base, self.pst)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return PSTLinear(base, self.pst, site)
 
     @classmethod
     def calibrate(cls, calibration: Calibration, oneshot: OneShotConfig) -> None:

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import ConfigError, PSTConfig
+from ..layers.base import LayerSite
 from ..layers.pst import PSTLinear
 from .base import Method
 
@@ -31,5 +32,5 @@ class Zeros(Method):
         if pst.init_schedule == "ramp":
             raise ConfigError("pst.init=zeros starts at the model's own sparsity: use pst.init_schedule=hold")
 
-    def build_layer(self, name: str, base: nn.Linear | Conv1D) -> nn.Module:
-        return PSTLinear(base, self.pst)
+    def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
+        return PSTLinear(base, self.pst, site)

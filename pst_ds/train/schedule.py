@@ -3,14 +3,14 @@ and the controller that puts it in force in the layers."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from types import MappingProxyType
 
 import deepspeed
 import torch
 
 from ..layers.base import SparseLinear
 from ..layers.importance import fold_step
+from ..layers.step import StepBoard, StepRecord
 from ..masks.allocation import allocate_kept
 from ..masks.select import num_pruned
 from ..methods import Calibration, Method
@@ -62,8 +62,8 @@ class SparsityController:
         # Each layer's own mask state, whatever the schedule says (pst.init=zeros: its weight's
         # zeros, read again whenever a run is built: the weights are frozen). None: the schedule's.
         self.own_counts = zero_counts(layers) if method.starts_from_zeros() and layers else None
-        for layer in layers.values():  # W and the factors change only at the steps it is told of
-            layer.selection_per_step = True
+        # The layers' board (one per model): where each step's record is published.
+        self.board = next(iter(layers.values())).board if layers else StepBoard()
 
     def sparsity_at(self, step: int) -> float:
         """The sparsity in force after ``step`` optimizer steps: 0 for methods that do not prune,
@@ -120,33 +120,17 @@ class SparsityController:
         final = self.config.final_sparsity
         return self.profile[name] / final if self.profile is not None and final > 0 else 1.0
 
-    def apply(self, step: int) -> None:
-        """The state in force for the forward of step ``step + 1`` (after ``step`` steps)."""
+    def apply(self, step: int, logged: bool = False) -> None:
+        """The state in force for the forwards of step ``step + 1`` (after ``step`` steps): the
+        layers' counts, then the step's record (``logged``: its first forward notes the mask)."""
         sparsity = self.sparsity_at(step)
-        for layer in self.layers.values():
-            layer.start_step()
+        shifts = {}
         if self.learned:
-            self._allocate(sparsity)
+            shifts = self._allocate(sparsity)
         else:
             self.put_in_force(self.layers, sparsity)
-        collecting = self.activation and (self._in_warmup(step) or self.config.activation_ema > 0)
-        for layer in self.layers.values():
-            if layer.input_stats is not None:
-                layer.input_stats.collecting = collecting
-
-    @contextlib.contextmanager
-    def inputs_unobserved(self) -> Iterator[None]:
-        """Within (backward): no layer gathers input statistics, so a forward that gradient
-        checkpointing runs again is not counted twice."""
-        stats = [layer.input_stats for layer in self.layers.values() if layer.input_stats is not None]
-        collecting = [s.collecting for s in stats]
-        for s in stats:
-            s.collecting = False
-        try:
-            yield
-        finally:
-            for s, was in zip(stats, collecting, strict=True):
-                s.collecting = was
+        gathering = self.activation and (self._in_warmup(step) or self.config.activation_ema > 0)
+        self.board.publish(StepRecord(step, logged, gathering, MappingProxyType(shifts)))
 
     def end_step(self, step: int) -> None:
         """After step ``step + 1``'s optimizer step: fold its input statistics (collective)."""
@@ -155,7 +139,9 @@ class SparsityController:
         weight = 1.0 / (step + 1) if self._in_warmup(step) else self.config.activation_ema
         fold_step(((layer.input_sq, layer.input_stats) for layer in self.layers.values()), weight)
 
-    def _allocate(self, sparsity: float) -> None:
+    def _allocate(self, sparsity: float) -> dict[str, float]:
+        """Put in force the counts the logits keep at ``sparsity`` over the whole model; return
+        each layer's shift of its logits."""
         layers = list(self.layers.values())
         logits = [layer.threshold_logit for layer in layers]
         with deepspeed.zero.GatheredParameters(logits):  # tiny; every rank needs all of them
@@ -169,11 +155,12 @@ class SparsityController:
         if sparsity > 0:
             flat = flat + torch.cat([torch.full((n,), p) for n, p in zip(counts, prior, strict=True)])
             shift, kept = allocate_kept(flat, sizes, total - num_pruned(total, sparsity))
-        offset = 0
+        offset, shifts = 0, {}
         for layer, count, p in zip(layers, counts, prior, strict=True):
             layer.put_in_force(sizes[offset : offset + count] - kept[offset : offset + count])
-            layer.threshold_shift = shift + p
+            shifts[layer.layer_name] = shift + p
             offset += count
+        return shifts
 
     def _prior(self, name: str) -> float:
         """logit(1 - s_layer) - logit(1 - s_final): 0 without a profile."""
