@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_shard_gb", type=float, default=0.25, help="safetensors shard size (GiB)")
     args = parser.parse_args(argv)
     from pst_ds.config import ConfigError
-    from pst_ds.io.export import export_checkpoint
+    from pst_ds.io.export import WRITE_ERRORS, export_checkpoint
 
     out = Path(args.out or Path(args.run) / "export")
     start = time.time()
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pst-ds: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk or a folder it may not write: nothing half-written is left
+    except WRITE_ERRORS as err:  # a full disk or a folder it may not write: nothing half-written is left
         print(
             f"pst-ds: error: cannot write the pruned model to {out} ({type(err).__name__}: {err})",
             file=sys.stderr,

@@ -24,11 +24,16 @@ def test_a_fingerprint_is_hashed_once_and_notices_a_change(tmp_path, monkeypatch
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"weights" * 1000)
     (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("a model card")
+    (folder / "tokenizer.json").write_text("{}")
     hashed = []
     first = base_model.fingerprint(folder, hashed.append)
     assert len(hashed) == 1 and set(first) == {"model.safetensors", "config.json"}
     assert first["model.safetensors"]["bytes"] == 7000
     assert base_model.fingerprint(folder, hashed.append) == first and len(hashed) == 1  # cached
+    assert base_model.fingerprint_change(first, folder) is None
+    (folder / "README.md").write_text("a model card, edited")  # not what a checkpoint builds on
+    (folder / "tokenizer.json").write_text('{"edited": true}')
     assert base_model.fingerprint_change(first, folder) is None
 
     (folder / "model.safetensors").write_bytes(b"Weights" * 1000)  # same size, other bytes
@@ -40,29 +45,32 @@ def test_a_fingerprint_is_hashed_once_and_notices_a_change(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    ("method", "init", "changes"),
+    ("method", "init", "changes", "rewrites_at_start"),
     [
-        ("pst", "magnitude", False),
-        ("pst", "wanda", False),
-        ("pst", "sparsegpt", True),  # the warm start writes new weights into W
-        ("lora", "magnitude", False),
-        ("wanda", "magnitude", False),
-        ("sparsegpt", "magnitude", True),
-        ("dense", "magnitude", True),
-        ("magnitude", "magnitude", True),
-        ("movement", "magnitude", True),
+        ("pst", "magnitude", False, False),
+        ("pst", "wanda", False, False),
+        ("pst", "sparsegpt", False, True),  # the warm start writes new weights into W, once
+        ("masked_lora", "sparsegpt", False, True),
+        ("lora", "magnitude", False, False),
+        ("wanda", "magnitude", False, False),
+        ("sparsegpt", "magnitude", False, True),
+        ("dense", "magnitude", True, False),  # training writes W
+        ("magnitude", "magnitude", True, False),
+        ("movement", "magnitude", True, False),
     ],
 )
-def test_methods_that_change_the_backbone_keep_saving_it(method, init, changes):
+def test_methods_that_train_the_backbone_keep_saving_it(method, init, changes, rewrites_at_start):
     importance = {"importance": "activation"} if init == "wanda" else {}  # as pst.init=wanda asks
     config = experiment_config(method=method, pst=PSTConfig.release(init=init, **importance))
     assert method_class(method)(config).changes_backbone() is changes
+    assert method_class(method)(config).rewrites_backbone_at_start() is rewrites_at_start
 
 
 def tensors(folder):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_checkpoint_without_the_backbone_exports_the_same_model(
     tmp_path, tiny_model_dir, small_text, python
@@ -121,3 +129,64 @@ def test_a_checkpoint_without_the_backbone_exports_the_same_model(
         assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
         assert f"cannot {what} {lean / 'checkpoints' / tag}: {problem}" in errors[0]
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_rewriting_start_is_written_once_and_resume_and_export_equal_a_whole_checkpoint(
+    tmp_path, tiny_model_dir, small_text
+):
+    """SparseGPT's start at 70% with distillation, 2 ZeRO-3 ranks: the checkpoints leave out the
+    rewritten backbone and the teacher's copy, the start folder holds the backbone once, and a
+    run resumed from them trains and exports exactly as one whose checkpoints hold everything."""
+    from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
+
+    ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
+    env = {**ds_env(), "PST_DS_CACHE": str(tmp_path / "cache")}
+
+    def train(out, *extra) -> subprocess.CompletedProcess:
+        command = [
+            DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+            "--ds_config", str(ds_config), "--config", "configs/experiments/tiny_llama.yaml",
+            "model.source=path", f"model.path={tiny_model_dir}", f"train.output_dir={out}",
+            f"data.train_files=[{small_text}]", "data.block_size=32", "train.micro_batch_size=2",
+            "data.max_validation_blocks=8", "train.max_steps=4", "train.save_every=2", "train.log_every=1",
+            "pst.init=sparsegpt", "pst.final_sparsity=0.7", "train.distill.weight=0.5",
+            "oneshot.calibration_blocks=6", "oneshot.block_columns=16", "train.export=true", *extra,
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    lean, whole = tmp_path / "lean", tmp_path / "whole"
+    train(whole, "train.save_frozen=true")
+    train(lean)
+    tag = checkpoint.tag_for(4)
+    base = checkpoint.read_manifest(lean / "checkpoints", tag)["base"]
+    start = lean / base["start"]["folder"]
+    assert base_model.fingerprint_change(base["start"]["files"], start) is None
+    model_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert sum(f.stat().st_size for f in start.iterdir()) <= model_bytes
+    for step in (2, 4):
+        folder = lean / "checkpoints" / checkpoint.tag_for(step)
+        states = torch.load(next(folder.glob("*model_states.pt")), weights_only=False)
+        assert not states.get("frozen_param_fragments")  # neither the backbone nor the teacher's copy
+    lean_bytes = sum(f.stat().st_size for f in (lean / "checkpoints" / tag).iterdir())
+    whole_bytes = sum(f.stat().st_size for f in (whole / "checkpoints" / tag).iterdir())
+    assert whole_bytes - lean_bytes > 1.5 * model_bytes  # the backbone and the teacher, each sharded
+
+    # Resume from step 2: the rewritten backbone comes back from the start folder, the teacher from
+    # the base model; the losses and the exported model are those of the whole checkpoints' run.
+    shutil.rmtree(lean / "checkpoints" / tag)
+    shutil.rmtree(lean / "export")
+    (lean / "checkpoints" / "latest").write_text(checkpoint.tag_for(2))
+    train(lean)
+    expected = {r["step"]: r["loss"] for r in read_metrics(whole)[0]}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(lean)[0][-2:]}
+    assert sorted(resumed) == [3, 4]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+    reference, written = tensors(whole / "export"), tensors(lean / "export")
+    assert written.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(written[name], tensor), name

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -327,3 +328,22 @@ def test_resuming_under_another_zero_stage_is_one_error(tmp_path, python, small_
     assert "it was saved under ZeRO stage 2, this run's --ds_config uses stage 3" in one_error_line(
         again.stderr
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["cut short", "not safetensors"])
+def test_a_damaged_weights_file_is_one_error(tmp_path, tiny_model_dir, python, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100] if damage == "cut short" else b"not weights" * 100)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [python, "launch/train.py", "--config", TINY, f"train.output_dir={out}", "model.source=path",
+         f"model.path={folder}", "data.block_size=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    error = one_error_line(result.stderr)
+    assert f"model.path '{folder}': its weights cannot be read (SafetensorError" in error
+    assert not out.exists()  # the run lock's folder goes with the refused run

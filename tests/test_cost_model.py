@@ -10,40 +10,54 @@ from pathlib import Path
 import pytest
 
 from pst_ds.experiment import load_experiment
-from pst_ds.train.cost import Device, LayerShape, layer_seconds, model_shapes, passes, step_seconds
+from pst_ds.masks.kinds import LearnedThreshold
+from pst_ds.train.cost import (
+    DenseCost,
+    Device,
+    LayerShape,
+    LoRACost,
+    PSTCost,
+    layer_seconds,
+    model_shapes,
+    step_seconds,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = LayerShape(out=300, inp=200, tokens=50)
 E, T = 300 * 200, 50
 
 
-def total(method, **knobs):
-    found = passes(method, SHAPE, **knobs)
+def total(cost, select=True):
+    found = cost.passes(SHAPE, select)
     return sum(p.flops for p in found), sum(p.bytes for p in found)
 
 
 def test_gemm_counts_of_each_method():
     gemm_flops = 2 * E * T
-    assert total("dense")[0] == 3 * gemm_flops  # y, dx and the weight's gradient
+    assert total(DenseCost())[0] == 3 * gemm_flops  # y, dx and the weight's gradient
     # No weight gradient; the rank-8 factors' products, 2 r (o + i) T each, three each way.
-    assert total("lora")[0] == 2 * gemm_flops + 6 * 2 * 8 * (300 + 200) * T
-    assert total("pst")[0] > 3 * gemm_flops  # PST needs G = dy^T x for its factors
+    assert total(LoRACost())[0] == 2 * gemm_flops + 6 * 2 * 8 * (300 + 200) * T
+    assert total(PSTCost())[0] > 3 * gemm_flops  # PST needs G = dy^T x for its factors
 
 
 def test_bits_move_fewer_bytes_than_selecting_again_and_selection_is_counted_once():
-    bits, recompute = total("pst")[1], total("pst", saved_mask="recompute")[1]
+    bits, recompute = total(PSTCost())[1], total(PSTCost(saved_mask="recompute"))[1]
     # Recompute writes W' and S again (8 bytes an entry) and reads them back instead of W (8 - 4)
     # and its bits (1/8 byte); bits add their eighth of a byte written in the forward:
     # 8 + 8 - 4 + 4 (W read for W', S again) - 1/8 - 1/8.
     assert recompute - bits == pytest.approx(E * (8 + 8 - 4 + 4 - 0.125 - 0.125))
-    assert total("pst", select=False)[1] < total("pst")[1]
+    assert total(PSTCost(), select=False)[1] < total(PSTCost())[1]
+    # a learned threshold's gradient needs S itself: it saves no bits
+    assert (
+        total(PSTCost(LearnedThreshold()))[1] == total(PSTCost(LearnedThreshold(), saved_mask="recompute"))[1]
+    )
     device = Device("test", 1e12, 1e10)
-    one = step_seconds(device, "pst", [SHAPE], micro_batches=1, checkpointing=False)
-    four = step_seconds(device, "pst", [SHAPE], micro_batches=4, checkpointing=False)
+    one = step_seconds(device, PSTCost(), [SHAPE], micro_batches=1, checkpointing=False)
+    four = step_seconds(device, PSTCost(), [SHAPE], micro_batches=4, checkpointing=False)
     assert four < 4 * one  # the step's selection, once
-    checkpointed = step_seconds(device, "pst", [SHAPE], micro_batches=1, checkpointing=True)
+    checkpointed = step_seconds(device, PSTCost(), [SHAPE], micro_batches=1, checkpointing=True)
     forward_again = sum(
-        device.seconds(p.flops, p.bytes) for p in passes("pst", SHAPE, select=False) if p.forward
+        device.seconds(p.flops, p.bytes) for p in PSTCost().passes(SHAPE, select=False) if p.forward
     )
     assert checkpointed == pytest.approx(one + forward_again)
 
@@ -52,12 +66,12 @@ def test_roofline_limits():
     compute_bound = Device("fast memory", 1e12, 1e18)
     memory_bound = Device("fast compute", 1e18, 1e9)
     # With free memory traffic PST costs its GEMMs (3 of them) plus the element-wise FLOPs.
-    ratio = layer_seconds(compute_bound, "pst", SHAPE) / layer_seconds(compute_bound, "dense", SHAPE)
+    ratio = layer_seconds(compute_bound, PSTCost(), SHAPE) / layer_seconds(compute_bound, DenseCost(), SHAPE)
     assert 1.0 < ratio < 1.5
-    ratio = layer_seconds(memory_bound, "pst", SHAPE) / layer_seconds(memory_bound, "dense", SHAPE)
+    ratio = layer_seconds(memory_bound, PSTCost(), SHAPE) / layer_seconds(memory_bound, DenseCost(), SHAPE)
     assert ratio > 3  # element-wise passes over the weight dominate
-    dense_one = step_seconds(memory_bound, "dense", [SHAPE], 1, False, world_size=1)
-    dense_two = step_seconds(memory_bound, "dense", [SHAPE], 1, False, world_size=2)
+    dense_one = step_seconds(memory_bound, DenseCost(), [SHAPE], 1, False, world_size=1)
+    dense_two = step_seconds(memory_bound, DenseCost(), [SHAPE], 1, False, world_size=2)
     assert dense_two < dense_one  # Adam on half the weights per rank
 
 

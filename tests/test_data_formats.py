@@ -4,6 +4,7 @@ prompt/completion records; completion-only labels after packing; one clear error
 In process, on the byte tokenizer (one token per byte), so that a reference built from the
 characters says exactly which token must train."""
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -14,7 +15,13 @@ from transformers import ByT5Tokenizer
 
 from pst_ds.config import ConfigError, DataConfig
 from pst_ds.io.cache import CACHE_ENV
-from pst_ds.io.data import collate_blocks, load_calibration_blocks, load_text_blocks, packed_blocks
+from pst_ds.io.data import (
+    collate_blocks,
+    load_calibration_blocks,
+    load_eval_texts,
+    load_text_blocks,
+    packed_blocks,
+)
 
 # A minimal chat template: each turn as <role>content</s>; the generation prompt opens an assistant turn.
 TEMPLATE = (
@@ -180,6 +187,19 @@ def test_bad_records_name_the_file_and_line(tmp_path, tokenizer):
         "data.loss_on=completion needs chat or prompt/completion records",
         loss_on="completion",
     )
+    plain = tmp_path / "plain.txt"  # a .txt file is text too: every token would train, unasked
+    plain.write_text("Some text.\n" * 50)
+    said = f"records; {plain} is plain text, where every token would train"
+    bad(plain, tokenizer, said, loss_on="completion")
+
+
+def test_plain_text_eval_files_count_every_token_beside_completion_training(tmp_path, tokenizer):
+    plain = tmp_path / "far.txt"
+    plain.write_text("Some text far from the training data.\n" * 200)
+    section = config([write_jsonl(tmp_path / "p.jsonl", PAIRS * 20)], loss_on="completion")
+    section = dataclasses.replace(section, eval_files=[str(plain)])
+    texts = load_eval_texts(section, tokenizer)
+    assert len(texts["far"]) > 0 and "labels" not in texts["far"].column_names
 
 
 def test_chat_records_need_a_chat_template(tmp_path):

@@ -9,10 +9,13 @@ import torch
 from conftest import ROOT
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from reference_export import merge_layers
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 
+from launch import export as export_cli
 from pst_ds.experiment import load_experiment
+from pst_ds.io import checkpoint_tensors
 from pst_ds.io.data import load_text_blocks
 from pst_ds.io.export import export_checkpoint
 from pst_ds.io.models import load_tokenizer
@@ -89,7 +92,7 @@ def assert_same_export(folder, reference) -> None:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_export_from_two_rank_zero3(tmp_path, small_text, kind):
+def test_export_from_two_rank_zero3(tmp_path, small_text, kind, monkeypatch, capsys):
     run = tmp_path / "run"
     kind_overrides, share = KINDS[kind]
     overrides = OVERRIDES + kind_overrides + [f"data.train_files=[{small_text}]"]
@@ -145,6 +148,19 @@ def test_export_from_two_rank_zero3(tmp_path, small_text, kind):
         report_tool = [sys.executable, "tools/sparsity_report.py", str(sharded), "--layer", layer]
         subprocess.run(report_tool, cwd=ROOT, check=True, capture_output=True, timeout=300)
         assert "| **total** (14 matrices)" in (sharded / "sparsity_report.md").read_text()
+
+        # A disk that fills under safetensors' own write: one error line, no shard left behind.
+        def disk_full(*args, **kwargs):
+            raise SafetensorError("No space left on device (os error 28)")
+
+        monkeypatch.setattr(checkpoint_tensors, "save_file", disk_full)
+        full = tmp_path / "full_disk_export"
+        assert export_cli.main(["--run", str(run), "--out", str(full)]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pst-ds: error:")]
+        said = f"cannot write the pruned model to {full} (SafetensorError: No space"
+        assert len(errors) == 1 and said in errors[0]
+        assert not list(full.glob("*.safetensors")) and not list(full.glob("shard-*"))
+        monkeypatch.undo()
     blocks = load_text_blocks(config.data, load_tokenizer(config.model)).validation
     blocks_file = tmp_path / "blocks.pt"
     torch.save(torch.stack([b["input_ids"] for b in blocks]), blocks_file)

@@ -106,8 +106,13 @@ def test_layers_of_other_shapes_between_forward_and_backward_leave_the_gradients
     small = pst_layer(nn.Linear(48, 64).requires_grad_(False), "recompute", compiled=True)
     large = pst_layer(nn.Linear(64, 112).requires_grad_(False), "recompute", compiled=True)
     x = torch.randn(5, 48)
-    alone_small = output_and_grads(small, x)
-    alone_large = output_and_grads(large, alone_small["y"])
+    alone_large = output_and_grads(large, output_and_grads(small, x)["y"])
+    # The small layer alone, under the gradient the large one sends back to it in the model.
+    small.zero_grad(set_to_none=True)
+    alone_x = x.clone().requires_grad_(True)
+    (small(alone_x) * alone_large["x"]).sum().backward()
+    alone_small = {n: p.grad.clone() for n, p in small.named_parameters() if p.grad is not None}
+    alone_small["x"] = alone_x.grad
     for layer in (small, large):
         layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
@@ -115,7 +120,9 @@ def test_layers_of_other_shapes_between_forward_and_backward_leave_the_gradients
     (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
     for name in ("U", "V", "A", "B", "R", "C"):
         torch.testing.assert_close(getattr(large, name).grad, alone_large[name], rtol=1e-6, atol=1e-7)
-        assert getattr(small, name).grad.abs().sum() > 0
+        torch.testing.assert_close(getattr(small, name).grad, alone_small[name], rtol=1e-6, atol=1e-7)
+        assert alone_small[name].abs().sum() > 0
+    torch.testing.assert_close(x.grad, alone_small["x"], rtol=1e-6, atol=1e-7)
     held = WORKSPACE.nbytes()
     y = large(small(x))
     y.sum().backward()

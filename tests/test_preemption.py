@@ -1,6 +1,8 @@
-"""Preemption: a signal finishes the step, checkpoints every rank and exits 75; a second one
-exits at once; the same command resumes with the losses of a run never interrupted."""
+"""Preemption: a scheduler's notice finishes the step, checkpoints every rank and exits 75; the
+same command resumes with the losses of a run never interrupted. The notice comes either way a
+cluster ends a job: a signal to the whole process group, or the end of the deepspeed command."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,38 +15,66 @@ from test_checkpoint import losses_by_step
 from test_distributed import DEEPSPEED, ds_env, free_port, write_ds_config
 
 from pst_ds.train import checkpoint
-from pst_ds.train.preemption import PREEMPTED_EXIT
 
-NOTICE = """
+RANK = """
 import os, signal, sys, time
 from pst_ds.train.preemption import PreemptionNotice
 notice = PreemptionNotice()
-os.kill(os.getpid(), signal.SIGTERM)
+print("watching" if notice._watched else "not watching", flush=True)
+for signum in sys.argv[1:]:
+    os.kill(os.getpid(), getattr(signal, signum))  # a launcher relays the group's signal: twice
 time.sleep(0.2)
+deadline = time.time() + 30
+while not notice.pending() and time.time() < deadline:
+    time.sleep(0.05)
 print("noted:", notice.received, flush=True)
-if sys.argv[1] == "twice":
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(5)
-    print("still running", flush=True)
 """
 
 
-@pytest.mark.parametrize("times", ["once", "twice"])
-def test_the_first_signal_is_noted_and_a_second_one_exits_at_once(times):
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGTERM", "SIGTERM"], ["SIGUSR1", "SIGTERM"]])
+def test_the_first_signal_is_the_notice_and_a_relayed_one_changes_nothing(signals):
     result = subprocess.run(
-        [sys.executable, "-c", NOTICE, times], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", RANK, *signals], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
-    assert "pst-ds: SIGTERM received: finishing this optimizer step" in result.stdout
-    assert "noted: SIGTERM" in result.stdout
-    if times == "once":
-        assert result.returncode == 0
-    else:
-        assert result.returncode == -signal.SIGTERM and "still running" not in result.stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not watching" in result.stdout  # no DeepSpeed launcher above this process
+    assert f"pst-ds: {signals[0]}: finishing this step, then saving a checkpoint" in result.stdout
+    assert result.stdout.count("pst-ds:") == 1  # said once, outside the handler
+    assert f"noted: {signals[0]}" in result.stdout
+
+
+# A stand-in for DeepSpeed's per-node launcher (its module name in the command line): starts the
+# rank and outlives its own parent, as the real one does when the deepspeed runner dies.
+LAUNCHER = """
+import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+sys.exit(rank.wait())
+"""
+RUNNER = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], "deepspeed.launcher.launch"])
+time.sleep(600)
+"""
+
+
+def test_a_rank_notices_when_the_deepspeed_command_that_started_its_launcher_ends():
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, LAUNCHER, RANK],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = iter(runner.stdout.readline, "")
+    assert next(line for line in lines if "watching" in line).strip() == "watching"
+    runner.terminate()  # the runner alone, as `timeout` or a container runtime ends it
+    output = runner.communicate(timeout=60)[0]  # the pipe closes when the rank has ended too
+    assert f"noted: the end of the deepspeed command (its runner, pid {runner.pid}, is gone)" in output
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_signal_on_one_rank_checkpoints_all_and_the_rerun_resumes_exactly(
+def test_a_group_signal_and_the_end_of_the_deepspeed_command_both_checkpoint_and_resume_exactly(
     tmp_path, tiny_model_dir, small_text
 ):
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
@@ -54,7 +84,7 @@ def test_a_signal_on_one_rank_checkpoints_all_and_the_rerun_resumes_exactly(
             DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
             "--ds_config", str(ds_config), "--config", "configs/experiments/tiny_llama.yaml",
             "model.source=path", f"model.path={tiny_model_dir}", f"train.output_dir={out}",
-            f"data.train_files=[{small_text}]", "train.max_steps=40", "train.micro_batch_size=2",
+            f"data.train_files=[{small_text}]", "train.max_steps=30", "train.micro_batch_size=2",
             "data.block_size=32", "data.max_validation_blocks=4", "data.validation_fraction=0.05",
         ]  # fmt: skip
 
@@ -65,42 +95,50 @@ def test_a_signal_on_one_rank_checkpoints_all_and_the_rerun_resumes_exactly(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = losses_by_step(reference)
 
-    # SIGUSR1 (SLURM's warning) to rank 1 alone, a few steps in.
-    run = tmp_path / "run"
-    cmd = command(run)
-    launcher = subprocess.Popen(
-        cmd, cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert launcher.poll() is None, "the run ended before the signal"
-        if (run / "metrics.jsonl").is_file() and len(losses_by_step(run)) >= 3:
-            break
-        time.sleep(0.05)
-    rank1 = [
-        p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()
-    ]
-    rank1[0].send_signal(signal.SIGUSR1)
-    output = launcher.communicate(timeout=300)[0]
-    assert launcher.returncode == PREEMPTED_EXIT, output[-3000:]
-    assert "pst-ds: SIGUSR1 received" in output
-    tag = checkpoint.latest_tag(run / "checkpoints")
-    step = checkpoint.read_manifest(run / "checkpoints", tag)["step"]
-    assert 3 <= step < 40
-    assert (
-        f"pst-ds: stopped on a signal on another rank after step {step}, saved in {run / 'checkpoints' / tag}"
-        in output
-    )
-    assert sorted({p.name for p in (run / "checkpoints" / tag).glob("rng_rank*.pt")}) == [
-        "rng_rank0.pt",
-        "rng_rank1.pt",
-    ]
-    assert checkpoint.read_manifest(run / "checkpoints", tag)["base"] is not None  # without the backbone
+    for way in ("group", "command"):
+        run = tmp_path / way
+        cmd = command(run)
+        runner = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=ds_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group, as a job's
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert runner.poll() is None, "the run ended before the signal"
+            if (run / "metrics.jsonl").is_file() and len(losses_by_step(run)) >= 3:
+                break
+            time.sleep(0.05)
+        ranks = [
+            p
+            for p in psutil.Process(runner.pid).children(recursive=True)
+            if "--local_rank" in str(p.cmdline())
+        ]
+        if way == "group":  # SLURM's scancel, tini -g: every process, the launcher relays it again
+            os.killpg(runner.pid, signal.SIGTERM)
+        else:  # `timeout`, a container runtime: the deepspeed command alone
+            runner.send_signal(signal.SIGTERM)
+        output = runner.communicate(timeout=300)[0]  # at EOF: every process that shares the pipe ended
+        assert runner.returncode == -signal.SIGTERM  # DeepSpeed's runner dies of it either way
+        assert [p.is_running() for p in ranks] == [False, False]
+        tag = checkpoint.latest_tag(run / "checkpoints")
+        assert tag is not None, output[-3000:]
+        step = checkpoint.read_manifest(run / "checkpoints", tag)["step"]
+        assert 3 <= step < 30
+        assert f"after step {step}, saved in {run / 'checkpoints' / tag}: run the same command" in output
+        notice = "pst-ds: SIGTERM:" if way == "group" else "pst-ds: the end of the deepspeed command"
+        assert notice in output
+        if way == "command":  # the per-node launcher outlived the runner and reports the ranks' status
+            assert "exits with return code = 75" in output, output[-3000:]
 
-    rerun = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"resumed from {run / 'checkpoints' / tag}" in rerun.stdout + rerun.stderr
-    got = losses_by_step(run)
-    assert sorted(got) == list(range(1, 41))
-    for k in range(1, 41):
-        assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-7), k
+        rerun = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert f"resumed from {run / 'checkpoints' / tag}" in rerun.stdout + rerun.stderr
+        got = losses_by_step(run)
+        assert sorted(got) == list(range(1, 31))
+        for k in range(1, 31):
+            assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-7), (way, k)

@@ -49,8 +49,9 @@ def test_a_held_lock_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path):
     assert len(warnings) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
-def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, small_text, python):
+def test_a_second_run_into_a_live_runs_folder_is_refused_before_it_loads(tmp_path, small_text, python):
     command = [
         python, "launch/train.py", "--config", "configs/experiments/tiny_llama.yaml",
         f"train.output_dir={tmp_path / 'run'}", f"data.train_files=[{small_text}]", "data.block_size=32",
@@ -72,3 +73,16 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, small_text, p
         len(errors) == 1 and f"is in use by the run of pid {first.pid} on {socket.gethostname()}" in errors[0]
     )
     assert "Traceback" not in second.stderr
+    assert "memory model" not in second.stdout + second.stderr  # refused before the model was read
+
+
+def test_a_refused_run_leaves_no_folder_it_created(tmp_path):
+    lock = RunLock(tmp_path / "new" / "run")
+    lock.acquire(print)
+    assert (tmp_path / "new" / "run" / LOCK_FILE).is_file()
+    lock.release()
+    assert not (tmp_path / "new" / "run").exists()
+    kept = RunLock(tmp_path)  # a folder that was there before stays
+    kept.acquire(print)
+    kept.release()
+    assert tmp_path.is_dir() and not (tmp_path / LOCK_FILE).exists()

@@ -50,9 +50,11 @@ def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_save_failing_on_one_rank_stops_both_ranks_with_one_error(tmp_path, small_text):
-    """Rank 1's disk fills inside DeepSpeed's save while rank 0 completes its part: both ranks
-    agree (no rank left waiting in a collective), exit 1, and step 2 stays the last checkpoint."""
+@pytest.mark.parametrize("after", [0, 1, 2], ids=["first-write", "second-write", "rng-write"])
+def test_a_save_failing_on_one_rank_stops_both_ranks_with_one_error(tmp_path, small_text, after):
+    """Rank 1's disk fills inside DeepSpeed's save (at its first write, or its second, or at our
+    own RNG file after DeepSpeed's) while rank 0 completes its part: both ranks agree (no rank
+    left waiting in a collective), exit 1, and step 2 stays the last checkpoint."""
     root = tmp_path / "run" / "checkpoints"
     command = [
         DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/save_fault_probe.py",
@@ -61,7 +63,7 @@ def test_a_save_failing_on_one_rank_stops_both_ranks_with_one_error(tmp_path, sm
         "train.max_steps=4", f"data.train_files=[{small_text}]", "data.block_size=32", "train.save_every=2",
         "train.micro_batch_size=2", "data.max_validation_blocks=4", "data.validation_fraction=0.05",
     ]  # fmt: skip
-    env = {**ds_env(), "FULL_AT": checkpoint.tag_for(4), "FULL_ON_RANK": "1"}
+    env = {**ds_env(), "FULL_AT": checkpoint.tag_for(4), "FULL_ON_RANK": "1", "FULL_AFTER": str(after)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from pst_ds.experiment import load_experiment
 from pst_ds.io.models import LAUNCHER_VARIABLES
 from pst_ds.masks.select import num_pruned
+from pst_ds.train import checkpoint
 from pst_ds.train.distributed import leave_process_group
 from pst_ds.train.trainer import Trainer, load_ds_config
 
@@ -66,6 +67,21 @@ def test_a_run_trains_checkpoints_and_exports_a_plain_model(finished_run):
     for name, layer in report["layers"].items():
         weight = model.get_submodule(name).weight
         assert int((weight == 0).sum()) == layer["zeros"] == num_pruned(weight.numel(), 0.5), name
+
+
+def test_a_run_without_saves_or_export_still_ends_with_its_checkpoint(tmp_path, small_text):
+    overrides = [
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", f"data.train_files=[{small_text}]",
+        "data.block_size=32", "train.save_every=0", "train.export=false", "pst.compile=false",
+    ]  # fmt: skip
+    trainer = tiny_trainer(overrides)
+    try:
+        trainer.train()
+    finally:
+        leave_process_group()
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.complete_tags(root) == ["step00000002"]  # what it trained, to export or resume
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, small_text, python):

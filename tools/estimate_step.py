@@ -32,19 +32,37 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from pst_ds.config import ConfigError  # noqa: E402
 from pst_ds.experiment import load_experiment  # noqa: E402
-from pst_ds.train.cost import GPUS, Device, LayerShape, layer_seconds, model_shapes, step_seconds  # noqa: E402
+from pst_ds.masks.kinds import NM, VNM, LearnedThreshold, TopK  # noqa: E402
+from pst_ds.train.cost import (  # noqa: E402
+    GPUS,
+    DenseCost,
+    Device,
+    LayerShape,
+    LoRACost,
+    PSTCost,
+    layer_seconds,
+    model_shapes,
+    step_seconds,
+)
 
-# bench.py's layer formulations: (method, knobs).
-FORMULATIONS = {
-    "lora": ("lora", {}),
-    "pst": ("pst", {}),
-    "pst_recompute": ("pst", {"saved_mask": "recompute"}),
-    "pst_row": ("pst", {"kind": "row"}),
-    "pst_threshold": ("pst", {"kind": "threshold"}),
-    "pst_nm_2_4": ("pst", {"kind": "nm"}),
-    "pst_vnm_64_2_5": ("pst", {"kind": "vnm"}),
+# The mask kinds the step table compares, by the column each gets.
+KINDS = {
+    "topk": TopK(),
+    "row": TopK("row"),
+    "threshold": LearnedThreshold(),
+    "nm": NM(2, 4),
+    "vnm": VNM(64, 5),
 }
-KINDS = ["topk", "row", "threshold", "nm", "vnm"]
+# bench.py's layer formulations, by its names.
+FORMULATIONS = {
+    "lora": LoRACost(),
+    "pst": PSTCost(),
+    "pst_recompute": PSTCost(saved_mask="recompute"),
+    "pst_row": PSTCost(KINDS["row"]),
+    "pst_threshold": PSTCost(KINDS["threshold"]),
+    "pst_nm_2_4": PSTCost(KINDS["nm"]),
+    "pst_vnm_64_2_5": PSTCost(KINDS["vnm"]),
+}
 
 
 def _median_seconds(run, repeats: int = 5) -> float:
@@ -76,10 +94,10 @@ def layer_check(device: Device, measured: dict | None) -> tuple[dict, list[str]]
     for name in shapes:
         out, inp, tokens = SHAPES[name]
         shape = LayerShape(out, inp, tokens)
-        dense = layer_seconds(device, "dense", shape)
+        dense = layer_seconds(device, DenseCost(), shape)
         got = measured["results"][name]["ratio_to_dense"] if measured else {}
-        for formulation, (method, knobs) in FORMULATIONS.items():
-            predicted = layer_seconds(device, method, shape, **knobs) / dense
+        for formulation, cost in FORMULATIONS.items():
+            predicted = layer_seconds(device, cost, shape) / dense
             actual = got.get(formulation)
             results[f"{name}/{formulation}"] = {"predicted": predicted, "measured": actual}
             m = f"{actual:.2f}" if actual else "-"
@@ -110,11 +128,11 @@ def step_predictions(configs: list[str], gpus: list[str]) -> tuple[dict, list[st
                 rest=rest,
             )
 
-            dense, lora = step(method="dense"), step(method="lora")
+            dense, lora = step(DenseCost()), step(LoRACost())
             row = {"dense_s": dense, "lora_s": lora}
             cells = []
-            for kind in KINDS:
-                pst = step(method="pst", kind=kind)
+            for kind, mask in KINDS.items():
+                pst = step(PSTCost(mask))
                 row[kind] = {"pst_s": pst, "step_x_dense": pst / dense, "tokens_per_s_x_lora": lora / pst}
                 cells.append(f"{pst / dense:.2f}, {lora / pst:.2f}")
             results[f"{Path(path).stem}/{gpu}"] = row

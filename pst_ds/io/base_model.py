@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,20 @@ def _write_cache(cache: dict[str, Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
+def defines_the_model(path: Path) -> bool:
+    """Whether a file of a model folder holds what a checkpoint builds on: the weights, their
+    index, the architecture (config.json). A README, the tokenizer or a chat template does not:
+    editing one must not block a resume."""
+    return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json") or path.name == "config.json"
+
+
 def fingerprint(folder: Path, progress: Callable[[str], None] = lambda _: None) -> dict[str, dict[str, Any]]:
-    """{file name: {bytes, sha256}} for every file directly in ``folder``; ``progress`` hears
-    once when files must be hashed (not in the cache, or changed since)."""
+    """{file name: {bytes, sha256}} for every file directly in ``folder`` that defines the model;
+    ``progress`` hears once when files must be hashed (not in the cache, or changed since)."""
     cache = _read_cache()
-    files = {str(p.resolve()): p.stat() for p in sorted(folder.iterdir()) if p.is_file()}
+    files = {
+        str(p.resolve()): p.stat() for p in sorted(folder.iterdir()) if p.is_file() and defines_the_model(p)
+    }
     stale = [
         key
         for key, stat in files.items()
@@ -99,17 +109,35 @@ def fingerprint_change(recorded: dict[str, Any], folder: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class BaseRecord:
+    """Where a checkpoint's left-out tensors come from: the base model folder, the dtype the run
+    held them in, and the run's start folder when a warm start rewrote the backbone."""
+
+    folder: Path
+    dtype: torch.dtype
+    start: Path | None = None
+
+
 class BaseTensors:
     """Tensors of a Hugging Face model folder (safetensors or PyTorch ``.bin`` files) by their
     names in the model, as the run held them: loaded in fp32 (as training loads models), then
-    rounded through ``dtype`` (the engine's, bf16 say) as DeepSpeed had cast the frozen weights."""
+    rounded through ``dtype`` (the engine's, bf16 say) as DeepSpeed had cast the frozen weights.
+    ``start``: a run's start folder (io/start_weights.py), whose tensors replace the folder's."""
 
-    def __init__(self, folder: Path, base_model_prefix: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        base_model_prefix: str,
+        dtype: torch.dtype = torch.float32,
+        start: Path | None = None,
+    ) -> None:
         self.folder, self.prefix, self.dtype = folder, f"{base_model_prefix}.", dtype
         self.where: dict[str, Path] = {}
-        for path in sorted(folder.iterdir()):
-            if path.suffix in WEIGHT_SUFFIXES and path.is_file():
-                self.where.update(dict.fromkeys(self._keys(path), path))
+        for source in (folder, start) if start is not None else (folder,):
+            for path in sorted(source.iterdir()):
+                if path.suffix in WEIGHT_SUFFIXES and path.is_file():
+                    self.where.update(dict.fromkeys(self._keys(path), path))
         self._loaded: dict[Path, Any] = {}
 
     @staticmethod

@@ -134,7 +134,11 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.out_dir / f"shard-{len(self.written):05d}.partial"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except BaseException:
+            path.unlink(missing_ok=True)  # what a failed write left of this shard
+            raise
         self.written.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

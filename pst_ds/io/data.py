@@ -47,6 +47,11 @@ def packed_blocks(
     """
     found = sources(names, key)
     if found[0].reader == "txt":
+        if config.loss_on == "completion":
+            raise ConfigError(
+                f"data.loss_on=completion needs chat or prompt/completion records; {found[0].path} "
+                "is plain text, where every token would train: give records, or set data.loss_on=all"
+            )
         return _pack(_text_lines(found), config, tokenizer, "lines")
     records, fmt = load_records(found, config)
     if fmt == "text" and config.loss_on == "completion":
@@ -171,7 +176,9 @@ def load_eval_texts(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> d
     """Each of ``data.eval_files`` by its file name: its last max_validation_blocks blocks."""
     texts = {}
     for name in config.eval_files:
-        blocks = packed_blocks([name], config, tokenizer, "data.eval_files")
+        plain = sources([name], "data.eval_files")[0].reader == "txt"  # plain text: every token counts
+        section = _every_token(config) if plain else config
+        blocks = packed_blocks([name], section, tokenizer, "data.eval_files")
         if len(blocks) == 0:
             raise ConfigError(
                 f"data.eval_files: {name} holds less than one block of {config.block_size} tokens"
@@ -181,12 +188,15 @@ def load_eval_texts(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> d
     return texts
 
 
+def _every_token(config: DataConfig) -> DataConfig:
+    return dataclasses.replace(config, loss_on="all")
+
+
 def load_calibration_blocks(
     names: list[str], config: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> Dataset:
     """oneshot.calibration_files packed as training data is (every token counts)."""
-    every_token = dataclasses.replace(config, loss_on="all")
-    blocks = packed_blocks(names, every_token, tokenizer, "oneshot.calibration_files")
+    blocks = packed_blocks(names, _every_token(config), tokenizer, "oneshot.calibration_files")
     if len(blocks) == 0:
         raise ConfigError(f"oneshot.calibration_files hold less than one block of {config.block_size} tokens")
     return blocks.with_format("torch")

@@ -14,6 +14,11 @@ from .data import collate_for
 
 
 @torch.no_grad()
+def perplexity(loss: float) -> float:
+    """exp(mean token loss); inf where a diverged loss overflows it."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
 def evaluate_model(
     model: nn.Module,
     dataset: Dataset,
@@ -52,5 +57,5 @@ def evaluate_model(
     if task == "sequence_classification":
         result["accuracy"] = correct / count
     else:
-        result["perplexity"] = math.exp(result["loss"])
+        result["perplexity"] = perplexity(result["loss"])
     return result

@@ -22,6 +22,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.utils import logging as hf_logging
@@ -33,11 +34,14 @@ from ..layers.inject import build_model
 from ..masks.kinds import mask_kind
 from ..methods import Method, method_class
 from ..train import checkpoint
-from .base_model import BaseTensors, fingerprint_change
+from .base_model import BaseRecord, BaseTensors, fingerprint_change
 from .checkpoint_tensors import CheckpointTensors, ShardWriter
 from .models import load_tokenizer, model_dir
 
 SPARSITY_REPORT = "pst_sparsity.json"
+# What a write of the export raises when the disk fills or the folder is not writable: Python's
+# own OSError, and safetensors' error for its own writes ("No space left on device").
+WRITE_ERRORS = (OSError, SafetensorError)
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: the writer holds about twice a shard
 
 
@@ -50,14 +54,13 @@ def _merged(layer: WrappedLinear) -> tuple[torch.Tensor, dict[str, Any]]:
     """(the merged weight, what the report says of its mask)."""
     if not isinstance(layer, SparseLinear):  # LoRA: merged, nothing pruned
         return layer.merged_weight(), {}
-    scores, weight = layer.scores_and_weight()
-    keep = layer.selection(scores).mask(scores)
+    weight, keep = layer.masked_weight_and_mask()
     problem = layer.mask_kind.pattern_problem(keep, layer.pruned)
     if problem is not None:
         raise RuntimeError(f"the {layer.mask_kind.name} mask breaks its pattern: {problem}")
     pruned = int(layer.pruned.sum())
     verified = {"mask_pruned": pruned, "pattern_verified": True, "conv1d": layer.transposed}
-    return layer.to_base_layout(weight * keep), verified
+    return weight, verified
 
 
 def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -178,13 +181,16 @@ def export_checkpoint(
     base, read_back = manifest.get("base"), None
     if base:  # the checkpoint left the frozen backbone out: it is read from the model's folder
         folder = model_dir(method.config.model)
+        start = run_dir / base["start"]["folder"] if base.get("start") else None
         change = fingerprint_change(base["files"], folder)
+        if change is None and start is not None:
+            change = fingerprint_change(base["start"]["files"], start)
         if change is not None:
             raise ConfigError(
                 f"cannot export {root / tag}: the base model it builds on has changed: {change} (put "
                 "back the model it was trained from; train.save_frozen=true makes checkpoints hold it)"
             )
-        read_back = (folder, getattr(torch, base["dtype"].removeprefix("torch.")))
+        read_back = BaseRecord(folder, getattr(torch, base["dtype"].removeprefix("torch.")), start)
     with no_progress_bars():
         tokenizer = load_tokenizer(method.config.model)
         return export_deepspeed_checkpoint(
@@ -200,16 +206,18 @@ def export_deepspeed_checkpoint(
     tokenizer: Any,
     labels: list[str] | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    base: tuple[Path, torch.dtype] | None = None,
+    base: BaseRecord | None = None,
 ) -> dict[str, Any]:
     """Export the DeepSpeed checkpoint folder ``directory`` of a run of ``method``, streamed on
     one process: the model built on the meta device, filled one module at a time. ``base``: the
-    model folder (and the run's dtype) that the tensors the checkpoint leaves out come from."""
+    model folder (the run's dtype, its start folder) that the tensors the checkpoint leaves out
+    come from."""
     # A live HfDeepSpeedConfig (end of a ZeRO-3 run) would make the meta build partition
     # collectively and wait for the other ranks.
     unset_hf_deepspeed_config()
     model, layer_names = build_model(method, tokenizer, labels, meta=True)
-    frozen = None if base is None else BaseTensors(base[0], model.base_model_prefix, base[1])
+    prefix = model.base_model_prefix
+    frozen = None if base is None else BaseTensors(base.folder, prefix, base.dtype, base.start)
     with CheckpointTensors(directory, frozen) as tensors:
         return write_export(
             stream_merged(model, tensors),

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -196,7 +198,13 @@ def load_model(
     elif meta:
         model_config = AutoConfig.from_pretrained(model_dir(config), **kwargs)
     else:
-        return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)
+        try:
+            return auto.from_pretrained(model_dir(config), dtype=torch.float32, **kwargs)
+        except (SafetensorError, pickle.UnpicklingError, EOFError) as err:  # a damaged weights file
+            raise ConfigError(
+                f"model.path {config.path!r}: its weights cannot be read ({type(err).__name__}: {err}); "
+                "copy the model again, or save it again with save_pretrained"
+            ) from None
     with torch.device("meta") if meta else contextlib.nullcontext():
         return auto.from_config(model_config, dtype=torch.float32)
 

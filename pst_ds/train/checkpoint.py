@@ -143,6 +143,33 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _RecordedWrites:
+    """DeepSpeed's checkpoint engine with its writes' failures recorded instead of raised: a
+    rank whose disk is full goes on through every collective of the save like the others, writing
+    nothing more, and the ranks then agree on the failure (no count of DeepSpeed's barriers to
+    match)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.problem = inner, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _recorded(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self.problem is not None:
+            return
+        try:
+            write(*args, **kwargs)
+        except WRITE_ERRORS as err:
+            self.problem = _described(err)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._recorded(self.inner.save, state_dict, path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self._recorded(self.inner.makedirs, path, exist_ok=exist_ok)
+
+
 class SaveFailed(Exception):
     """A checkpoint could not be written (no space, no permission); the partial one is removed."""
 
@@ -164,14 +191,15 @@ def save(
     if rank == 0:  # saving over an earlier save of this step: it stops counting as complete first
         (directory / COMPLETE).unlink(missing_ok=True)
     dist.barrier()
-    problem = None
+    writes = _RecordedWrites(engine.checkpoint_engine)
+    engine.checkpoint_engine = writes
     try:
         engine.save_checkpoint(
             str(root), tag=tag, save_latest=False, exclude_frozen_parameters=exclude_frozen
         )
-    except WRITE_ERRORS as err:
-        problem = _described(err)
-        dist.barrier()  # the barrier DeepSpeed's save ends with, which this rank did not reach
+    finally:
+        engine.checkpoint_engine = writes.inner
+    problem = writes.problem
     if problem is None:
         try:
             torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")

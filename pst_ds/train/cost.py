@@ -11,7 +11,7 @@ bytes, a: the activations', 4: fp32 scratch):
     LoRA       rank-r factors: 3 x 2 r (o + i) T FLOPs each way
     PST        the passes of layers/pst_function.py, in bytes per entry:
                  forward   W -> W', S                       w + 8
-                           selection (the step's first forward only): the kind's SELECT_BYTES
+                           selection (the step's first forward only): the kind's selection_cost
                            W', S -> M * W' (+ bits)         8 + a (+ 1/8)
                  backward  bits:      G, W, bits -> M * W', dS, dW'   a + w + 1/8 + a + 8
                            recompute: W -> W', S; G, W', S -> ...     w + 8 + a + 8 + a + 8
@@ -25,19 +25,13 @@ The data flows one way: shapes and rates in, seconds out; tools/estimate_step.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from ..masks.kinds import MaskKind, TopK
 
 if TYPE_CHECKING:
     from ..config import ExperimentConfig
-
-# Bytes per entry that a selection reads and writes, by mask kind (masks/select.py, kinds.py):
-# topk brackets the k-th value (a finiteness sum, two compares, the bracket's entries); a row
-# scope runs a kthvalue per row and counts below and tied entries; nm and vnm need no selection
-# pass (their masks are element-wise in S; vnm sums each block's columns once).
-SELECT_BYTES = {"topk": 14.0, "row": 20.0, "threshold": 14.0, "nm": 0.0, "vnm": 4.0}
-# Element-wise FLOPs per entry of a kind's mask test, beyond a threshold compare (group ranks).
-KEEP_FLOPS = {"topk": 2.0, "row": 2.0, "threshold": 2.0, "nm": 16.0, "vnm": 24.0}
 
 
 @dataclass(frozen=True)
@@ -88,62 +82,93 @@ def gemm(name: str, shape: LayerShape, forward: bool = False) -> Pass:
     return Pass(name, 2.0 * s.entries * s.tokens, moved, forward)
 
 
-def passes(
-    method: str,
-    shape: LayerShape,
-    kind: str = "topk",
-    saved_mask: str = "bits",
-    select: bool = True,
-    rank: int = 8,
-    mask_rank: int = 8,
-) -> list[Pass]:
-    """The passes of one micro-batch's forward and backward of a layer under ``method`` (dense |
-    lora | pst); ``select``: this micro-batch makes the step's selection."""
-    s, e = shape, shape.entries
-    w, a = s.weight_bytes, s.act_bytes
-    gemms = [gemm("y = x W^T", s, True), gemm("dx = dy W", s), gemm("G = dy^T x", s)]
-    if method == "dense":
-        return gemms
-    if method == "lora":
-        thin = 2.0 * rank * (s.out + s.inp) * s.tokens, rank * (s.out + s.inp) * 4 + s.tokens * rank * a
-        return gemms[:2] + [Pass("lora factors", *thin, i < 2) for i in range(6)]
-    if method != "pst":
-        raise ValueError(f"no cost model for method {method!r}")
-    factor_flops = 2.0 * (rank + mask_rank + 2)  # the unrolled low-rank products, per entry
-    bits = saved_mask == "bits" and kind != "threshold"  # learned thresholds need S in backward
-    out = [*gemms, Pass("W -> W', S", e * factor_flops, e * (w + 8), True)]
-    if select:
-        out.append(Pass(f"selection ({kind})", e * 2.0, e * SELECT_BYTES[kind], True))
-    out.append(Pass("W', S -> M*W'", e * KEEP_FLOPS[kind], e * (8 + a + (0.125 if bits else 0)), True))
-    if bits:
-        out.append(Pass("G, W, bits -> M*W', dS, dW'", e * (2.0 * rank + 8), e * (2 * a + w + 8.125), False))
-    else:
-        out.append(Pass("W -> W', S (backward)", e * factor_flops, e * (w + 8), False))
-        out.append(Pass("G, W', S -> M*W', dS, dW'", e * (KEEP_FLOPS[kind] + 8), e * (2 * a + 16), False))
-    thin = Pass("factor gradients", 2.0 * e * (rank + mask_rank + 1) / 2, e * 4.0, False)
-    return out + [thin] * 4  # dU, dV from dW'; dA, dB (with R, C) from dS
+class LayerCost:
+    """One formulation of a pruned layer's forward and backward: its passes, and whether it trains
+    the weight itself (then Adam runs over the weight, and the head's gradient is formed too)."""
+
+    trains_weight: ClassVar[bool] = False
+
+    def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
+        """The passes of one micro-batch; ``select``: this micro-batch makes the step's selection."""
+        raise NotImplementedError
 
 
-def optimizer_pass(method: str, shape: LayerShape, world_size: int) -> Pass:
+def gemms(shape: LayerShape) -> list[Pass]:
+    return [gemm("y = x W^T", shape, True), gemm("dx = dy W", shape), gemm("G = dy^T x", shape)]
+
+
+@dataclass(frozen=True)
+class DenseCost(LayerCost):
+    """Full fine-tuning: the three GEMMs."""
+
+    trains_weight: ClassVar[bool] = True
+
+    def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
+        return gemms(shape)
+
+
+@dataclass(frozen=True)
+class LoRACost(LayerCost):
+    """A frozen weight (no G) and rank-r factors: 3 x 2 r (o + i) T FLOPs each way."""
+
+    rank: int = 8
+
+    def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
+        s, r = shape, self.rank
+        thin = 2.0 * r * (s.out + s.inp) * s.tokens, r * (s.out + s.inp) * 4 + s.tokens * r * s.act_bytes
+        return gemms(s)[:2] + [Pass("lora factors", *thin, i < 2) for i in range(6)]
+
+
+@dataclass(frozen=True)
+class PSTCost(LayerCost):
+    """PST's passes (layers/pst_function.py) with a mask kind (its selection's cost is the kind's)."""
+
+    kind: MaskKind = field(default_factory=TopK)
+    saved_mask: str = "bits"
+    rank: int = 8
+    mask_rank: int = 8
+
+    def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
+        s, e = shape, shape.entries
+        w, a = s.weight_bytes, s.act_bytes
+        select_bytes, keep_flops = self.kind.selection_cost()
+        factor_flops = 2.0 * (self.rank + self.mask_rank + 2)  # the unrolled low-rank products, per entry
+        bits = self.saved_mask == "bits" and not self.kind.learned  # a learned threshold needs S in backward
+        out = [*gemms(s), Pass("W -> W', S", e * factor_flops, e * (w + 8), True)]
+        if select:
+            out.append(Pass(f"selection ({self.kind.name})", e * 2.0, e * select_bytes, True))
+        out.append(Pass("W', S -> M*W'", e * keep_flops, e * (8 + a + (0.125 if bits else 0)), True))
+        if bits:
+            backward = Pass(
+                "G, W, bits -> M*W', dS, dW'", e * (2.0 * self.rank + 8), e * (2 * a + w + 8.125), False
+            )
+            out.append(backward)
+        else:
+            out.append(Pass("W -> W', S (backward)", e * factor_flops, e * (w + 8), False))
+            out.append(Pass("G, W', S -> M*W', dS, dW'", e * (keep_flops + 8), e * (2 * a + 16), False))
+        thin = Pass("factor gradients", 2.0 * e * (self.rank + self.mask_rank + 1) / 2, e * 4.0, False)
+        return out + [thin] * 4  # dU, dV from dW'; dA, dB (with R, C) from dS
+
+
+def optimizer_pass(cost: LayerCost, shape: LayerShape, world_size: int) -> Pass:
     """Adam on the layer's trained parameters, once per step on this rank's share."""
-    share = shape.entries / world_size if method == "dense" else 0.0  # thin factors: negligible
+    share = shape.entries / world_size if cost.trains_weight else 0.0  # thin factors: negligible
     return Pass("adam", 10.0 * share, share * (16 * 2 + 4 + shape.weight_bytes), False)
 
 
-def layer_seconds(device: Device, method: str, shape: LayerShape, **knobs) -> float:
+def layer_seconds(device: Device, cost: LayerCost, shape: LayerShape) -> float:
     """One forward and backward of the layer (the step's selection included)."""
-    return sum(device.seconds(p.flops, p.bytes) for p in passes(method, shape, **knobs))
+    return sum(device.seconds(p.flops, p.bytes) for p in cost.passes(shape))
 
 
 def step_seconds(
     device: Device,
-    method: str,
+    cost: LayerCost,
     shapes: list[LayerShape],
     micro_batches: int,
     checkpointing: bool,
     world_size: int = 1,
     rest: list[LayerShape] | None = None,
-    **knobs,
 ) -> float:
     """One optimizer step on one rank: every pruned layer's micro-batches (the selection in the
     first only), checkpointing's second forward (the held selection), Adam (dense only), and the
@@ -151,15 +176,15 @@ def step_seconds(
     total = 0.0
     for shape in shapes:
         for micro in range(micro_batches):
-            for p in passes(method, shape, select=micro == 0, **knobs):
+            for p in cost.passes(shape, select=micro == 0):
                 repeat = 2 if checkpointing and p.forward and not p.name.startswith("selection") else 1
                 total += repeat * device.seconds(p.flops, p.bytes)
-        adam = optimizer_pass(method, shape, world_size)
+        adam = optimizer_pass(cost, shape, world_size)
         total += device.seconds(adam.flops, adam.bytes)
     for shape in rest or []:
-        gemms = passes("dense", shape)[: 3 if method == "dense" else 2]
-        total += micro_batches * sum(device.seconds(p.flops, p.bytes) for p in gemms)
-        adam = optimizer_pass(method, shape, world_size)
+        passes = gemms(shape)[: 3 if cost.trains_weight else 2]
+        total += micro_batches * sum(device.seconds(p.flops, p.bytes) for p in passes)
+        adam = optimizer_pass(cost, shape, world_size)
         total += device.seconds(adam.flops, adam.bytes)
     return total
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+from ..io.evaluate import perplexity
 
 
 class RunLogger:
@@ -67,7 +68,7 @@ class RunLogger:
 
     def log_eval(self, step: int, loss: float, sparsity: float, accuracy: float | None = None) -> float:
         """Record an evaluation; returns the perplexity exp(loss)."""
-        ppl = math.exp(loss)
+        ppl = perplexity(loss)
         if self.enabled:
             record = {"step": step, "eval_loss": loss, "eval_ppl": ppl, "sparsity": sparsity}
             shown = f"perplexity {ppl:.3f}"
@@ -80,7 +81,7 @@ class RunLogger:
 
     def log_eval_text(self, step: int, name: str, loss: float) -> float:
         """Record the perplexity of one of data.eval_files (key eval_<name>_ppl); returns it."""
-        ppl = math.exp(loss)
+        ppl = perplexity(loss)
         if self.enabled:
             self._record("eval", {"step": step, f"eval_{name}_loss": loss, f"eval_{name}_ppl": ppl})
             self.info(f"step {step}: {name} perplexity {ppl:.3f}")

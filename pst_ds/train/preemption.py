@@ -1,45 +1,86 @@
 """Preemption: a scheduler's notice turned into a complete checkpoint and a documented exit.
 
-SIGTERM (what a scheduler sends before it takes the nodes back) or SIGUSR1 (SLURM's warning
-before a time limit, ``--signal=USR1@600``) on any rank asks the run to stop after the current
-optimizer step: the ranks learn of it with the loss they already average after every step,
-save a checkpoint together and exit with ``PREEMPTED_EXIT``. The same command resumes. A second
-signal ends the process at once, as if nothing were installed.
+Two ways a cluster ends a job, both noticed after the current optimizer step:
+
+- a signal: SIGTERM (what a scheduler, ``timeout`` or a container runtime sends) or SIGUSR1
+  (SLURM's warning before a time limit, ``--signal=USR1@600``), to a rank or to the whole
+  process group. DeepSpeed's per-node launcher relays a SIGTERM it receives to the ranks, so a
+  group signal arrives twice within milliseconds: every signal after the first is the same
+  notice. (Ctrl-C, SIGINT, still stops at once.)
+- the end of the ``deepspeed`` command alone: its runner relays no signal on one node (only
+  pdsh's runner does) and dies, leaving the per-node launcher and the ranks behind. Each rank
+  watches its launcher's parent: when the runner that started it is gone, that is the notice.
+
+The ranks learn of a notice on any of them with the loss they already average after every
+step, save a checkpoint together and exit with ``PREEMPTED_EXIT``. The same command resumes.
+The handler only records the signal: printing from a handler can fail mid-write.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from types import FrameType
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run stopped cleanly and can be continued
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+LAUNCHER_MODULE = b"deepspeed.launcher.launch"  # DeepSpeed's per-node launcher, the ranks' parent
 
 
 class Preempted(Exception):
     """The run saved a checkpoint and stopped on a signal; the message says how to go on."""
 
 
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid`` (Linux /proc), or None when it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])  # the name in parentheses may hold spaces
+
+
+def launcher_runner() -> tuple[int, int] | None:
+    """(the per-node launcher's pid, its parent's: the ``deepspeed`` runner) when this process
+    is a rank DeepSpeed's launcher started; None otherwise."""
+    launcher = os.getppid()
+    try:
+        command = Path(f"/proc/{launcher}/cmdline").read_bytes()
+    except OSError:
+        return None
+    runner = parent_of(launcher)
+    return (launcher, runner) if LAUNCHER_MODULE in command and runner is not None else None
+
+
 class PreemptionNotice:
-    """Notes SIGTERM / SIGUSR1 (``received``: the signal's name) instead of dying of the first."""
+    """Records the first SIGTERM / SIGUSR1, or the end of the ``deepspeed`` command, as the
+    reason to save and stop (``received``: said in words)."""
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._signal: int | None = None
+        self._announced = False
+        self._watched = launcher_runner()
         for signum in SIGNALS:
             signal.signal(signum, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # the second: stop now, with the signal's own status
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signal.Signals(signum).name
-        print(
-            f"pst-ds: {self.received} received: finishing this optimizer step, then saving a checkpoint "
-            "(a second signal stops at once)",
-            flush=True,
-        )
+        if self._signal is None:
+            self._signal = signum
+
+    def pending(self) -> bool:
+        """True once a notice has come to this rank (checked after every step); says so once."""
+        if self.received is None and self._signal is not None:
+            self.received = signal.Signals(self._signal).name
+        if self.received is None and self._watched is not None:
+            launcher, runner = self._watched
+            if parent_of(launcher) != runner:
+                self.received = f"the end of the deepspeed command (its runner, pid {runner}, is gone)"
+        if self.received is not None and not self._announced:
+            self._announced = True
+            print(f"pst-ds: {self.received}: finishing this step, then saving a checkpoint", flush=True)
+        return self.received is not None
 
     def uninstall(self) -> None:
         for signum in SIGNALS:

@@ -9,6 +9,7 @@ over, with a warning naming the run that left it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -27,9 +28,11 @@ class RunLock:
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK_FILE
         self.handle: IO[str] | None = None
+        self.made_folder = False  # this run created the folder: an empty one is removed on release
 
     def acquire(self, warn: Callable[[str], None]) -> None:
         """Hold the lock, or raise ConfigError naming the run that holds it."""
+        self.made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             handle = open(self.path, "a+")  # noqa: SIM115  (held open for the run's life)
@@ -68,6 +71,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.handle.close()
             self.handle = None
+        if self.made_folder:  # a run refused before it wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
 
 
 def _holder(handle: IO[str]) -> dict:

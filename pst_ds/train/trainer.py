@@ -1,9 +1,10 @@
 """The training loop over a DeepSpeed engine: step, sparsity schedule, evaluation, logging.
 
-``Trainer.setup`` builds the run (data, model with the method's layers, engine) before anything
-is written; ``Trainer.train`` evaluates, warm-starts if asked, runs the steps and exports. The
-method (methods/) says what is injected and whether it trains; the sparsity controller is the
-one writer of the layers' mask state; the loop asks the layers for what it logs.
+``Trainer.setup`` takes the folder's run lock, then builds the run (data, model with the
+method's layers, engine) before anything else is written; ``Trainer.train`` evaluates,
+warm-starts if asked, runs the steps and exports. The method (methods/) says what is injected
+and whether it trains; the sparsity controller is the one writer of the layers' mask state and
+of each step's record; the loop asks the layers for what it logs.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from ..io.data import (
     load_splits,
 )
 from ..io.evaluate import evaluate_model
+from ..io.export import WRITE_ERRORS as EXPORT_WRITE_ERRORS
 from ..io.export import export_checkpoint
 from ..io.models import enable_gradient_checkpointing, load_tokenizer, model_dir
+from ..io.start_weights import START, read_start, write_start
+from ..layers.base import DenseTeacher
 from ..layers.inject import build_model, iter_pst_layers
 from ..masks.select import NonFiniteScoresError
 from ..methods import Calibration, method_class
@@ -67,8 +71,9 @@ class TrainingError(RuntimeError):
 class Trainer:
     """Builds the run (model, the method's layers, data, engine) and trains it.
 
-    ``setup`` validates and loads everything before the output directory is created, so a
-    bad configuration fails without leaving a half-written run behind.
+    ``setup`` takes the output folder's run lock first, then validates and loads everything
+    before it writes anything else: a bad configuration fails without leaving a half-written
+    run behind (nor the folder, if the run created it).
     """
 
     def __init__(self, config: ExperimentConfig, ds_config: dict[str, Any]) -> None:
@@ -83,6 +88,19 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # First: another live run may be writing this folder, and a second one must not pay
+        # the whole load before it is refused.
+        self.lock = RunLock(self.output_dir)
+        agreed(lambda: self.lock.acquire(self.warn), run_here=self.rank == 0)
+        try:
+            self._build()
+            self._start_in_folder()
+        except BaseException:
+            self.lock.release()  # a refused run leaves the folder to the next one
+            raise
+
+    def _build(self) -> None:
+        """Data, model with the method's layers, controller, engine."""
         cfg = self.config
         torch.manual_seed(cfg.train.seed)  # the same random-init model (model.source=random) on every rank
         # Before any ZeRO-3 context exists, on every rank at once: loading the tokenizer
@@ -130,20 +148,12 @@ class Trainer:
         # The step whose state this run holds in a checkpoint (None: none yet). Not the folder's
         # newest tag: with train.resume=never an earlier run's checkpoint may carry the same step.
         self.saved_step: int | None = None
-        # Before reading the folder's checkpoints: another live run may be writing them.
-        self.lock = RunLock(self.output_dir)
-        agreed(lambda: self.lock.acquire(self.warn), run_here=self.rank == 0)
-        try:
-            self._start_in_folder()
-        except BaseException:
-            self.lock.release()  # a refused resume leaves the folder to the next run
-            raise
 
     def _start_in_folder(self) -> None:
         """Resume if asked, open the run's records and say what runs."""
         cfg = self.config
         self.step = self._resume() if cfg.train.resume == "auto" else 0
-        self.controller.apply(self.step)
+        self.controller.apply(self.step, self.logs(self.step))
         self.logger = RunLogger(
             self.output_dir, self.max_steps, enabled=self.rank == 0, resumed=self.step > 0, label=cfg.method
         )
@@ -199,7 +209,8 @@ class Trainer:
         if cfg.train.save_frozen or cfg.model.source == "random" or self.method.changes_backbone():
             return None
         folder = model_dir(cfg.model)
-        frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+        teachers = {id(m.weight) for m in model.modules() if isinstance(m, DenseTeacher)}  # the base's own
+        frozen = [(n, p) for n, p in model.named_parameters() if not (p.requires_grad or id(p) in teachers)]
         files = BaseTensors(folder, model.base_model_prefix)
         if not frozen or any(files.key(name) is None for name, _ in frozen):
             return None
@@ -239,8 +250,11 @@ class Trainer:
                 f"it was saved under ZeRO stage {saved['zero_stage']}, this run's --ds_config uses stage "
                 f"{current['zero_stage']}"
             )
-        if saved.get("base"):
-            change = fingerprint_change(saved["base"]["files"], model_dir(self.config.model))
+        base, start = saved.get("base") or {}, (saved.get("base") or {}).get("start")
+        if base:
+            change = fingerprint_change(base["files"], model_dir(self.config.model))
+            if change is None and start:
+                change = fingerprint_change(start["files"], self.output_dir / start["folder"])
             if change is not None:
                 differences.append(f"the base model it builds on has changed: {change}")
         if differences:
@@ -250,11 +264,25 @@ class Trainer:
                 + " (set train.resume=never or another train.output_dir to start afresh)"
             )
         checkpoint.load(self.engine, self.checkpoints, tag)
+        if start:  # the warm start's rewritten backbone, which the checkpoint left out
+            read_start(self.pst_layers, self.output_dir / start["folder"], self.rank)
+            self.base = {**self.base, "start": start}
         self.controller.profile = saved.get("sparsity_profile")
         self.resumed, self.saved_step = True, saved["step"]
         if self.rank == 0:
             print(f"pst-ds: resumed from {self.checkpoints / tag}", flush=True)
         return saved["step"]
+
+    def _write_start(self) -> None:
+        """Write the backbone the warm start rewrote, once, as the run's start folder; the
+        checkpoints' manifests refer to it by fingerprint (io/start_weights.py)."""
+        began, folder = time.time(), self.output_dir / START
+        write_start(self.pst_layers, folder, self.rank)
+        dist.barrier()
+        files = [fingerprint(folder) if self.rank == 0 else None]
+        dist.broadcast_object_list(files, src=0)
+        self.base = {**self.base, "start": {"folder": START, "files": files[0]}}
+        self.logger.info(f"pst-ds: wrote the rewritten backbone to {folder} in {time.time() - began:.1f} s")
 
     def warn(self, message: str) -> None:
         if self.rank == 0:
@@ -293,7 +321,7 @@ class Trainer:
             try:
                 total = export_checkpoint(self.output_dir, out)["total"]
                 self.logger.info(f"step {self.step}: exported in {time.time() - start:.1f} s")
-            except OSError as err:
+            except EXPORT_WRITE_ERRORS as err:
                 problem = (
                     f"cannot write the pruned model to {out} ({type(err).__name__}: {err}; "
                     f"{checkpoint.free_mib(out):,.0f} MiB free there){self._last_checkpoint_note()}: free "
@@ -341,15 +369,17 @@ class Trainer:
         if starts_pruned:
             if warm:
                 self.warm_start()
-            self.controller.apply(0)
+                if self.base is not None and self.method.rewrites_backbone_at_start():
+                    self._write_start()
+            self.controller.apply(0, self.logs(0))
             after_warm_start = self.evaluate() if warm and self.method.trains else None
         batches = self.batches.from_position(self.step * cfg.gradient_accumulation_steps)
         self.engine.train()
         step_times = []
         while self.step < self.max_steps:
             step_start = time.time()
-            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.max_steps
-            loss, lr, sparsity, layer_sparsities = self._step(batches, logged)
+            logged = self.logs(self.step)
+            loss, lr, sparsity, layer_sparsities = self._step(batches)
             step_times.append(time.time() - step_start)
             if logged:
                 tokens_per_s = self.tokens_per_step() / (time.time() - step_start)
@@ -370,6 +400,8 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.max_steps:
                 self.evaluate()
         self.logger.end_progress()
+        if self.saved_step != self.step:  # a run always ends with what it trained saved
+            self.save_checkpoint()
         after = self.evaluate()
         summary = self._summary(before, after, after_warm_start, step_times, start)
         if cfg.export:
@@ -385,27 +417,24 @@ class Trainer:
         )
         return summary
 
-    def _step(
-        self, batches: Iterator[dict[str, torch.Tensor]], logged: bool
-    ) -> tuple[float, float, float, dict]:
+    def logs(self, step: int) -> bool:
+        """Whether step ``step + 1`` is logged (its first forward notes the mask, too)."""
+        return (step + 1) % self.config.train.log_every == 0 or step + 1 == self.max_steps
+
+    def _step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float, float, dict]:
         """One optimizer step; then the schedule moves (after each step, as in the release).
         Returns (the loss averaged over ranks, the LR, the sparsity and per-layer sparsities it ran at)."""
-        for layer in self.pst_layers.values():
-            layer.track_mask = logged  # noted (and its scores checked) in the forward that follows
         losses = []
         for _ in range(self.config.train.gradient_accumulation_steps):
             with self._layer_failures_named(f"step {self.step + 1}"):
                 loss = self._loss(self._to_device(next(batches)))
-                with self.controller.inputs_unobserved():  # a checkpointed block's forward again
-                    self.engine.backward(loss)
+                self.engine.backward(loss)
             lr = self.engine.get_lr()[0]  # the LR this step uses (stepped inside step())
             self.engine.step()
             losses.append(loss.item())
         # Every step, one all-reduce: a NaN loss on any rank stops all of them alike, and so does a
         # preemption signal that reached any of them.
-        loss_sum, signalled = self._sum_over_ranks(
-            [sum(losses) / len(losses), float(bool(self.notice.received))]
-        )
+        loss_sum, signalled = self._sum_over_ranks([sum(losses) / len(losses), float(self.notice.pending())])
         mean_loss, self.preempted = loss_sum / self.world_size, signalled > 0
         if not math.isfinite(mean_loss):
             raise TrainingError(
@@ -415,7 +444,7 @@ class Trainer:
         sparsity, layer_sparsities = self.pst_sparsity(), self.controller.layer_sparsities()
         self.controller.end_step(self.step)
         self.step += 1
-        self.controller.apply(self.step)
+        self.controller.apply(self.step, self.logs(self.step))
         return mean_loss, lr, sparsity, layer_sparsities
 
     def tokens_per_step(self) -> int:
