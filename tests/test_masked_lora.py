@@ -74,8 +74,8 @@ def run_tiny(tmp_path, overrides: list[str], small_text) -> tuple[dict, list[dic
     )
     masks, apply = [], trainer.controller.apply
 
-    def noted(step: int) -> None:  # the masks in force for each step's forward
-        apply(step)
+    def noted(step: int, logged: bool = False) -> None:  # the masks in force for each step's forward
+        apply(step, logged)
         if step > 0 or not masks:
             masks.append({name: layer.mask().clone() for name, layer in trainer.pst_layers.items()})
 

@@ -24,7 +24,9 @@ from .magnitude import Magnitude
 class RandomMaskLinear(PSTLinear):
     """A PST layer whose importance is seeded noise: its mask is a uniformly random kept set."""
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite, seed: int) -> None:
+    def __init__(
+        self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite | None = None, *, seed: int
+    ) -> None:
         super().__init__(base, config, site)
         self.seed = seed
 
