@@ -117,6 +117,11 @@ class PSTConfig:
     # thresholds, eager layers (compile=false) and inputs not a multiple of 8 always recompute.
     # See docs/results.md (issue 22).
     saved_mask: Literal["bits", "recompute"] = "bits"
+    # In bf16 / fp16 training, what the forward multiplies x by: M * W' as its rounding to the
+    # dtype plus the rounding's remainder (split: two GEMMs, so an update beta U V below the
+    # dtype's resolution, about 0.4% of |W| in bf16, still reaches the output), or rounded alone
+    # (one GEMM). fp32 runs are the same either way. See docs/results.md (bf16).
+    low_precision_forward: Literal["split", "rounded"] = "split"
     # Mask kind (masks/kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
     mask: str = "topk"
     mask_scope: Literal["matrix", "row"] = "matrix"  # topk, threshold: one count per matrix or per row

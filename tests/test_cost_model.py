@@ -40,6 +40,15 @@ def test_gemm_counts_of_each_method():
     assert total(PSTCost())[0] > 3 * gemm_flops  # PST needs G = dy^T x for its factors
 
 
+def test_a_split_low_precision_forward_costs_one_gemm_and_one_pass_more():
+    low = LayerShape(out=300, inp=200, tokens=50, weight_bytes=2, act_bytes=2)
+    plain, split = PSTCost().passes(low), PSTCost(split=True).passes(low)
+    assert sum(p.flops for p in split) - sum(p.flops for p in plain) == 2 * E * T + 2 * E
+    extra = sum(p.bytes for p in split) - sum(p.bytes for p in plain)
+    # M * W' written in fp32 (4, not 2), the halves (read 4, write 2 + 2), the GEMM's operands
+    assert extra == E * (4 - 2) + E * (4 + 2 * 2) + E * 2 + T * (300 + 200) * 2
+
+
 def test_bits_move_fewer_bytes_than_selecting_again_and_selection_is_counted_once():
     bits, recompute = total(PSTCost())[1], total(PSTCost(saved_mask="recompute"))[1]
     # Recompute writes W' and S again (8 bytes an entry) and reads them back instead of W (8 - 4)

@@ -132,7 +132,7 @@ def step_predictions(configs: list[str], gpus: list[str]) -> tuple[dict, list[st
             row = {"dense_s": dense, "lora_s": lora}
             cells = []
             for kind, mask in KINDS.items():
-                pst = step(PSTCost(mask))
+                pst = step(PSTCost(mask, split=True))  # bf16, pst.low_precision_forward=split
                 row[kind] = {"pst_s": pst, "step_x_dense": pst / dense, "tokens_per_s_x_lora": lora / pst}
                 cells.append(f"{pst / dense:.2f}, {lora / pst:.2f}")
             results[f"{Path(path).stem}/{gpu}"] = row

@@ -50,6 +50,7 @@ class PSTLinear(SparseLinear):
             config.compile,
             config.threshold_band,
             config.saves_mask_bits(),
+            config.low_precision_forward == "split",
         )
         # Saved with the model: fixed by the original weight, whatever a warm start writes later.
         # (Persistent even when it is 1: export builds on meta and fills every buffer from the

@@ -55,6 +55,9 @@ class PSTHyper:
     compiled: bool  # the element-wise blocks through torch.compile
     threshold_band: float = 0.05  # learned thresholds: the band around t that estimates d/drho
     mask_bits: bool = False  # backward reads M from the forward's bits (PSTConfig.saves_mask_bits)
+    # In bf16 / fp16: the forward multiplies by M * W' as its rounding plus the remainder (two
+    # GEMMs), so an update below the dtype's resolution still reaches the output
+    split_rounding: bool = False
 
 
 def extended_importance_factors(
@@ -128,6 +131,17 @@ def apply_mask(
     return masked, pack_rows(mask) if pack else None
 
 
+def split_rounded(
+    value: torch.Tensor, dtype: torch.dtype, out: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) in ``dtype`` with high + low = ``value`` (fp32) to about twice the dtype's
+    bits: high is value rounded, low the rounding's remainder."""
+    high = value.to(dtype)
+    low = (value - high.float()).to(dtype)
+    out = out or (None, None)
+    return _store(out[0], high), _store(out[1], low)
+
+
 def backward_terms(
     keep: Callable,
     grad_masked: torch.Tensor,
@@ -192,6 +206,7 @@ def _allow_a_variant_per_mask_kind() -> None:
 BLOCKS = {
     "updated_and_scores": updated_and_scores,
     "apply_mask": apply_mask,
+    "split_rounded": split_rounded,
     "backward_terms": backward_terms,
     "backward_terms_from_bits": backward_terms_from_bits,
     "keep_fraction_gradient": keep_fraction_gradient,
@@ -208,6 +223,10 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
         if not _compiled:
             _allow_a_variant_per_mask_kind()
             _compiled.update({name: torch.compile(fn, dynamic=True) for name, fn in BLOCKS.items()})
+            # Inductor keeps a cast down and back up in fp32 unless told to round: the split must.
+            _compiled["split_rounded"] = torch.compile(
+                split_rounded, dynamic=True, options={"emulate_precision_casts": True}
+            )
         blocks = {**_compiled, "updated_and_scores": partial(_compiled["updated_and_scores"], unrolled=True)}
     if keep is not None:  # bound outside the compiled function: its code object stays one
         blocks["apply_mask"] = partial(blocks["apply_mask"], keep)
@@ -215,7 +234,7 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
     return blocks
 
 
-WRITING = ("updated_and_scores", "apply_mask", "backward_terms", "backward_terms_from_bits")
+WRITING = ("updated_and_scores", "apply_mask", "split_rounded", "backward_terms", "backward_terms_from_bits")
 
 
 def _fresh(block: Callable) -> Callable:
@@ -269,14 +288,24 @@ class PSTLinearFunction(torch.autograd.Function):
             record.append(given.mask(scores))
         # Backward needs M: the forward's own bits (out*in/8 bytes), or S again and the selection.
         from_bits = hyper.mask_bits and scores.shape[1] % 8 == 0
+        split = hyper.split_rounding and x.dtype in (torch.bfloat16, torch.float16)
+        # Split: M * W' in fp32 first, in a slot only backward uses (free during a forward).
+        masked_slot = weight_sized(*(("grad_scores", scores) if split else ("masked", scores, x.dtype)))
         masked, bits = kernels(hyper.compiled, given.keep)["apply_mask"](
-            updated, scores, *given.args, out=weight_sized("masked", scores, x.dtype), pack=from_bits
+            updated, scores, *given.args, out=masked_slot, pack=from_bits
         )
+        if split:
+            halves = (weight_sized("masked", scores, x.dtype), weight_sized("grad_masked", scores, x.dtype))
+            high, low = blocks["split_rounded"](masked, x.dtype, out=halves)
+            masked = None
         del given, updated, scores
         ctx.save_for_backward(x, weight, U, V, A, B, R, C, scale, bits)
         ctx.selection = None if from_bits else selection  # a few numbers per matrix, row or group
         ctx.hyper, ctx.has_bias = hyper, bias is not None
         ctx.keep_fraction = None if keep_fraction is None else (keep_fraction.shape, keep_fraction.dtype)
+        if split:  # the low half's product is small: added in fp32, the sum rounded once
+            y = F.linear(x, high).float() + F.linear(x, low).float()
+            return (y if bias is None else y + bias.float()).to(x.dtype)
         return F.linear(x, masked.to(x.dtype), bias)
 
     @staticmethod

@@ -13,6 +13,8 @@ bytes, a: the activations', 4: fp32 scratch):
                  forward   W -> W', S                       w + 8
                            selection (the step's first forward only): the kind's selection_cost
                            W', S -> M * W' (+ bits)         8 + a (+ 1/8)
+                           split (bf16/fp16, pst.low_precision_forward=split): M * W' in fp32
+                           (4 instead of a), split into two halves (4 + 2a), a second GEMM
                  backward  bits:      G, W, bits -> M * W', dS, dW'   a + w + 1/8 + a + 8
                            recompute: W -> W', S; G, W', S -> ...     w + 8 + a + 8 + a + 8
                            the factors' thin GEMMs read dS and dW' twice each: 16
@@ -127,6 +129,9 @@ class PSTCost(LayerCost):
     saved_mask: str = "bits"
     rank: int = 8
     mask_rank: int = 8
+    # bf16 / fp16 with pst.low_precision_forward=split: M * W' in fp32, split into two halves
+    # (read 4, write 2 + 2 bytes an entry) and a second forward GEMM
+    split: bool = False
 
     def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
         s, e = shape, shape.entries
@@ -137,7 +142,10 @@ class PSTCost(LayerCost):
         out = [*gemms(s), Pass("W -> W', S", e * factor_flops, e * (w + 8), True)]
         if select:
             out.append(Pass(f"selection ({self.kind.name})", e * 2.0, e * select_bytes, True))
-        out.append(Pass("W', S -> M*W'", e * keep_flops, e * (8 + a + (0.125 if bits else 0)), True))
+        masked = (4 if self.split else a) + (0.125 if bits else 0)
+        out.append(Pass("W', S -> M*W'", e * keep_flops, e * (8 + masked), True))
+        if self.split:
+            out += [Pass("M*W' -> high, low", e * 2.0, e * (4 + 2 * a), True), gemm("y += x low^T", s, True)]
         if bits:
             backward = Pass(
                 "G, W, bits -> M*W', dS, dW'", e * (2.0 * self.rank + 8), e * (2 * a + w + 8.125), False
