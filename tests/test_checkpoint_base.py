@@ -116,6 +116,18 @@ def test_a_checkpoint_without_the_backbone_exports_the_same_model(
     for name, tensor in reference.items():
         assert torch.equal(written[name], tensor), name
 
+    # The whole run resumed lean (train.save_frozen may change on resume): the rewritten backbone
+    # its checkpoint held is written once as its start folder, and its next checkpoint is lean.
+    shutil.rmtree(whole / "checkpoints" / tag)
+    shutil.rmtree(whole / "export")
+    (whole / "checkpoints" / "latest").write_text(checkpoint.tag_for(2))
+    train(whole)
+    assert checkpoint.read_manifest(whole / "checkpoints", tag)["base"]["start"]["folder"] == "start"
+    assert (whole / "start").is_dir()
+    again = tensors(whole / "export")
+    for name, tensor in reference.items():
+        assert torch.equal(again[name], tensor), name
+
     # The base model changed since (same size, one bit): export and resume refuse it, in one line.
     weights = bytearray((base / "model.safetensors").read_bytes())
     weights[-8] ^= 1
@@ -190,3 +202,15 @@ def test_a_rewriting_start_is_written_once_and_resume_and_export_equal_a_whole_c
     assert written.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.equal(written[name], tensor), name
+
+    # The whole run resumed lean (train.save_frozen may change on resume): the rewritten backbone
+    # its checkpoint held is written once as its start folder, and its next checkpoint is lean.
+    shutil.rmtree(whole / "checkpoints" / tag)
+    shutil.rmtree(whole / "export")
+    (whole / "checkpoints" / "latest").write_text(checkpoint.tag_for(2))
+    train(whole)
+    assert checkpoint.read_manifest(whole / "checkpoints", tag)["base"]["start"]["folder"] == "start"
+    assert (whole / "start").is_dir()
+    again = tensors(whole / "export")
+    for name, tensor in reference.items():
+        assert torch.equal(again[name], tensor), name

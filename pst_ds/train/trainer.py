@@ -158,6 +158,9 @@ class Trainer:
             self.output_dir, self.max_steps, enabled=self.rank == 0, resumed=self.step > 0, label=cfg.method
         )
         self.logger.advance(self.step)
+        if self.resumed and self.base is not None and self.method.rewrites_backbone_at_start():
+            if "start" not in self.base:  # resumed from a checkpoint that held the rewritten backbone
+                self._write_start()
         if self.rank == 0:
             saved = {"experiment": cfg.to_dict(), "deepspeed": self.ds_config, "labels": self.data.labels}
             saved["layers"] = dataclasses.asdict(self.method.pst)  # the PST section the method's layers use
@@ -266,7 +269,8 @@ class Trainer:
         checkpoint.load(self.engine, self.checkpoints, tag)
         if start:  # the warm start's rewritten backbone, which the checkpoint left out
             read_start(self.pst_layers, self.output_dir / start["folder"], self.rank)
-            self.base = {**self.base, "start": start}
+            if self.base is not None:  # None: this run's checkpoints hold it (train.save_frozen)
+                self.base = {**self.base, "start": start}
         self.controller.profile = saved.get("sparsity_profile")
         self.resumed, self.saved_step = True, saved["step"]
         if self.rank == 0:
