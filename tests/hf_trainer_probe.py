@@ -57,8 +57,8 @@ class Record:
 
 def run_own(config, ds_config: dict, record: Record) -> None:
     class Recording(Trainer):
-        def _step(self, batches, logged):
-            result = super()._step(batches, logged)
+        def _step(self, batches):
+            result = super()._step(batches)
             record.add(self.pst_layers, result[0])
             return result
 
