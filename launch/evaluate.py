@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import concatenate_datasets
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from pst_ds.config import ConfigError, check_files, check_writable, model_folder_problem
+    from pst_ds.config import ConfigError
     from pst_ds.experiment import load_experiment
     from pst_ds.io.data import load_splits
     from pst_ds.io.evaluate import evaluate_model
+    from pst_ds.paths import check_files, check_writable, model_folder_problem
 
     try:
         config = load_experiment(args.config, args.overrides)

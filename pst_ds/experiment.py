@@ -1,7 +1,7 @@
 """An experiment config settled by its method: the config is data (config.py); the method's
 rules (which names exist, what ``auto`` stands for, what it refuses) are the method's to say.
 
-    read        config.read_experiment: YAML + overrides, each value typed and in range
+    read        config_reading.read_experiment: YAML + overrides, each value typed and in range
     settle      method and pst.init name registered methods; pst.init=auto and
                 train.distill.weight=auto become what measured best (methods/starts.py);
                 the method checks the rest (Method.check)
@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import ExperimentConfig, build_section, read_experiment, registered
+from .config import ExperimentConfig, registered
+from .config_reading import build_section, read_experiment
 from .methods import Method
 from .methods.starts import AUTO, best_distill_weight, best_start
 

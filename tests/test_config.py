@@ -3,7 +3,8 @@
 import pytest
 
 from pst_ds import ConfigError, PSTConfig, load_experiment
-from pst_ds.config import DEFAULT_TARGET_MODULES, PROJECT_ROOT, check_files
+from pst_ds.config import DEFAULT_TARGET_MODULES
+from pst_ds.paths import PROJECT_ROOT, check_files
 
 
 def test_defaults_are_the_measured_best_and_the_release_is_kept_by_name():

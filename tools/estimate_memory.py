@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pst_ds.config import ConfigError, check_files  # noqa: E402
+from pst_ds.config import ConfigError  # noqa: E402
 from pst_ds.experiment import load_experiment  # noqa: E402
+from pst_ds.paths import check_files  # noqa: E402
 from pst_ds.train.engine import load_ds_config  # noqa: E402
 from pst_ds.train.memory import GIB, estimate, precision  # noqa: E402
 

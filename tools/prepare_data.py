@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the figures here as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --out
-    from pst_ds.config import ConfigError, check_files
+    from pst_ds.config import ConfigError
     from pst_ds.experiment import load_experiment
     from pst_ds.io.data import load_calibration_blocks, load_eval_texts, load_splits
     from pst_ds.io.models import load_tokenizer
+    from pst_ds.paths import check_files
 
     start, anonymous = time.time(), AnonymousPeak()
     try:

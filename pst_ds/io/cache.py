@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import PROJECT_ROOT
+from ..paths import PROJECT_ROOT
 
 CACHE_ENV = "PST_DS_CACHE"
 

@@ -13,7 +13,8 @@ from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from transformers import PreTrainedTokenizerBase
 
-from ..config import ConfigError, DataConfig, resolve_path
+from ..config import ConfigError, DataConfig
+from ..paths import resolve_path
 from .cache import cache_dir
 from .records import Source, check_text_file, load_records, sources
 

@@ -27,12 +27,13 @@ from torch import nn
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.utils import logging as hf_logging
 
-from ..config import ConfigError, check_writable
+from ..config import ConfigError
 from ..experiment import experiment_from_dict
 from ..layers.base import SparseLinear, WrappedLinear
 from ..layers.inject import build_model
 from ..masks.kinds import mask_kind
 from ..methods import Method, method_class
+from ..paths import check_writable
 from ..train import checkpoint
 from .base_model import BaseRecord, BaseTensors, fingerprint_change
 from .checkpoint_tensors import CheckpointTensors, ShardWriter

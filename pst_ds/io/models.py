@@ -32,7 +32,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..config import ConfigError, ModelConfig, resolve_path
+from ..config import ConfigError, ModelConfig
+from ..paths import resolve_path
 from .cache import cache_dir
 
 

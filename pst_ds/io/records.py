@@ -25,7 +25,8 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
-from ..config import ConfigError, DataConfig, resolve_path
+from ..config import ConfigError, DataConfig
+from ..paths import resolve_path
 from .cache import cache_dir
 
 TEXT_SUFFIX = ".txt"

@@ -96,6 +96,13 @@ def first_problem(problem: str | None) -> str | None:
     return None
 
 
+def from_rank_zero(work: Callable[[], T]) -> T:
+    """``work``'s result on rank 0, sent to every rank (a collective; only rank 0 runs it)."""
+    result = [work() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
 def rank_zero_first(work: Callable[[], T]) -> T:
     """Run ``work`` on rank 0, then on the other ranks (which reuse what it cached); a
     ConfigError anywhere stops every rank, as in ``agreed``."""

@@ -13,7 +13,8 @@ import pydantic
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from ..config import ConfigError, TrainConfig, check_writable, resolve_path
+from ..config import ConfigError, TrainConfig
+from ..paths import check_writable, resolve_path
 from .distributed import on_cpu
 
 

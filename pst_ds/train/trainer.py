@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from ..config import ConfigError, ExperimentConfig, TrainConfig, check_files
+from ..config import ConfigError, ExperimentConfig, TrainConfig
 from ..io.base_model import BaseTensors, fingerprint, fingerprint_change
 from ..io.data import (
     TrainingBatches,
@@ -43,9 +43,10 @@ from ..layers.base import DenseTeacher
 from ..layers.inject import build_model, iter_pst_layers
 from ..masks.select import NonFiniteScoresError
 from ..methods import Calibration, method_class
+from ..paths import check_files
 from . import checkpoint
 from .distill import distilled
-from .distributed import agreed, first_problem, init_distributed, on_cpu, rank_zero_first
+from .distributed import agreed, first_problem, from_rank_zero, init_distributed, on_cpu, rank_zero_first
 from .engine import (
     load_ds_config,
     optimizer_state_bytes,
@@ -217,9 +218,8 @@ class Trainer:
         files = BaseTensors(folder, model.base_model_prefix)
         if not frozen or any(files.key(name) is None for name, _ in frozen):
             return None
-        fingerprints = [fingerprint(folder, functools.partial(print, flush=True)) if self.rank == 0 else None]
-        dist.broadcast_object_list(fingerprints, src=0)
-        return {"path": str(folder), "dtype": str(frozen[0][1].dtype), "files": fingerprints[0]}
+        files = from_rank_zero(lambda: fingerprint(folder, functools.partial(print, flush=True)))
+        return {"path": str(folder), "dtype": str(frozen[0][1].dtype), "files": files}
 
     def manifest(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be resumed: the config and the world size; and the
@@ -282,10 +282,8 @@ class Trainer:
         checkpoints' manifests refer to it by fingerprint (io/start_weights.py)."""
         began, folder = time.time(), self.output_dir / START
         write_start(self.pst_layers, folder, self.rank)
-        dist.barrier()
-        files = [fingerprint(folder) if self.rank == 0 else None]
-        dist.broadcast_object_list(files, src=0)
-        self.base = {**self.base, "start": {"folder": START, "files": files[0]}}
+        files = from_rank_zero(lambda: fingerprint(folder))  # rank 0 wrote the folder
+        self.base = {**self.base, "start": {"folder": START, "files": files}}
         self.logger.info(f"pst-ds: wrote the rewritten backbone to {folder} in {time.time() - began:.1f} s")
 
     def warn(self, message: str) -> None:
