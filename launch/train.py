@@ -53,26 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pst_ds.config import ConfigError
     from pst_ds.experiment import load_experiment
+    from pst_ds.integrations.run import build_run
+    from pst_ds.train.checkpoint import tag_for
     from pst_ds.train.distributed import leave_process_group
+    from pst_ds.train.engine import load_ds_config
     from pst_ds.train.preemption import PREEMPTED_EXIT
-    from pst_ds.train.trainer import Preempted, Trainer, TrainingError, load_ds_config
+    from pst_ds.train.run_checkpoints import TrainingError
 
     rank_zero = os.environ.get("RANK", "0") == "0"
     try:
         overrides = args.overrides + (["train.resume=auto"] if args.resume else [])
         config = load_experiment(args.config, overrides)
-        trainer = Trainer(config, load_ds_config(args.ds_config))
-        trainer.setup()
+        run = build_run(config, load_ds_config(args.ds_config))
     except ConfigError as err:  # bad input: found before anything is written
         return stop(f"pst-ds: error: {err}", 2, rank_zero)
     try:
-        summary = trainer.train()
+        run.train()
+    except ConfigError as err:  # bad input found as training begins (a model a method cannot start from)
+        return stop(f"pst-ds: error: {err}", 2, rank_zero)
     except TrainingError as err:
         return stop(f"pst-ds: error: {err}", 1, rank_zero)
-    except Preempted as done:  # a scheduler's signal: checkpointed, to be resumed
-        return stop(str(done), PREEMPTED_EXIT, rank_zero)
-    if rank_zero and "export" in summary:
-        print(how_to_use(summary["export"], args.config), flush=True)
+    preempted = run.preemption
+    if preempted.stopped is not None:  # a scheduler's signal: checkpointed, to be resumed
+        folder = run.checkpoints.root / tag_for(preempted.stopped_at)
+        message = (
+            f"pst-ds: stopped on {preempted.stopped} after step {preempted.stopped_at}, saved in {folder}: "
+            "run the same command to resume"
+        )
+        return stop(message, PREEMPTED_EXIT, rank_zero)
+    if rank_zero and run.export is not None and run.export.report is not None:
+        print(how_to_use(run.export.report, args.config), flush=True)
     leave_process_group()
     return 0
 

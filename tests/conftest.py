@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from pst_ds.config import PSTConfig
 from pst_ds.experiment import experiment_config, load_experiment
@@ -18,9 +19,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def launcher_variables_restored():
     """An in-process run sets RANK, MASTER_PORT, ... for its one-process rendezvous; a script a
-    later test starts must not inherit them (it would try to listen on that port too)."""
+    later test starts must not inherit them (it would try to listen on that port too). And a
+    Trainer's accelerate state (with or without DeepSpeed) is not the next test's."""
     before = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
     yield
+    AcceleratorState._reset_state(reset_partial_state=True)
     for key, value in before.items():
         if value is None:
             os.environ.pop(key, None)

@@ -17,8 +17,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from launch.train import parse_args  # noqa: E402
 from pst_ds.experiment import load_experiment  # noqa: E402
+from pst_ds.integrations.run import build_run  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402
-from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
+from pst_ds.train.engine import load_ds_config  # noqa: E402
 
 
 def optimizer_state_numel(engine) -> int:
@@ -65,14 +66,13 @@ def main() -> None:
     probe.add_argument("--report", required=True)
     own, rest = probe.parse_known_args()
     args = parse_args(rest)
-    trainer = Trainer(load_experiment(args.config, args.overrides), load_ds_config(args.ds_config))
-    trainer.setup()
-    changes = record_mask_changes(trainer.pst_layers)
+    trainer = build_run(load_experiment(args.config, args.overrides), load_ds_config(args.ds_config))
+    changes = record_mask_changes(trainer.layers)
     trainer.train()
     engine, rank = trainer.engine, dist.get_rank()
 
     layers = {}
-    for name, layer in trainer.pst_layers.items():
+    for name, layer in trainer.layers.items():
         weight = layer.weight
         params = list(layer.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(params):
@@ -105,13 +105,14 @@ def main() -> None:
     report = {
         "rank": rank,
         "world_size": dist.get_world_size(),
-        "trainable_numel": trainer.num_trainable(),
+        "trainable_numel": trainer.records.facts["trainable_params"],
         "total_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()),
         "optimizer_state_numel": optimizer_state_numel(engine),
         "optimizer_state_by_lr": optimizer_state_by_lr(engine),
-        "global_sparsity": trainer.pst_sparsity(),
+        "global_sparsity": trainer.controller.global_sparsity(),
         "mask_changed_reference": [
-            sum(counts) / trainer.sparsified_numel for counts in zip(*changes.values(), strict=True)
+            sum(counts) / trainer.records.facts["sparsified_params"]
+            for counts in zip(*changes.values(), strict=True)
         ],
         "frozen_with_grad": [
             n for n, p in engine.module.named_parameters() if not p.requires_grad and p.grad is not None

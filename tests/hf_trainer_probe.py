@@ -1,6 +1,7 @@
-"""Run under the deepspeed launcher by test_hf_trainer.py: one short PST run through pst-ds's own
-loop (--path own) or a transformers Trainer (--path hf) with the same settings; rank 0 saves
-each step's loss, time and every layer's mask (the one the next step's forward uses).
+"""Run under the deepspeed launcher by test_hf_trainer.py: one short PST run as launch/train.py
+builds it from the experiment config (--path own) or as a user's script builds a Trainer
+(--path hf) with the same settings; rank 0 saves each step's loss, time and every layer's mask
+(the one the next step's forward uses).
 
     deepspeed --num_gpus 2 tests/hf_trainer_probe.py --path own|hf --ds_config X --config Y \
         --out DIR [key=value ...]
@@ -25,10 +26,11 @@ from pst_ds.integrations.hf import (  # noqa: E402
     prepare,
     save_pruned,
 )
+from pst_ds.integrations.run import build_run  # noqa: E402
 from pst_ds.io.data import collate_blocks, load_splits  # noqa: E402
 from pst_ds.io.models import load_model, load_tokenizer  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402
-from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
+from pst_ds.train.engine import load_ds_config  # noqa: E402
 
 
 def masks(layers: dict) -> dict[str, torch.Tensor]:
@@ -55,17 +57,21 @@ class Record:
             torch.save(self.steps, path)
 
 
-def run_own(config, ds_config: dict, record: Record) -> None:
-    class Recording(Trainer):
-        def _step(self, batches):
-            result = super()._step(batches)
-            record.add(self.pst_layers, result[0])
-            return result
+def recorder(layers: dict, record: Record) -> TrainerCallback:
+    class Recorder(TrainerCallback):  # on every rank; after the PST callback's step end
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:  # a step's log (logging_steps=1), not the summary at the end
+                record.add(layers, logs["loss"])
 
-    trainer = Recording(config, ds_config)
-    trainer.setup()
+    return Recorder()
+
+
+def run_own(config, ds_config: dict, record: Record) -> None:
+    """launch/train.py's run, built from the experiment config."""
+    run = build_run(config, ds_config)
+    run.trainer.add_callback(recorder(run.layers, record))
     record.start = time.time()
-    trainer.train()
+    run.train()
 
 
 def run_hf(config, ds_config: dict, record: Record, out: Path) -> None:
@@ -94,14 +100,8 @@ def run_hf(config, ds_config: dict, record: Record, out: Path) -> None:
     with args.main_process_first():
         data = load_splits(config.data, "causal_lm", tokenizer)
 
-    class Recorder(TrainerCallback):  # on every rank; after the PST callback's step end
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if "loss" in logs:  # a step's log (logging_steps=1), not the summary at the end
-                record.add(pst.layers, logs["loss"])
-
-    recorder = Recorder()
     trainer = PSTTrainer(pst, model=model, args=args, train_dataset=data.train, data_collator=collate_blocks)
-    trainer.add_callback(recorder)
+    trainer.add_callback(recorder(pst.layers, record))
     record.start = time.time()
     trainer.train()
     save_pruned(trainer, out / "pruned")  # from the live model, every rank

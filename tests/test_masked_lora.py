@@ -13,6 +13,7 @@ from test_cli_errors import one_error_line
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
 from test_train_in_process import tiny_trainer
 from torch import nn
+from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
 from pst_ds.config import ConfigError, LoRAConfig, PSTConfig
@@ -72,14 +73,16 @@ def run_tiny(tmp_path, overrides: list[str], small_text) -> tuple[dict, list[dic
             *overrides,
         ]
     )
-    masks, apply = [], trainer.controller.apply
+    masks = []
 
-    def noted(step: int, logged: bool = False) -> None:  # the masks in force for each step's forward
-        apply(step, logged)
-        if step > 0 or not masks:
-            masks.append({name: layer.mask().clone() for name, layer in trainer.pst_layers.items()})
+    class Noted(TrainerCallback):  # after the sparsity callback: the masks each step's forward uses
+        def on_step_begin(self, args, state, control, **kwargs):
+            masks.append({name: layer.mask().clone() for name, layer in trainer.layers.items()})
 
-    trainer.controller.apply = noted
+        def on_train_end(self, args, state, control, **kwargs):  # and those the run ends with
+            masks.append({name: layer.mask().clone() for name, layer in trainer.layers.items()})
+
+    trainer.trainer.add_callback(Noted())
     try:
         summary = trainer.train()
     finally:

@@ -13,23 +13,20 @@ from conftest import ROOT
 from transformers import AutoModelForCausalLM
 
 from pst_ds.experiment import load_experiment
+from pst_ds.integrations.run import Run, build_run
 from pst_ds.io.models import LAUNCHER_VARIABLES
 from pst_ds.masks.select import num_pruned
 from pst_ds.train import checkpoint
 from pst_ds.train.distributed import leave_process_group
-from pst_ds.train.trainer import Trainer, load_ds_config
+from pst_ds.train.engine import load_ds_config
 
 STEPS = 4
 
 
-def tiny_trainer(overrides: list[str]) -> Trainer:
-    """An in-process run of tiny_llama under ZeRO-2 with ``overrides``, set up."""
-    trainer = Trainer(
-        load_experiment("configs/experiments/tiny_llama.yaml", overrides),
-        load_ds_config("configs/zero2.json"),
-    )
-    trainer.setup()
-    return trainer
+def tiny_trainer(overrides: list[str]) -> Run:
+    """An in-process run of tiny_llama under ZeRO-2 with ``overrides``, built."""
+    config = load_experiment("configs/experiments/tiny_llama.yaml", overrides)
+    return build_run(config, load_ds_config("configs/zero2.json"))
 
 
 @pytest.fixture
@@ -63,7 +60,7 @@ def test_a_run_trains_checkpoints_and_exports_a_plain_model(finished_run):
 
     report = json.loads((run / "export" / "pst_sparsity.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(run / "export", dtype=torch.float32)
-    assert len(report["layers"]) == len(trainer.pst_layers) == 14
+    assert len(report["layers"]) == len(trainer.layers) == 14
     for name, layer in report["layers"].items():
         weight = model.get_submodule(name).weight
         assert int((weight == 0).sum()) == layer["zeros"] == num_pruned(weight.numel(), 0.5), name
@@ -117,7 +114,7 @@ def test_owl_profile_and_a_ramped_warm_start_run_resume_and_export(tmp_path, sma
         leave_process_group()
     assert len({round(s, 6) for s in profile.values()}) > 1  # blocks differ
     for name, sparsity in ended.items():
-        layer = trainer.pst_layers[name]
+        layer = trainer.layers[name]
         assert sparsity == pytest.approx(profile[name], abs=1 / layer.in_features)
     assert summary["eval_after_warm_start"] is not None  # the warm start ran, at initial sparsity
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -174,7 +171,7 @@ def test_distillation_after_a_sparsegpt_start_is_taught_by_the_original_weights(
         with torch.no_grad():
             expected = original(input_ids=ids).logits
         torch.testing.assert_close(taught, expected, rtol=1e-5, atol=1e-5)  # the dense model as loaded
-        layer = trainer.pst_layers["model.layers.0.mlp.up_proj"]
+        layer = trainer.layers["model.layers.0.mlp.up_proj"]
         plain = original.get_submodule("model.layers.0.mlp.up_proj").weight
         assert torch.equal(layer.dense_teacher.weight, plain)
         assert not torch.equal(layer.weight, plain) and int((layer.weight == 0).sum()) > 0  # rewritten

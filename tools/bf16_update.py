@@ -24,21 +24,22 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from pst_ds.experiment import load_experiment  # noqa: E402
+from pst_ds.integrations.run import Run, build_run  # noqa: E402
 from pst_ds.train.distributed import leave_process_group  # noqa: E402
-from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
+from pst_ds.train.engine import load_ds_config  # noqa: E402
 
 PRECISIONS = {"fp32": False, "bf16": True}
 
 
 @torch.no_grad()
-def update_reaching_forward(trainer: Trainer) -> dict:
+def update_reaching_forward(trainer: Run) -> dict:
     """Over all pruned layers: <M*(fwd - W), M*delta> / |M*delta|^2 (the share of the update
     the forward carries: rounding noise averages out of it; and what M * W' rounded alone would
     carry), the share of kept entries whose nonzero update vanishes in that rounding, and the
     median |delta| / |W| of kept entries."""
     carried = carried_rounded = total = vanished = kept = 0.0
     ratios = []
-    for layer in trainer.pst_layers.values():
+    for layer in trainer.layers.values():
         scores, updated = layer.scores_and_weight()
         keep = layer.selection(scores).mask(scores)
         weight = layer.oriented_weight().float()
@@ -68,8 +69,7 @@ def run(config: str, overrides: list[str], out: Path, bf16: bool, label: str) ->
     ds_config["bf16"] = {"enabled": bf16}
     run_overrides = [*overrides, f"train.output_dir={out / label}", "train.export=false"]
     experiment = load_experiment(config, run_overrides)
-    trainer = Trainer(experiment, ds_config)
-    trainer.setup()
+    trainer = build_run(experiment, ds_config)
     try:
         summary = trainer.train()
         result = update_reaching_forward(trainer)

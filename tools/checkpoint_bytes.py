@@ -29,9 +29,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pst_ds.experiment import load_experiment  # noqa: E402
+from pst_ds.integrations.run import build_run  # noqa: E402
 from pst_ds.io.models import load_model, load_tokenizer  # noqa: E402
 from pst_ds.train import checkpoint  # noqa: E402
-from pst_ds.train.trainer import Trainer, load_ds_config  # noqa: E402
+from pst_ds.train.engine import load_ds_config  # noqa: E402
 
 
 def materialised(config_path: str, overrides: list[str], folder: Path) -> list[str]:
@@ -47,17 +48,16 @@ def materialised(config_path: str, overrides: list[str], folder: Path) -> list[s
 
 def measure(config_path: str, overrides: list[str], ds_config: str, work: Path) -> dict:
     run = [f"train.output_dir={work}", "train.max_steps=1", "train.save_every=0", "train.export=false"]
-    trainer = Trainer(load_experiment(config_path, overrides + run), load_ds_config(ds_config))
-    trainer.setup()
+    trainer = build_run(load_experiment(config_path, overrides + run), load_ds_config(ds_config))
     trainer.train()
-    rows = {}
-    for step, label, exclude in ((1, "whole model", False), (2, "what trains", True)):
+    rows, root, manifest = {}, trainer.checkpoints.root, trainer.checkpoints.manifest(None)
+    for step, label, exclude in ((11, "whole model", False), (12, "what trains", True)):
         start = time.time()
-        tag = checkpoint.save(trainer.engine, trainer.checkpoints, step, trainer.manifest(), 2, exclude)
+        tag = checkpoint.save(trainer.engine, root, step, manifest, 2, exclude)
         seconds = time.time() - start
-        files = list((trainer.checkpoints / tag).iterdir())
+        files = list((root / tag).iterdir())
         rows[label] = {"bytes": sum(f.stat().st_size for f in files), "save_s": round(seconds, 2)}
-    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.trainable)
+    trainable = trainer.records.facts["trainable_params"]
     dist.destroy_process_group()
     return {"trainable_params": trainable, **rows}
 

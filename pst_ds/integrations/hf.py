@@ -11,7 +11,9 @@
 ``PSTTrainer`` is ``Trainer`` with three additions: the sparsity callback, the optimizer's
 parameter groups (each job at its own learning rate) and distillation in ``compute_loss``. A
 script that must keep its own Trainer class (Axolotl, TRL) adds the same with
-``callbacks=[pst.callback]`` and ``optimizer_cls_and_kwargs=pst.optimizer(args)``.
+``callbacks=[pst.callback]`` and ``optimizer_cls_and_kwargs=pst.optimizer(args)``; and every
+other run feature (the run lock, preemption, before/after perplexities, metrics.jsonl and
+summary.json, the export) with ``callbacks=pst.callbacks(args.output_dir, evaluate=...)``.
 
 The TrainingArguments own the loop: batch sizes, learning rate and its schedule, steps, seed,
 checkpoints. The pst-ds config owns the method: its sections pst, lora and oneshot, the side
@@ -30,38 +32,35 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from torch import nn
+from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..callbacks.export import ExportCallback, export_live
+from ..callbacks.preemption import PreemptionCallback
+from ..callbacks.records import RunRecordsCallback, layer_failures_named
+from ..callbacks.run_lock import RunLockCallback
+from ..callbacks.sparsity import RUN_FILE, SparsityCallback
 from ..config import ConfigError, ExperimentConfig, ModelConfig, PSTConfig
 from ..experiment import experiment_config, experiment_from_dict, load_experiment
-from ..io.data import calibration_batches
-from ..io.export import (
-    DEFAULT_SHARD_BYTES,
-    export_deepspeed_checkpoint,
-    no_progress_bars,
-    stream_live,
-    write_export,
-)
+from ..io.export import DEFAULT_SHARD_BYTES, export_deepspeed_checkpoint, no_progress_bars
 from ..layers.inject import inject, iter_pst_layers
-from ..methods import Calibration, Method, method_class
+from ..methods import Method, method_class
 from ..train.distill import distilled
 from ..train.distributed import skip_shm_build
 from ..train.engine import load_ds_config
 from ..train.optim import optimizer_groups
-from ..train.schedule import SparsityController
+from ..train.run_checkpoints import ResumePoint, RunCheckpoints
 
 __all__ = [
-    "PSTCallback",
     "PSTRun",
     "PSTTrainer",
+    "SparsityCallback",
     "accelerator_config",
     "deepspeed_config",
     "prepare",
     "save_pruned",
 ]
 
-RUN_FILE = "pst_ds.json"  # written into each HF checkpoint folder: what save_pruned rebuilds from
 # What a Trainer fills in a DeepSpeed config from its TrainingArguments (pst-ds's own configs
 # leave them out: launch/train.py fills them from the experiment config). Not train_batch_size:
 # DeepSpeed derives it, and TrainingArguments would fill it before it knows the world size.
@@ -94,7 +93,7 @@ def deepspeed_config(path: str | dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class PSTRun:
-    """What ``prepare`` made of a model: the method, its layers and the callback that drives them."""
+    """What ``prepare`` made of a model: the method, its layers and the callbacks that drive them."""
 
     config: ExperimentConfig
     method: Method
@@ -103,8 +102,31 @@ class PSTRun:
 
     def __post_init__(self) -> None:
         self.layers = dict(iter_pst_layers(self.model))
-        self.callback = PSTCallback(self)
-        self.loss_distils = False  # PSTTrainer's compute_loss distils; a Trainer's own loss does not
+        self.callback = SparsityCallback(self.config, self.method, self.layers)
+        self.callback.run = self  # what save_pruned(trainer) exports
+
+    def callbacks(
+        self,
+        output_dir: str | Path,
+        evaluate: dict[str, Dataset] | None = None,
+        export: bool = True,
+        tokenizer: Any = None,
+    ) -> list[TrainerCallback]:
+        """Every run feature as a Trainer callback, in the order they must run: the run lock on
+        ``output_dir``, preemption (save and stop), the sparsity controller, the export to
+        ``<output_dir>/export`` (``export``) and the run's records (``evaluate``: named sets whose
+        metric is taken before and after training; the first is the validation set)."""
+        lock, notice = RunLockCallback(output_dir), PreemptionCallback()
+        exported = ExportCallback(Path(output_dir) / "export", self.method, self.layer_names, tokenizer)
+        records = RunRecordsCallback(
+            output_dir,
+            self.method,
+            _validation_first(evaluate or {}),
+            self.config.model.task,
+            self.callback,
+            exported if export else None,
+        )
+        return [lock, notice, self.callback, *([exported] if export else []), records]
 
     def optimizer(self, args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         """``Trainer(optimizer_cls_and_kwargs=...)``: AdamW over the trainable parameters, one group
@@ -113,9 +135,12 @@ class PSTRun:
         kwargs = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
         return torch.optim.AdamW, {"params": groups, "weight_decay": args.weight_decay, **kwargs}
 
-    def saved(self) -> dict[str, Any]:
-        """What a checkpoint folder needs for ``save_pruned`` to rebuild the layers."""
-        return {"experiment": self.config.to_dict()}
+
+def _validation_first(texts: dict[str, Dataset]) -> dict[str, Dataset]:
+    if not texts or "validation" in texts:
+        return texts
+    first, *rest = texts
+    return {"validation": texts[first], **{name: texts[name] for name in rest}}
 
 
 def prepare(
@@ -131,97 +156,27 @@ def prepare(
     method = method_class(config.method)(config)
     if not method.trains:
         raise ConfigError(f"method={config.method} prunes once and does not train: run launch/train.py")
-    if method.pst.sparsity_profile != "uniform":  # its profile would need the Trainer's resume to carry it
-        raise ConfigError(
-            f"pst.sparsity_profile={method.pst.sparsity_profile} runs in launch/train.py only, not yet "
-            "through the HF Trainer"
-        )
     return PSTRun(config, method, model, inject(model, method))
 
 
-class PSTCallback(TrainerCallback):
-    """Drives the sparsity controller: a warm start (pst.init) from the training data before the
-    first step, the schedule after every optimizer step, and ``pst_ds.json`` in each checkpoint."""
-
-    def __init__(self, run: PSTRun) -> None:
-        self.run = run
-        self.controller: SparsityController | None = None
-
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        run = self.run
-        weight = run.config.train.distill.weight
-        if weight and not run.loss_distils and state.is_world_process_zero:
-            print(
-                f"pst-ds: warning: train.distill.weight={weight} asks for the original model as a teacher, "
-                "but this Trainer computes its own loss, so it trains without one (PSTTrainer distils; "
-                "train.distill.weight=0 silences this)",
-                flush=True,
-            )
-        self.controller = SparsityController(run.method, state.max_steps, run.layers)
-        if state.global_step == 0 and run.method.warm_start_method() is not None:
-            self._warm_start(args, state, kwargs["model"], kwargs["train_dataloader"])
-        self.controller.apply(state.global_step)
-
-    def _warm_start(self, args: TrainingArguments, state: Any, model: nn.Module, loader: Any) -> None:
-        """The one-shot method of pst.init, on examples of the training set drawn as pst-ds's own
-        loop draws them (the same seed, so both start from the same mask)."""
-        run, controller = self.run, self.controller
-        controller.put_in_force(run.layers, 0.0)  # calibration sees the dense model
-        device = next(model.parameters()).device
-        batches = calibration_batches(
-            loader.dataset,
-            run.config.oneshot.calibration_blocks,
-            run.config.train.seed,
-            args.per_device_train_batch_size,
-            loader.collate_fn,
-        )
-        was_training = model.training
-        model.eval()
-        controller.warm_start(
-            Calibration(
-                model,
-                run.layers,
-                [{k: v.to(device) for k, v in batch.items()} for batch in batches],
-                lambda batch: model(**batch),
-                controller.sparsity_at(0),
-                controller.put_in_force,
-                progress=lambda line: (
-                    print(f"pst-ds: {line}", flush=True) if state.is_world_process_zero else None
-                ),
-            )
-        )
-        model.train(was_training)
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        # After the optimizer step (global_step counts it): the schedule moves, as in pst-ds's loop.
-        self.controller.end_step(state.global_step - 1)
-        self.controller.apply(state.global_step)
-
-    def on_log(
-        self, args: TrainingArguments, state: Any, control: Any, logs: Any = None, **kwargs: Any
-    ) -> None:
-        if logs is not None and self.controller is not None and "loss" in logs:
-            logs["sparsity"] = round(self.controller.global_sparsity(), 6)
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if folder.is_dir():
-                (folder / RUN_FILE).write_text(json.dumps(self.run.saved(), indent=1))
-
-
 class PSTTrainer(Trainer):
-    """``transformers.Trainer`` for a model that ``prepare`` injected: the PST callback, the
+    """``transformers.Trainer`` for a model that ``prepare`` injected: the sparsity callback, the
     optimizer's groups and, with train.distill, the distillation loss (the teacher is the frozen
-    dense backbone; the loss is averaged per micro-batch, as pst-ds's own loop does)."""
+    dense backbone). The loss is averaged per micro-batch.
 
-    def __init__(self, pst: PSTRun, *args: Any, **kwargs: Any) -> None:
-        self.pst = pst
-        pst.loss_distils = True
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), pst.callback]
+    With ``checkpoints`` (launch/train.py), its checkpoints hold what trains and resume exactly
+    (train/run_checkpoints.py); without, they are the Trainer's own."""
+
+    def __init__(
+        self, pst: PSTRun, *args: Any, checkpoints: RunCheckpoints | None = None, **kwargs: Any
+    ) -> None:
+        self.pst, self.run_checkpoints = pst, checkpoints
+        self.resume_point: ResumePoint | None = None
+        pst.callback.loss_distils = True
+        callbacks = list(kwargs.get("callbacks") or [])
+        kwargs["callbacks"] = callbacks if pst.callback in callbacks else [*callbacks, pst.callback]
         super().__init__(*args, **kwargs)
-        if pst.config.train.distill.weight:
-            self.model_accepts_loss_kwargs = False  # the Trainer averages our per-micro-batch loss
+        self.model_accepts_loss_kwargs = False  # the mean loss of each micro-batch
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
@@ -236,6 +191,46 @@ class PSTTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, outputs = distilled(model, inputs, distill)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        note = self.run_checkpoints.last_note() if self.run_checkpoints is not None else ""
+        with layer_failures_named(f"step {self.state.global_step + 1}", note):
+            return super().training_step(*args, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        """Train from the start, or from ``resume_point`` (set it to resume lean checkpoints)."""
+        if self.resume_point is not None:
+            resume_from_checkpoint = str(self.resume_point.folder)
+            if self.resume_point.step >= self.args.max_steps:  # already trained: evaluate, export
+                self.args.max_steps = 0
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _prepare_for_training(
+        self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any
+    ) -> Any:
+        if self.run_checkpoints is None:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, loader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        if self.resume_point is not None:  # the lean checkpoint: ours to load, not the Trainer's
+            self.run_checkpoints.load(self.model_wrapped, self.resume_point, self.lr_scheduler)
+        return model, loader
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.run_checkpoints is None:
+            return super()._save_checkpoint(model, trial)
+        self.run_checkpoints.write_start(self.model)
+        profile = self.pst.callback.profile
+        self.run_checkpoints.save(
+            self.model_wrapped, self.state.global_step, self.lr_scheduler, self.state, profile
+        )
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        if self.run_checkpoints is not None:  # every run ends with what it holds saved
+            if self.pst.callback.warm_start_pending:  # a run without steps: its one-shot start first
+                self.pst.callback.start(self.args, self.state)
+            if self.run_checkpoints.saved_step != self.state.global_step:
+                self._save_checkpoint(self.model, None)
+        return super()._finalize_training(*args, **kwargs)
 
 
 def save_pruned(
@@ -260,22 +255,17 @@ def save_pruned(
         if isinstance(model_or_checkpoint, Trainer):
             tokenizer = tokenizer or model_or_checkpoint.processing_class
             callbacks = model_or_checkpoint.callback_handler.callbacks
-            run = next((c.run for c in callbacks if isinstance(c, PSTCallback)), None)
-            if run is None:
+            found = [c for c in callbacks if isinstance(c, SparsityCallback) and hasattr(c, "run")]
+            if not found:
                 raise ConfigError(
-                    "save_pruned: this Trainer has no PSTCallback (pass callbacks=[pst.callback])"
+                    "save_pruned: this Trainer has no pst-ds SparsityCallback "
+                    "(pass callbacks=pst.callbacks(...))"
                 )
-        write = not dist.is_initialized() or dist.get_rank() == 0
-        items = stream_live(run.model, write)
-        report = None
-        if write:
-            origin = {"source": "live model"}
-            report = write_export(
-                items, run.model, run.method, run.layer_names, tokenizer, out_dir, origin, max_shard_bytes
-            )
-        else:
-            for _ in items:  # the gathers are collective: every rank walks the model
-                pass
+            run = found[0].run
+        origin = {"source": "live model"}
+        report = export_live(
+            run.model, run.method, run.layer_names, tokenizer, out_dir, origin, max_shard_bytes
+        )
         if dist.is_initialized():
             dist.barrier()
         return report

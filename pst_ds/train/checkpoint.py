@@ -179,10 +179,17 @@ WRITE_ERRORS = (OSError, RuntimeError)
 
 
 def save(
-    engine: Any, root: Path, step: int, manifest: dict[str, Any], keep_last: int, exclude_frozen: bool
+    engine: Any,
+    root: Path,
+    step: int,
+    manifest: dict[str, Any],
+    keep_last: int,
+    exclude_frozen: bool,
+    extra: Callable[[Path], None] | None = None,
 ) -> str:
     """Save on all ranks; mark complete and move ``latest`` only once every rank is done.
     ``exclude_frozen``: leave out the parameters that do not train (read back from the base).
+    ``extra``: rank 0 writes more files into the checkpoint's folder (a loop's own state).
 
     A write that fails on any rank raises SaveFailed on every rank, after rank 0 removed the
     partial checkpoint: ``latest`` still names the previous one, untouched."""
@@ -203,6 +210,8 @@ def save(
     if problem is None:
         try:
             torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+            if extra is not None and rank == 0:
+                extra(directory)
         except WRITE_ERRORS as err:
             problem = _described(err)
     _stop_everywhere(problem, directory)  # every rank's files are on disk, or none goes on

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import deepspeed
 import torch.distributed as dist
+from accelerate.state import AcceleratorState
 from deepspeed.accelerator import get_accelerator
 
 from ..config import ConfigError
@@ -57,6 +58,7 @@ def leave_process_group() -> None:
         dist.barrier()
         dist.destroy_process_group()
     ds_groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the world group goes with it
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer's, made for that group
 
 
 def skip_shm_build() -> None:
