@@ -41,9 +41,10 @@ def main() -> None:
     data_config = dataclasses.replace(pst.config.data, train_files=[ours.data])
     with args.main_process_first():  # one rank tokenises into the cache, the others read it
         data = load_splits(data_config, "causal_lm", tokenizer)
+    features = pst.callbacks(args.output_dir, evaluate={"validation": data.validation}, export=False)
     trainer = PSTTrainer(  # PST: a Trainer that drives the sparsity schedule
         pst, model=model, args=args, train_dataset=data.train, data_collator=collate_blocks,
-        processing_class=tokenizer,
+        processing_class=tokenizer, callbacks=features,  # run lock, preemption, perplexities, records
     )  # fmt: skip
     trainer.train()
     save_pruned(trainer, f"{args.output_dir}/pruned")  # PST: the pruned model, a plain HF folder

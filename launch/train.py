@@ -19,7 +19,7 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Transparent huge pages for PyTorch's large CPU buffers (read by torch at import): fresh
-# weight-sized tensors then cost far fewer page faults. See docs/results.md for the figures.
+# weight-sized tensors then cost far fewer page faults. See docs/archive/results-history.md for the figures.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # DeepSpeed 0.19 calls c10d functions that torch 2.13 deprecates, once per step: noise a user
 # cannot act on.

@@ -75,8 +75,8 @@ class PSTConfig:
     """The PST method's knobs (and the schedule and targets every method shares).
 
     ``PSTConfig()`` gives the settings measured best on both embedded models and every held-out
-    text (docs/results.md): a one-shot start (auto), activation importance, the learned terms in
-    weight units with beta 0.5 and alpha 5. ``PSTConfig.release()`` gives the PST release's:
+    text (docs/archive/results-history.md): a one-shot start (auto), activation importance, the
+    learned terms in weight units with beta 0.5 and alpha 5. ``PSTConfig.release()`` gives the PST release's:
     a magnitude start on the cubic schedule, magnitude importance, absolute units, beta = alpha = 1.
     """
 
@@ -89,7 +89,7 @@ class PSTConfig:
     # The unit u of beta·U·V and of the learned importance terms: 1 (one, the release's absolute
     # units, where a model whose weights are 5x smaller moves 5x further in proportion), or each
     # layer's original mean |W| (weight): the same beta, alpha and lr then move every layer of
-    # every model by the same share of its weights (the default experiments'; docs/results.md)
+    # every model by the same share of its weights (the default experiments'; docs/archive/results-history.md)
     factor_scale: Literal["one", "weight"] = "weight"
     # Warm start: the first mask. magnitude: the release's (S = |W| and the cubic schedule from
     # initial_sparsity); wanda / sparsegpt: the one-shot method's mask and weights from
@@ -107,12 +107,12 @@ class PSTConfig:
     # What backward knows M from: the forward's mask packed to bits (out*in/8 bytes per layer, kept
     # from forward to backward), or S recomputed and selected again (nothing kept). Learned
     # thresholds, eager layers (compile=false) and inputs not a multiple of 8 always recompute.
-    # See docs/results.md (issue 22).
+    # See docs/archive/results-history.md (issue 22).
     saved_mask: Literal["bits", "recompute"] = "bits"
     # In bf16 / fp16 training, what the forward multiplies x by: M * W' as its rounding to the
     # dtype plus the rounding's remainder (split: two GEMMs, so an update beta U V below the
     # dtype's resolution, about 0.4% of |W| in bf16, still reaches the output), or rounded alone
-    # (one GEMM). fp32 runs are the same either way. See docs/results.md (bf16).
+    # (one GEMM). fp32 runs are the same either way. See docs/archive/results-history.md (bf16).
     low_precision_forward: Literal["split", "rounded"] = "split"
     # Mask kind (masks/kinds.py): topk | threshold (learned per-matrix sparsities) | nm | vnm
     mask: str = "topk"

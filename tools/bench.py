@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: see docs/results.md
+os.environ.setdefault(
+    "THP_MEM_ALLOC_ENABLE", "1"
+)  # before torch allocates: see docs/archive/results-history.md
 
 import argparse
 import json
@@ -330,7 +332,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"layers": bench_layers, "passes": bench_passes, "methods": bench_methods}[args.kind](args)
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    # The CPU allocator changes the figures (see docs/results.md): say which one ran.
+    # The CPU allocator changes the figures (see docs/archive/results-history.md): say which one ran.
     report["ld_preload"] = os.environ.get("LD_PRELOAD", "")
     (out / f"{args.kind}.json").write_text(json.dumps(report, indent=1))
     (out / f"{args.kind}.md").write_text("\n".join(report["table"]) + "\n")

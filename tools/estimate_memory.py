@@ -6,7 +6,7 @@
 Prints what holds the bytes (parameters, gathered ZeRO-3 weights, gradients, optimizer state,
 activations, PST's transient buffers, the process itself) and their total, the figure a rank
 must fit; --json FILE also writes it. The same model runs at the start of every training run
-(pst_ds/train/memory.py), and docs/results.md sets it beside measured peaks.
+(pst_ds/train/memory.py), and docs/archive/results-history.md sets it beside measured peaks.
 """
 
 from __future__ import annotations

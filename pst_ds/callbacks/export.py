@@ -1,5 +1,7 @@
 """Export at the end of training: the pruned model as a plain HF folder (M * W' under the
-original names, zeros in place, ``pst_sparsity.json``), from the live model; rank 0 writes."""
+original names, zeros in place, ``pst_sparsity.json``); rank 0 writes. From the live model, or
+from the run's last checkpoint when it has pst-ds's checkpoints (``run_dir``): there the weights
+are merged from the fp32 master copies, as ``launch/export.py`` does, even in a bf16 run."""
 
 from __future__ import annotations
 
@@ -12,7 +14,14 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
-from ..io.export import DEFAULT_SHARD_BYTES, WRITE_ERRORS, no_progress_bars, stream_live, write_export
+from ..io.export import (
+    DEFAULT_SHARD_BYTES,
+    WRITE_ERRORS,
+    export_checkpoint,
+    no_progress_bars,
+    stream_live,
+    write_export,
+)
 from ..methods import Method
 from ..train.checkpoint import free_mib
 from ..train.distributed import first_problem
@@ -53,8 +62,10 @@ class ExportCallback(TrainerCallback):
         layer_names: list[str],
         tokenizer: Any = None,
         recovery: Callable[[], str] = lambda: "",
+        run_dir: Path | None = None,
     ) -> None:
         self.out_dir, self.method, self.layer_names = Path(out_dir), method, layer_names
+        self.run_dir = run_dir
         self.tokenizer, self.recovery = tokenizer, recovery
         self.report: dict[str, Any] | None = None
 
@@ -64,9 +75,13 @@ class ExportCallback(TrainerCallback):
         model, tokenizer = kwargs["model"], self.tokenizer or kwargs.get("processing_class")
         began, total, problem = time.time(), None, None
         try:
-            origin = {"source": "live model", "step": state.global_step}
-            report = export_live(model, self.method, self.layer_names, tokenizer, self.out_dir, origin)
-            total = report and report["total"]
+            if self.run_dir is not None:  # the checkpoint the Trainer saved as it ended
+                if state.is_world_process_zero:
+                    total = export_checkpoint(self.run_dir, self.out_dir)["total"]
+            else:
+                origin = {"source": "live model", "step": state.global_step}
+                report = export_live(model, self.method, self.layer_names, tokenizer, self.out_dir, origin)
+                total = report and report["total"]
         except WRITE_ERRORS as err:
             problem = (
                 f"cannot write the pruned model to {self.out_dir} ({type(err).__name__}: {err}; "

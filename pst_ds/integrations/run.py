@@ -150,7 +150,7 @@ def _build(
             note = checkpoints.last_note()
             return f"{note}: free space, then python launch/export.py --run {output_dir} writes it"
 
-        export = ExportCallback(output_dir / "export", method, layer_names, tokenizer, recovery)
+        export = ExportCallback(output_dir / "export", method, layer_names, tokenizer, recovery, output_dir)
     facts = {
         "pst_layers": len(layer_names),
         "trainable_params": trainable,

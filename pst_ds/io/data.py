@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import default_collate
 from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, DataConfig
@@ -264,37 +264,3 @@ def calibration_batches(
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     examples = [dataset[int(i)] for i in chosen[:count]]
     return [collate(examples[i : i + batch_size]) for i in range(0, count, batch_size)]
-
-
-class TrainingBatches:
-    """This rank's training micro-batches: shuffled by seed, reshuffled each epoch, and
-    restartable at any position (a resumed run sees the batches an unbroken one would)."""
-
-    def __init__(
-        self, dataset: Dataset, micro_batch_size: int, rank: int, world_size: int, seed: int, task: str
-    ) -> None:
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.loader = DataLoader(
-            dataset,
-            batch_size=micro_batch_size,
-            sampler=self.sampler,
-            collate_fn=collate_for(task),
-            drop_last=True,
-            # Its own generator: each iter() would otherwise draw from the global RNG, which a
-            # resumed run restores at a different point than an uninterrupted one.
-            generator=torch.Generator().manual_seed(seed),
-        )
-
-    def from_position(self, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches from number ``skip`` (counted from the start of training) on, forever."""
-        epoch, skip = divmod(skip, len(self.loader))
-        while True:
-            self.sampler.set_epoch(epoch)
-            batches = iter(self.loader)
-            for _ in range(skip):  # only on resume: fast-forward to the saved data position
-                next(batches)
-            skip = 0
-            yield from batches
-            epoch += 1

@@ -3,7 +3,7 @@
 A PST layer's forward and backward write several (out, in) tensors: W', S, the masked weight,
 G and the backward terms. On the CPU, a fresh buffer that size costs page faults every time
 (glibc maps and unmaps each allocation above 32 MiB), which took more time than the arithmetic
-of a 7B-shape layer (docs/results.md). The workspace keeps one buffer per slot, grown to the
+of a 7B-shape layer (docs/archive/results-history.md). The workspace keeps one buffer per slot, grown to the
 largest layer that used it, and hands out views of it: the memory is what the fresh buffers of
 the largest layer took at their peak, held once for the whole model. CUDA's caching allocator
 already reuses its blocks, so there each request is a fresh tensor, freed as before.

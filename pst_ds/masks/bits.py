@@ -23,7 +23,7 @@ def pack_rows(flags: torch.Tensor) -> torch.Tensor:
 
 def _packed_groups(groups: torch.Tensor) -> torch.Tensor:
     # Eight shifted int32 terms: inductor's CPU code for a uint8 sum over the group, or a product
-    # with the bit values, took 4x to 70x longer (11008 x 4096 mask, docs/results.md).
+    # with the bit values, took 4x to 70x longer (11008 x 4096 mask, docs/archive/results-history.md).
     groups = groups.to(torch.int32)
     return sum(groups[..., j] << j for j in range(8)).to(torch.uint8)
 

@@ -1,7 +1,7 @@
 """``pst.init=auto`` and ``train.distill.weight=auto``: the warm start that measured best for the
 run's sparsity and mask, and the distillation that measured best after it.
 
-Chosen from the quality grid of issue 21 (docs/results.md, "Quality past the one-shot
+Chosen from the quality grid of issue 21 (docs/archive/results-history.md, "Quality past the one-shot
 methods"): 30-step runs on Austen of SmolLM2-135M and gemma-3-270m, judged on validation and
 on three texts they never trained on (Moby Dick, film reviews, the GPL).
 
@@ -35,7 +35,7 @@ AUTO = "auto"
 # Above this final sparsity (top-k and learned thresholds) SparseGPT's start measured best.
 SPARSEGPT_ABOVE = 0.5
 # Distillation's weight from the original model, wherever the backbone stays frozen: it measured
-# better out of domain after both starts, on both models (docs/results.md).
+# better out of domain after both starts, on both models (docs/archive/results-history.md).
 DISTILL_WEIGHT = 0.5
 
 

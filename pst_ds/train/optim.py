@@ -6,14 +6,12 @@
     thresholds   learned thresholds' logits (pst.mask=threshold)             train.threshold_lr
     head         pst.trainable_modules (e.g. a new task head)                train.head_lr
 
-A side rate of 0 means train.lr. The schedule is transformers' linear warm-up then linear decay.
+A side rate of 0 means train.lr. The schedule is the Trainer's: linear warm-up then linear decay.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 from ..config import PSTConfig, TrainConfig
 from ..layers.inject import head_parameters, iter_injected
@@ -51,13 +49,3 @@ def optimizer_groups(model: nn.Module, pst: PSTConfig, train: TrainConfig, lr: f
         for name, params in parameter_groups(model, pst).items()
         if params
     ]
-
-
-def build_optimizer(
-    model: nn.Module, pst: PSTConfig, train: TrainConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with one group per job (empty ones left out) and the linear warm-up/decay schedule."""
-    groups = optimizer_groups(model, pst, train, train.lr)
-    optimizer = torch.optim.AdamW(groups, weight_decay=train.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, train.warmup_steps, train.max_steps)
-    return optimizer, schedule

@@ -28,10 +28,6 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 LAUNCHER_MODULE = b"deepspeed.launcher.launch"  # DeepSpeed's per-node launcher, the ranks' parent
 
 
-class Preempted(Exception):
-    """The run saved a checkpoint and stopped on a signal; the message says how to go on."""
-
-
 def parent_of(pid: int) -> int | None:
     """The parent pid of process ``pid`` (Linux /proc), or None when it cannot be read."""
     try:
