@@ -227,6 +227,7 @@ def _training_arguments(
         save_steps=train.save_every or max(1, max_steps),  # the last step is always saved
         dataloader_drop_last=True,
         dataloader_pin_memory=not on_cpu(),
+        use_cpu=on_cpu(),  # bf16 on CPU ranks: the Trainer refuses it otherwise
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,  # the run's own progress bar (train/logging.py)
