@@ -202,7 +202,7 @@ class PSTTrainer(Trainer):
         if self.resume_point is not None:
             resume_from_checkpoint = str(self.resume_point.folder)
             if self.resume_point.step >= self.args.max_steps:  # already trained: evaluate, export
-                self.args.max_steps = 0
+                self.args.max_steps, self.args.num_train_epochs = 0, 0
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _prepare_for_training(
@@ -221,7 +221,12 @@ class PSTTrainer(Trainer):
         self.run_checkpoints.write_start(self.model)
         profile = self.pst.callback.profile
         self.run_checkpoints.save(
-            self.model_wrapped, self.state.global_step, self.lr_scheduler, self.state, profile
+            self.model_wrapped,
+            self.state.global_step,
+            self.lr_scheduler,
+            self.state,
+            profile,
+            self._save_rng_state,
         )
 
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:

@@ -212,6 +212,7 @@ def _training_arguments(
         per_device_eval_batch_size=train.micro_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_steps=max_steps,
+        num_train_epochs=1 if max_steps else 0,  # no steps at all: not epochs instead
         learning_rate=train.lr,
         weight_decay=train.weight_decay,
         lr_scheduler_type="linear",

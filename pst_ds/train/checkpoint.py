@@ -2,7 +2,7 @@
 
 Layout under ``<output_dir>/checkpoints``::
 
-    step00000040/   DeepSpeed's files, rng_rank<r>.pt, and COMPLETE (written last)
+    step00000040/   DeepSpeed's files, the loop's own (each rank's RNG, ...), COMPLETE (last)
     latest          the tag of the newest complete checkpoint (replaced atomically)
 
 A save that dies part-way leaves a tag without COMPLETE; ``latest`` still names the
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
@@ -129,20 +127,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class _RecordedWrites:
     """DeepSpeed's checkpoint engine with its writes' failures recorded instead of raised: a
     rank whose disk is full goes on through every collective of the save like the others, writing
@@ -189,7 +173,8 @@ def save(
 ) -> str:
     """Save on all ranks; mark complete and move ``latest`` only once every rank is done.
     ``exclude_frozen``: leave out the parameters that do not train (read back from the base).
-    ``extra``: rank 0 writes more files into the checkpoint's folder (a loop's own state).
+    ``extra``: each rank writes more files into the checkpoint's folder (the loop's own state:
+    its RNG, its schedule).
 
     A write that fails on any rank raises SaveFailed on every rank, after rank 0 removed the
     partial checkpoint: ``latest`` still names the previous one, untouched."""
@@ -207,11 +192,9 @@ def save(
     finally:
         engine.checkpoint_engine = writes.inner
     problem = writes.problem
-    if problem is None:
+    if problem is None and extra is not None:
         try:
-            torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
-            if extra is not None and rank == 0:
-                extra(directory)
+            extra(directory)
         except WRITE_ERRORS as err:
             problem = _described(err)
     _stop_everywhere(problem, directory)  # every rank's files are on disk, or none goes on
@@ -261,8 +244,8 @@ def _prune(root: Path, keep: int, newest: str) -> None:
 
 
 def load(engine: Any, root: Path, tag: str) -> None:
-    """Restore engine (factors, optimizer, LR schedule) and this rank's RNG state. The frozen
-    parameters a checkpoint may leave out keep the values the model was loaded with."""
+    """Restore the engine (factors, optimizer). The frozen parameters a checkpoint may leave out
+    keep the values the model was loaded with."""
     path, _ = engine.load_checkpoint(
         str(root),
         tag=tag,
@@ -272,8 +255,6 @@ def load(engine: Any, root: Path, tag: str) -> None:
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng = root / tag / f"rng_rank{dist.get_rank()}.pt"
-    _restore_rng(torch.load(rng, weights_only=False))
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

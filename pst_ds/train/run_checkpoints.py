@@ -3,7 +3,7 @@
 A checkpoint leaves out the frozen backbone when the model's folder holds it (read back from
 there, checked by its fingerprint), and the backbone a warm start rewrote (written once into
 ``<output_dir>/start``, io/start_weights.py). Beside DeepSpeed's files it holds the LR schedule,
-each rank's RNG state and the Trainer's state (``trainer_state.json``), so that
+each rank's RNG state (the Trainer's file) and the Trainer's state (``trainer_state.json``), so that
 ``Trainer.train(resume_from_checkpoint=<its folder>)`` goes on from the batch an unbroken run
 would take next. checkpoint.py makes each save atomic and checked.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,8 @@ class RunCheckpoints:
         return ResumePoint(self.root / tag, saved["step"], saved.get("sparsity_profile"))
 
     def load(self, engine: Any, point: ResumePoint, schedule: Any) -> None:
-        """Restore the engine (factors, optimizer), the LR schedule, this rank's RNG and the
-        rewritten backbone of a warm start that the checkpoint left out."""
+        """Restore the engine (factors, optimizer), the LR schedule and the rewritten backbone of
+        a warm start that the checkpoint left out (the Trainer restores the RNG)."""
         checkpoint.load(engine, self.root, point.folder.name)
         schedule.load_state_dict(torch.load(point.folder / SCHEDULE_FILE, weights_only=False))
         saved = checkpoint.read_manifest(self.root, point.folder.name)
@@ -149,13 +150,24 @@ class RunCheckpoints:
                 f"pst-ds: wrote the rewritten backbone to {folder} in {time.time() - began:.1f} s", flush=True
             )
 
-    def save(self, engine: Any, step: int, schedule: Any, state: Any, profile: dict | None) -> str:
-        """Save step ``step`` (every rank); a failed write is a TrainingError naming what is intact."""
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        schedule: Any,
+        state: Any,
+        profile: dict | None,
+        rng: Callable[[str], None],
+    ) -> str:
+        """Save step ``step`` (every rank); ``rng`` writes this rank's RNG state into the folder
+        the way the Trainer reads it back. A failed write is a TrainingError naming what is intact."""
         began = time.time()
 
-        def extra(directory: Path) -> None:  # rank 0, inside the checkpoint before it is complete
-            torch.save(schedule.state_dict(), directory / SCHEDULE_FILE)
-            state.save_to_json(str(directory / TRAINER_STATE))
+        def extra(directory: Path) -> None:  # inside the checkpoint, before it is complete
+            rng(str(directory))  # the Trainer restores it once it has skipped to the data position
+            if _rank() == 0:
+                torch.save(schedule.state_dict(), directory / SCHEDULE_FILE)
+                state.save_to_json(str(directory / TRAINER_STATE))
 
         try:
             tag = checkpoint.save(
