@@ -94,15 +94,17 @@ def optimizer_state_bytes(optimizer: Any) -> int:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
 
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    for state in inner.state.values():
+    # accelerate's wrapper (itself a torch Optimizer), DeepSpeed's ZeRO optimizer, torch's AdamW
+    chain = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None:
+        chain.append(chain[-1].optimizer)
+    for state in chain[-1].state.values():
         for value in state.values():
             add(value)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        for tensor in getattr(optimizer, name, []) or []:
-            add(tensor)
+    for level in chain:
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            for tensor in getattr(level, name, []) or []:
+                add(tensor)
     return total
 
 
