@@ -81,14 +81,6 @@ def tensors(folder) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-# Passes alone (`pytest tests/test_plain_trainer_callbacks.py`); in the full suite's worker an
-# earlier test leaves state that makes accelerate look for MPI (mpi4py): to be fixed.
-ISOLATION = pytest.mark.xfail(
-    raises=ModuleNotFoundError, strict=False, reason="worker state: accelerate asks for mpi4py"
-)
-
-
-@ISOLATION
 def test_a_plain_trainer_with_the_callbacks_is_preempted_and_resumes_exactly(tmp_path, small_text):
     whole, _, _ = run(tmp_path / "whole", small_text)
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
@@ -116,7 +108,6 @@ def test_a_plain_trainer_with_the_callbacks_is_preempted_and_resumes_exactly(tmp
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-@ISOLATION
 def test_the_run_lock_refuses_a_second_trainer_into_the_same_folder(tmp_path, small_text):
     from pst_ds.callbacks.run_lock import RunLockCallback
 

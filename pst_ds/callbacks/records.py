@@ -154,8 +154,8 @@ class RunRecordsCallback(TrainerCallback):
         stands, and the perplexity of each of data.eval_files, over all ranks."""
         results = {}
         sparsity = self.sparsity.controller.global_sparsity()
+        device = next(model.parameters()).device
         for name, dataset in self.texts.items():
-            device = next(model.parameters()).device
             with layer_failures_named(f"the evaluation after step {step}"):
                 result = evaluate_model(model, dataset, self.task, self.batch_size, device)
             if name == "validation":

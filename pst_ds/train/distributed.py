@@ -58,7 +58,10 @@ def leave_process_group() -> None:
         dist.barrier()
         dist.destroy_process_group()
     ds_groups._WORLD_GROUP = None  # DeepSpeed's cached clone of the world group goes with it
-    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer's, made for that group
+    # A Trainer's accelerate state, made for that group; and the flag its Accelerator set, which
+    # would make the next Trainer in this process look for DeepSpeed's launcher (or MPI).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
 
 
 def skip_shm_build() -> None:
