@@ -51,13 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pst_ds.callbacks.preemption import PREEMPTED_EXIT
     from pst_ds.config import ConfigError
     from pst_ds.experiment import load_experiment
     from pst_ds.integrations.run import build_run
     from pst_ds.train.checkpoint import tag_for
     from pst_ds.train.distributed import leave_process_group
     from pst_ds.train.engine import load_ds_config
-    from pst_ds.train.preemption import PREEMPTED_EXIT
     from pst_ds.train.run_checkpoints import TrainingError
 
     rank_zero = os.environ.get("RANK", "0") == "0"

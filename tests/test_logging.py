@@ -2,7 +2,7 @@
 
 import json
 
-from pst_ds.train.logging import RunLogger
+from pst_ds.callbacks.records import RunLogger
 
 
 def records(path):

@@ -18,7 +18,7 @@ from pst_ds.train import checkpoint
 
 RANK = """
 import os, signal, sys, time
-from pst_ds.train.preemption import PreemptionNotice
+from pst_ds.callbacks.preemption import PreemptionNotice
 notice = PreemptionNotice()
 print("watching" if notice._watched else "not watching", flush=True)
 for signum in sys.argv[1:]:

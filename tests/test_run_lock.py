@@ -10,13 +10,13 @@ import time
 import pytest
 from conftest import ROOT
 
+from pst_ds.callbacks.run_lock import LOCK_FILE, RunLock
 from pst_ds.config import ConfigError
-from pst_ds.train.run_lock import LOCK_FILE, RunLock
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from pst_ds.train.run_lock import RunLock
+from pst_ds.callbacks.run_lock import RunLock
 lock = RunLock(Path(sys.argv[1]))  # held while referenced
 lock.acquire(print)
 print("held", flush=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments
 
 from ..io.export import (
@@ -92,5 +93,5 @@ class ExportCallback(TrainerCallback):
         if problem is not None:
             raise TrainingError(problem)
         if total is not None:
-            print(f"pst-ds: step {state.global_step}: exported in {time.time() - began:.1f} s", flush=True)
+            tqdm.write(f"pst-ds: step {state.global_step}: exported in {time.time() - began:.1f} s")
         self.report = {"dir": str(self.out_dir), **(total or {})}

@@ -1,22 +1,93 @@
-"""Preemption in a Trainer's loop: a scheduler's notice (SIGTERM, SIGUSR1, the end of the
-``deepspeed`` command; train/preemption.py) turned into a checkpoint and a stop.
+"""Preemption: a scheduler's notice turned into a complete checkpoint and a documented exit.
+
+Two ways a cluster ends a job, both noticed after the current optimizer step:
+
+- a signal: SIGTERM (what a scheduler, ``timeout`` or a container runtime sends) or SIGUSR1
+  (SLURM's warning before a time limit, ``--signal=USR1@600``), to a rank or to the whole
+  process group. DeepSpeed's per-node launcher relays a SIGTERM it receives to the ranks, so a
+  group signal arrives twice within milliseconds: every signal after the first is the same
+  notice. (Ctrl-C, SIGINT, still stops at once.)
+- the end of the ``deepspeed`` command alone: its runner relays no signal on one node (only
+  pdsh's runner does) and dies, leaving the per-node launcher and the ranks behind. Each rank
+  watches its launcher's parent: when the runner that started it is gone, that is the notice.
 
 After every optimizer step the ranks agree whether any of them had a notice (one all-reduce of
-one number); if so, the Trainer saves (``control.should_save``) and stops. ``stopped`` then says
-why, and the script exits with ``PREEMPTED_EXIT`` (75): the same command resumes.
+one number); if so, the Trainer saves (``control.should_save``) and stops, and the script exits
+with ``PREEMPTED_EXIT``. The same command resumes. The handler only records the signal:
+printing from a handler can fail mid-write.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments
 
-from ..train.preemption import PREEMPTED_EXIT, PreemptionNotice
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the run stopped cleanly and can be continued
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+LAUNCHER_MODULE = b"deepspeed.launcher.launch"  # DeepSpeed's per-node launcher, the ranks' parent
 
-__all__ = ["PREEMPTED_EXIT", "PreemptionCallback"]
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid`` (Linux /proc), or None when it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])  # the name in parentheses may hold spaces
+
+
+def launcher_runner() -> tuple[int, int] | None:
+    """(the per-node launcher's pid, its parent's: the ``deepspeed`` runner) when this process
+    is a rank DeepSpeed's launcher started; None otherwise."""
+    launcher = os.getppid()
+    try:
+        command = Path(f"/proc/{launcher}/cmdline").read_bytes()
+    except OSError:
+        return None
+    runner = parent_of(launcher)
+    return (launcher, runner) if LAUNCHER_MODULE in command and runner is not None else None
+
+
+class PreemptionNotice:
+    """Records the first SIGTERM / SIGUSR1, or the end of the ``deepspeed`` command, as the
+    reason to save and stop (``received``: said in words)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._signal: int | None = None
+        self._announced = False
+        self._watched = launcher_runner()
+        for signum in SIGNALS:
+            signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self._signal is None:
+            self._signal = signum
+
+    def pending(self) -> bool:
+        """True once a notice has come to this rank (checked after every step); says so once."""
+        if self.received is None and self._signal is not None:
+            self.received = signal.Signals(self._signal).name
+        if self.received is None and self._watched is not None:
+            launcher, runner = self._watched
+            if parent_of(launcher) != runner:
+                self.received = f"the end of the deepspeed command (its runner, pid {runner}, is gone)"
+        if self.received is not None and not self._announced:
+            self._announced = True
+            tqdm.write(f"pst-ds: {self.received}: finishing this step, then saving a checkpoint")
+        return self.received is not None
+
+    def uninstall(self) -> None:
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 class PreemptionCallback(TrainerCallback):

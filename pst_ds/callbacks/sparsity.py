@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
+from tqdm import tqdm
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -111,7 +112,7 @@ class SparsityCallback(TrainerCallback):
         began, was_training = time.time(), model.training
         model.eval()
         progress: Callable[[str], None] = (
-            (lambda line: print(f"pst-ds: {line}", flush=True)) if self.process_zero else (lambda _: None)
+            (lambda line: tqdm.write(f"pst-ds: {line}")) if self.process_zero else (lambda _: None)
         )
         controller.warm_start(
             Calibration(

@@ -231,7 +231,7 @@ def _training_arguments(
         use_cpu=on_cpu(),  # bf16 on CPU ranks: the Trainer refuses it otherwise
         remove_unused_columns=False,
         report_to="none",
-        disable_tqdm=True,  # the run's own progress bar (train/logging.py)
+        disable_tqdm=True,  # the run's own progress bar (callbacks/records.py)
     )
 
 

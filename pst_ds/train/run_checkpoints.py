@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..config import ConfigError, ExperimentConfig, TrainConfig
 from ..io.base_model import BaseTensors, fingerprint, fingerprint_change
@@ -134,7 +135,7 @@ class RunCheckpoints:
             read_start(dict(iter_pst_layers(engine.module)), self.output_dir / start["folder"], _rank())
         self.saved_step = point.step
         if _rank() == 0:
-            print(f"pst-ds: resumed from {point.folder}", flush=True)
+            tqdm.write(f"pst-ds: resumed from {point.folder}")
 
     def write_start(self, model: nn.Module) -> None:
         """Write the backbone the warm start rewrote, once, as the run's start folder; the
@@ -146,9 +147,7 @@ class RunCheckpoints:
         files = from_rank_zero(lambda: fingerprint(folder))  # rank 0 wrote the folder
         self.base = {**self.base, "start": {"folder": START, "files": files}}
         if _rank() == 0:
-            print(
-                f"pst-ds: wrote the rewritten backbone to {folder} in {time.time() - began:.1f} s", flush=True
-            )
+            tqdm.write(f"pst-ds: wrote the rewritten backbone to {folder} in {time.time() - began:.1f} s")
 
     def save(
         self,
@@ -189,7 +188,7 @@ class RunCheckpoints:
             ) from None
         self.saved_step = step
         if _rank() == 0:
-            print(f"pst-ds: step {step}: saved {tag} in {time.time() - began:.1f} s", flush=True)
+            tqdm.write(f"pst-ds: step {step}: saved {tag} in {time.time() - began:.1f} s")
         return tag
 
     def last_note(self) -> str:
