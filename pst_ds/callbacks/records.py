@@ -162,7 +162,7 @@ class RunRecordsCallback(TrainerCallback):
         self.began, self.first_step = time.time(), state.global_step
         self.logger = RunLogger(
             self.output_dir,
-            state.max_steps,
+            max(state.max_steps, state.global_step),  # a finished run resumed has 0 steps to go
             state.is_world_process_zero,
             state.global_step > 0,
             self.method.name,
