@@ -2,6 +2,7 @@
 same command resumes with the losses of a run never interrupted. The notice comes either way a
 cluster ends a job: a signal to the whole process group, or the end of the deepspeed command."""
 
+import json
 import os
 import signal
 import subprocess
@@ -77,27 +78,34 @@ def test_a_rank_notices_when_the_deepspeed_command_that_started_its_launcher_end
 def test_a_group_signal_and_the_end_of_the_deepspeed_command_both_checkpoint_and_resume_exactly(
     tmp_path, tiny_model_dir, small_text
 ):
+    """PST stopped by a group signal, masked LoRA (under Wanda's frozen mask) by the end of the
+    command: each resumes to the 30 losses of its own unbroken run, on 2 ZeRO-3 ranks."""
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
+    methods = {
+        "group": ["method=pst"],
+        "command": ["method=masked_lora", "pst.init=wanda", "pst.importance=activation"],
+    }
 
-    def command(out):
+    def command(out, method):
         return [
             DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
             "--ds_config", str(ds_config), "--config", "configs/experiments/tiny_llama.yaml",
             "model.source=path", f"model.path={tiny_model_dir}", f"train.output_dir={out}",
             f"data.train_files=[{small_text}]", "train.max_steps=30", "train.micro_batch_size=2",
             "data.block_size=32", "data.max_validation_blocks=4", "data.validation_fraction=0.05",
+            "oneshot.calibration_blocks=4", *method,
         ]  # fmt: skip
 
-    reference = tmp_path / "reference"
-    done = subprocess.run(
-        command(reference), cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    expected = losses_by_step(reference)
+    for way, method in methods.items():
+        reference = tmp_path / f"reference_{way}"
+        done = subprocess.run(
+            command(reference, method), cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        expected = losses_by_step(reference)
 
-    for way in ("group", "command"):
         run = tmp_path / way
-        cmd = command(run)
+        cmd = command(run, method)
         runner = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -139,6 +147,7 @@ def test_a_group_signal_and_the_end_of_the_deepspeed_command_both_checkpoint_and
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         assert f"resumed from {run / 'checkpoints' / tag}" in rerun.stdout + rerun.stderr
         got = losses_by_step(run)
+        assert json.loads((run / "summary.json").read_text())["method"] == method[0].removeprefix("method=")
         assert sorted(got) == list(range(1, 31))
         for k in range(1, 31):
             assert got[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-7), (way, k)
