@@ -159,7 +159,7 @@ class RunRecordsCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ the loop's events
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.began, self.first_step = time.time(), state.global_step
+        self.began = time.time()
         self.logger = RunLogger(
             self.output_dir,
             max(state.max_steps, state.global_step),  # a finished run resumed has 0 steps to go
