@@ -19,20 +19,32 @@ from transformers.pytorch_utils import Conv1D
 from pst_ds.config import ConfigError, LoRAConfig, PSTConfig
 from pst_ds.experiment import load_experiment
 from pst_ds.layers.masked_lora import MaskedLoRALinear
+from pst_ds.layers.step import StepRecord
 from pst_ds.train.distributed import leave_process_group
 
 TINY = "configs/experiments/tiny_llama.yaml"
 
 
+@pytest.mark.parametrize("held", ["evaluated", "bits", "zeros"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("base_kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("mask", ["topk", "nm"])
-def test_the_layer_is_a_masked_merged_lora(base_kind, mask):
-    """y, dx, dA and dB against plain autograd on M * (W + s B A), with M the top-k of |W|."""
+def test_the_layer_is_a_masked_merged_lora(base_kind, mask, compiled, held):
+    """y, dx, dA and dB against plain autograd on M * (W + s B A), with M the top-k of |W|: selected
+    afresh (no step record: evaluation), or in a training step from its held form, packed bits or
+    (W pruned already, as SparseGPT's start leaves it) W's own zeros, where nothing is held."""
     torch.manual_seed(0)
     base = nn.Linear(24, 16) if base_kind == "linear" else Conv1D(16, 24)
     base.requires_grad_(False)
-    layer = MaskedLoRALinear(base, PSTConfig(mask=mask, final_sparsity=0.5), LoRAConfig(rank=4, alpha=8))
+    if held == "zeros":  # the layer's own mask, written into W as zeros
+        pruner = MaskedLoRALinear(base, PSTConfig(mask=mask, final_sparsity=0.5), LoRAConfig(rank=4))
+        pruner.sparsity = 0.5
+        base.weight.data.copy_(pruner.to_base_layout(pruner.oriented_weight() * pruner.mask()))
+    config = PSTConfig(mask=mask, final_sparsity=0.5, compile=compiled)
+    layer = MaskedLoRALinear(base, config, LoRAConfig(rank=4, alpha=8))
     layer.sparsity = 0.5
+    if held != "evaluated":
+        layer.board.publish(StepRecord(0))  # a training step: the frozen mask is held
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(3, 5, 24, requires_grad=True)
@@ -56,6 +68,9 @@ def test_the_layer_is_a_masked_merged_lora(base_kind, mask):
     torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-4, atol=1e-5)
     assert base.weight.grad is None  # W frozen
+    if held != "evaluated":
+        form = layer.held_mask()
+        assert form is None if held == "zeros" else form.dtype == torch.uint8 and form.shape == (16, 3)
 
 
 def run_tiny(tmp_path, overrides: list[str], small_text) -> tuple[dict, list[dict], dict]:
@@ -246,3 +261,36 @@ def test_masked_lora_then_zeros_starts_on_two_zero3_ranks(tmp_path, small_text):
     report = json.loads((third / "export" / "pst_sparsity.json").read_text())
     for name, layer in report["layers"].items():
         assert layer["pattern_verified"] and layer["zeros"] == int(given[name].sum()), name
+
+
+def test_the_frozen_mask_is_selected_once_and_again_only_for_a_new_state():
+    """Training steps (each with the controller's unchanged count put in force again) read the one
+    selection; a new count, or input norms written by a warm start, select again."""
+    torch.manual_seed(0)
+    config = PSTConfig(final_sparsity=0.5, init="wanda", importance="activation")
+    layer = MaskedLoRALinear(nn.Linear(32, 16).requires_grad_(False), config, LoRAConfig(rank=4))
+    calls, select = [0], layer.mask_kind.select
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return select(*args, **kwargs)
+
+    layer.mask_kind.select = counting
+    layer.train()
+    x = torch.randn(4, 32)
+    for step in range(3):
+        layer.put_in_force(layer.mask_kind.pruned_count(16, 32, 0.5))
+        layer.board.publish(StepRecord(step))
+        layer(x).sum().backward()
+    assert calls[0] == 1
+    first = layer.mask()
+    layer.input_sq.copy_(torch.rand(32) * 2)  # a warm start's input norms
+    layer(x).sum().backward()
+    assert calls[0] == 3  # the new selection, and mask() above
+    assert not torch.equal(layer.mask(), first)
+    layer.put_in_force(layer.mask_kind.pruned_count(16, 32, 0.25))
+    layer(x).sum().backward()
+    assert calls[0] == 5 and layer.sparsity == pytest.approx(0.25)
+    with torch.no_grad():  # an evaluation selects afresh, whatever is held
+        layer(x)
+    assert calls[0] == 6

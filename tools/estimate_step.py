@@ -39,6 +39,7 @@ from pst_ds.train.cost import (  # noqa: E402
     Device,
     LayerShape,
     LoRACost,
+    MaskedLoRACost,
     PSTCost,
     layer_seconds,
     model_shapes,
@@ -56,6 +57,7 @@ KINDS = {
 # bench.py's layer formulations, by its names.
 FORMULATIONS = {
     "lora": LoRACost(),
+    "masked_lora": MaskedLoRACost(),
     "pst": PSTCost(),
     "pst_recompute": PSTCost(saved_mask="recompute"),
     "pst_row": PSTCost(KINDS["row"]),
@@ -111,9 +113,9 @@ def step_predictions(configs: list[str], gpus: list[str]) -> tuple[dict, list[st
     lines.append(
         "| model (config) | device | tokens / micro-batch x micro-batches | dense step | "
         + " | ".join(f"pst {k}: step x dense, tok/s x lora" for k in KINDS)
-        + " |"
+        + " | masked lora: step x dense, tok/s x lora |"
     )
-    lines.append("|---" * (4 + len(KINDS)) + "|")
+    lines.append("|---" * (5 + len(KINDS)) + "|")
     for path in configs:
         config = load_experiment(path)
         pruned, rest = model_shapes(config, act_bytes=2)
@@ -135,6 +137,13 @@ def step_predictions(configs: list[str], gpus: list[str]) -> tuple[dict, list[st
                 pst = step(PSTCost(mask, split=True))  # bf16, pst.low_precision_forward=split
                 row[kind] = {"pst_s": pst, "step_x_dense": pst / dense, "tokens_per_s_x_lora": lora / pst}
                 cells.append(f"{pst / dense:.2f}, {lora / pst:.2f}")
+            masked = step(MaskedLoRACost())
+            row["masked_lora"] = {
+                "step_s": masked,
+                "step_x_dense": masked / dense,
+                "tokens_per_s_x_lora": lora / masked,
+            }
+            cells.append(f"{masked / dense:.2f}, {lora / masked:.2f}")
             results[f"{Path(path).stem}/{gpu}"] = row
             tokens = pruned[0].tokens if pruned else 0
             lines.append(

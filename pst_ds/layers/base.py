@@ -141,7 +141,7 @@ class SparseLinear(WrappedLinear):
         self.mask_kind = mask_kind(config)
         device = base.weight.device
         pruned = self.mask_kind.pruned_count(self.out_features, self.in_features, config.initial_sparsity)
-        self.register_buffer("pruned", pruned.to(device))
+        self.register_buffer("pruned", pruned.to(device, copy=True))  # apart from the host copy, on a CPU too
         self._pruned_host = pruned
         # A checkpoint's mask state (resume, export) replaces the buffer: the host copy follows.
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh_host_state())
@@ -163,9 +163,14 @@ class SparseLinear(WrappedLinear):
 
     def put_in_force(self, pruned: torch.Tensor) -> None:
         """Write the mask state: ``pruned`` entries (one count, or one per row). The sparsity
-        controller's job; export's when it puts a checkpoint's state back."""
-        self.pruned.copy_(pruned.reshape(self.pruned.shape))
-        self._refresh_host_state()
+        controller's job; export's when it puts a checkpoint's state back. The host copy is the
+        one compared and read: an unchanged count writes nothing, and a new one goes to the device
+        without waiting for it (the controller's counts are on the host: no sync either way)."""
+        self._held = None  # a state put in force (a new step's, or a warm start's): select again
+        pruned = pruned.reshape(self.pruned.shape).to("cpu", torch.long)
+        if not torch.equal(pruned, self._pruned_host):
+            self.pruned.copy_(pruned, non_blocking=True)
+            self._pruned_host = pruned.clone()
 
     def _refresh_host_state(self) -> None:
         self._pruned_host = self.pruned.detach().to("cpu", copy=True)

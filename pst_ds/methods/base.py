@@ -85,6 +85,11 @@ class Method:
         beside its input (PST's mask bits)."""
         return 0
 
+    def mask_bytes_held(self, numel: int) -> int:
+        """Memory model: bytes a pruned layer of ``numel`` weights holds for the whole run
+        (masked LoRA's frozen mask bits)."""
+        return 0
+
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.pst = self.layer_config(config.pst)

@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 class MaskedLoRA(Method):
     name = "masked_lora"
     warm_startable = True
-    # Backward's merged weight, its gradient and the masked gradient of B A, fp32 at most.
-    transient_weight_copies = 3
+    # The workspace's slots (layers/masked_lora.py): the merged weight and G (M * G over it)
+    transient_weight_copies = 2
+
+    def mask_bytes_held(self, numel: int) -> int:
+        return -(-numel // 8)  # the frozen mask's bits (none where W's own zeros are the mask)
 
     @classmethod
     def layer_config(cls, pst: PSTConfig) -> PSTConfig:

@@ -18,6 +18,9 @@ bytes, a: the activations', 4: fp32 scratch):
                  backward  bits:      G, W, bits -> M * W', dS, dW'   a + w + 1/8 + a + 8
                            recompute: W -> W', S; G, W', S -> ...     w + 8 + a + 8 + a + 8
                            the factors' thin GEMMs read dS and dW' twice each: 16
+    masked LoRA  forward   W, bits -> M * (W + s B A)       w + 1/8 + a
+                 backward  G, W, bits -> M * (W + s B A), M * G (over G)   w + 1/8 + 3a
+                           dB, dA: thin GEMMs reading M * G once each: 2a
     Adam       dense only, once per step on the rank's share: 16 bytes of moments and master
                read and written, the gradient read and the weight written (4 + w)
 
@@ -156,6 +159,28 @@ class PSTCost(LayerCost):
             out.append(Pass("G, W', S -> M*W', dS, dW'", e * (keep_flops + 8), e * (2 * a + 16), False))
         thin = Pass("factor gradients", 2.0 * e * (self.rank + self.mask_rank + 1) / 2, e * 4.0, False)
         return out + [thin] * 4  # dU, dV from dW'; dA, dB (with R, C) from dS
+
+
+@dataclass(frozen=True)
+class MaskedLoRACost(LayerCost):
+    """Masked LoRA's passes (layers/masked_lora.py): the frozen mask read from bits (1/8 byte an
+    entry; none where W's zeros are the mask), merged with the rank-r update in one pass each way;
+    G is needed (dB, dA are thin products of M * G)."""
+
+    rank: int = 8
+    bits: bool = True
+
+    def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
+        s, e = shape, shape.entries
+        w, a, m = s.weight_bytes, s.act_bytes, 0.125 if self.bits else 0.0
+        merge_flops = 2.0 * self.rank + 2
+        return [
+            *gemms(s),
+            Pass("W, bits -> M*(W + sBA)", e * merge_flops, e * (w + m + a), True),
+            Pass("G, W, bits -> M*(W + sBA), M*G", e * (merge_flops + 1), e * (w + m + 3 * a), False),
+            Pass("dB = s (M*G) A^T", 2.0 * e * self.rank, e * a, False),
+            Pass("dA = s B^T (M*G)", 2.0 * e * self.rank, e * a, False),
+        ]
 
 
 def optimizer_pass(cost: LayerCost, shape: LayerShape, world_size: int) -> Pass:

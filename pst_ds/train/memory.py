@@ -217,6 +217,7 @@ def estimate(
     # or one block's when checkpointing recomputes the blocks one at a time.
     kept = sum(method.mask_bytes_kept(layer.out_features * layer.in_features) for layer in pruned)
     pst_buffers += kept // max(len(_blocks(model)), 1) if train.gradient_checkpointing else kept
+    pst_buffers += sum(method.mask_bytes_held(layer.out_features * layer.in_features) for layer in pruned)
     runtime = 0 if on_gpu else CPU_RUNTIME_BYTES
     return MemoryEstimate(
         parameters, gathered, gradients, optimizer, activations, pst_buffers, runtime, on_host
