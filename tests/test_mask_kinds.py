@@ -304,7 +304,7 @@ def test_threshold_gradient_is_the_band_mean_of_the_mask_gradient(compiled, scop
         layer.threshold_logit.normal_(0, 0.5)
     layer.board.publish(StepRecord(0, threshold_shifts={layer.layer_name: 0.3}))
     counts = torch.randint(5, 25, (10,)) if scope == "row" else torch.tensor(140)
-    layer.pruned.copy_(counts)
+    layer.put_in_force(counts)
     if scope == "row":
         mask_fn = lambda S: ref_rows(S, counts.tolist())  # noqa: E731
     else:

@@ -72,6 +72,19 @@ def _sample_index(numel: int, device: torch.device) -> torch.Tensor:
     return _sample_index_cache[key]
 
 
+def ascending_positions(flags: torch.Tensor) -> torch.Tensor:
+    """``torch.nonzero`` of a flat bool tensor with few True entries, ascending: read eight flags
+    at a time (as one int64 word), then only the words that hold one. torch's CPU nonzero scans
+    one byte at a time on one thread, which took 40 ms at a 7B layer's 45M entries."""
+    try:
+        words = flags.view(torch.int64)
+    except RuntimeError:  # a length or an offset not a multiple of 8
+        return torch.nonzero(flags).reshape(-1)
+    hit = torch.nonzero(words).reshape(-1)
+    within = torch.nonzero(flags.view(-1, 8)[hit])  # (word, flag) pairs, ascending
+    return hit[within[:, 0]] * 8 + within[:, 1]
+
+
 def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch.Tensor] | None:
     """(k-th smallest, #entries below it, flat indices of the entries equal to it, ascending),
     or None if the bracket missed."""
@@ -90,7 +103,7 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, torch
     in_bracket.logical_and_(
         torch.le(flat, hi, out=WORKSPACE.take("up_to_hi", flat.shape, torch.bool, flat.device))
     )
-    where = torch.nonzero(in_bracket).reshape(-1)  # ascending flat indices
+    where = ascending_positions(in_bracket)
     inside = flat[where]
     rank = k - below
     if not 1 <= rank <= inside.numel():

@@ -145,7 +145,8 @@ class SparsityController:
         layers = list(self.layers.values())
         logits = [layer.threshold_logit for layer in layers]
         with deepspeed.zero.GatheredParameters(logits):  # tiny; every rank needs all of them
-            flat = torch.cat([logit.detach().float().reshape(-1).cpu() for logit in logits])
+            # One copy to the host for all of them: the step's one wait for the device here.
+            flat = torch.cat([logit.detach().float().reshape(-1) for logit in logits]).cpu()
         sizes = torch.cat([self._group_sizes(layer) for layer in layers])
         total = int(sizes.sum())
         shift, kept = 0.0, sizes
