@@ -36,6 +36,21 @@ def test_layer_bench_reports_every_formulation(tmp_path):
     assert f"{tiny['median_ms']['pst']:.1f} ({tiny['ratio_to_dense']['pst']:.2f}x)" in table
 
 
+def test_layer_bench_times_only_what_it_is_asked(tmp_path):
+    run_bench("layers", "--shapes", "tiny", "--repeats", "1", "--only", "pst_nm_2_4", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "layers.json").read_text())
+    assert set(report["results"]["tiny"]["median_ms"]) == {"dense", "pst_nm_2_4"}
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools/bench.py"), "layers", "--shapes", "tiny", "--only", "pst_2of4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(
+        "pst-ds: error: --only names no layer pst_2of4"
+    )
+
+
 def test_method_bench_reads_each_run(tmp_path):
     run_bench(
         "methods",

@@ -64,8 +64,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    ("case", "checkpointed"),
+    [*((case, False) for case in CASES), ("pst_nm", True), ("masked_lora_topk", True)],
+    ids=[*CASES, "pst_nm-checkpointed", "masked_lora_topk-checkpointed"],
+)
 def test_a_step_never_waits_for_the_device(tiny_model, case, checkpointed):
     """Steps 2 and 3 of a run (2 micro-batches each, activation importance where the method takes
     it, the controller's work between): no syncing op, or for top-k only inside its selection."""

@@ -1,6 +1,7 @@
 """Speed and memory of PST beside its baselines, measured in one run: per layer and end to end.
 
     python tools/bench.py layers  [--shapes smollm2-mlp llama7b-mlp] [--repeats 5] [--dtype bf16]
+                                  [--only pst pst_nm_2_4 ...]
     python tools/bench.py passes  [--shapes llama7b-mlp] [--repeats 5]
     python tools/bench.py methods [--methods pst dense ...] [--num_gpus 2] [--steps 6] [overrides]
 
@@ -147,6 +148,12 @@ def bench_layers(args: argparse.Namespace) -> dict:
         out_f, in_f, tokens = SHAPES[shape]
         dtype = DTYPES[args.dtype]
         variants = layer_variants(out_f, in_f, args.sparsity, kinds=not args.no_kinds, dtype=dtype)
+        if args.only:  # dense stays: every ratio is to it
+            unknown = sorted(set(args.only) - set(variants))
+            if unknown:
+                known = ", ".join(variants)
+                sys.exit(f"pst-ds: error: --only names no layer {', '.join(unknown)}; there are {known}")
+            variants = {name: m for name, m in variants.items() if name == "dense" or name in args.only}
         x = torch.randn(tokens, in_f, device=DEVICE, dtype=dtype, requires_grad=True)
         times: dict[str, list[float]] = {name: [] for name in variants}
 
@@ -313,6 +320,7 @@ def main() -> None:
     layers.add_argument("--sparsity", type=float, default=0.5)
     layers.add_argument("--no_kinds", action="store_true", help="only the default PST layer and baselines")
     layers.add_argument("--dtype", default="fp32", choices=DTYPES, help="the weights' and inputs' dtype")
+    layers.add_argument("--only", nargs="+", help="only these formulations (and dense), e.g. for a bisect")
     passes_ = sub.add_parser("passes", help="each pass of PST's layer alone, beside dense's GEMMs")
     passes_.add_argument("--shapes", nargs="+", default=["llama7b-mlp"], choices=SHAPES)
     passes_.add_argument("--repeats", type=int, default=5)
