@@ -133,6 +133,7 @@ def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     layers = json.loads((tmp_path / "layers/layers.json").read_text())
     assert layers["results"]["tiny"]["dtype"] == "fp32" and "pst" in layers["results"]["tiny"]["median_ms"]
     steps = json.loads((tmp_path / "zero3/steps.json").read_text())["results"]
-    assert set(steps) == {"pst", "lora", "dense"} and all(r["finite"] for r in steps.values())
+    assert set(steps) == {"pst", "masked_lora", "lora", "dense"} and all(r["finite"] for r in steps.values())
+    assert all(r["host_syncs_per_step"] is None for r in steps.values())  # counted on a GPU only
     assert len(steps["pst"]["losses"]) == 3
     assert (tmp_path / "estimate/estimate_step.md").exists()
