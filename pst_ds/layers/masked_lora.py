@@ -147,8 +147,7 @@ class MaskedLoRALinear(SparseLinear):
         count and input norms in force (the host syncs of a selection, once a run)."""
         count, norms = self._frozen_under()
         if self._frozen is None or self._frozen[0] is not count or self._frozen[1] != norms:
-            scores = self.frozen_scores()
-            keep = self.selection(scores).mask(scores)
+            keep = self.mask()
             weight = self.oriented_weight()
             if torch.equal(keep, weight != 0):
                 held = None  # W's own zeros are the mask: nothing to keep
@@ -159,6 +158,12 @@ class MaskedLoRALinear(SparseLinear):
             self._frozen = (count, norms, held)
         return self._frozen[2]
 
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        """The bool (out, in) mask in force, selected afresh from S alone (the update plays no part)."""
+        scores = self.frozen_scores()
+        return self.selection(scores).mask(scores)
+
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         update = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
         return self.frozen_scores(), self.oriented_weight().detach().float() + update
@@ -166,12 +171,7 @@ class MaskedLoRALinear(SparseLinear):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         # A training step reads the held mask; evaluation and calibration select afresh (a warm
         # start may be rewriting W under the same count).
-        if self.reuses_selection():
-            held = self.held_mask()
-        else:
-            with torch.no_grad():
-                scores = self.frozen_scores()
-                held = self.selection(scores).mask(scores)
+        held = self.held_mask() if self.reuses_selection() else self.mask()
         if self.track_mask:
             with torch.no_grad():
                 self.note_mask(frozen_keep(self.oriented_weight(), held))
