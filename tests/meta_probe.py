@@ -2,13 +2,13 @@
 with a start that rewrites the backbone and distillation on; prints what is real and the max RSS."""
 
 import json
-import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pst_ds.experiment import load_experiment  # noqa: E402
+from pst_ds.host_memory import peak_resident_bytes  # noqa: E402
 from pst_ds.io.models import load_tokenizer  # noqa: E402
 from pst_ds.layers.inject import build_model  # noqa: E402
 from pst_ds.methods import method_class  # noqa: E402
@@ -36,7 +36,7 @@ print(
             "real_numel": real,
             "pruned_layers": len(pruned),
             "estimate_bytes": memory.to_dict(),
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "max_rss_bytes": peak_resident_bytes(),
         }
     )
 )

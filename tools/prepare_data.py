@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import threading
 import time
@@ -59,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --out
     from pst_ds.config import ConfigError
     from pst_ds.experiment import load_experiment
+    from pst_ds.host_memory import peak_resident_bytes
     from pst_ds.io.data import load_calibration_blocks, load_eval_texts, load_splits
     from pst_ds.io.models import load_tokenizer
     from pst_ds.paths import check_files
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, data in held.items()
         },
         "seconds": round(time.time() - start, 1),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "peak_rss_bytes": peak_resident_bytes(),
         "peak_anonymous_bytes": anonymous.stop(),
     }
     for name, figures in result["splits"].items():

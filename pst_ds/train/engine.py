@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from ..config import ConfigError, TrainConfig
+from ..host_memory import peak_resident_bytes
 from ..paths import check_writable, resolve_path
 from .distributed import on_cpu
 
@@ -112,7 +112,7 @@ def peak_memory_bytes() -> int:
     """This process's peak accelerator memory, or its peak resident memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak_resident_bytes()
 
 
 def resolve_output_dir(name: str) -> Path:
