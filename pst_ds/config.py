@@ -76,16 +76,22 @@ class PSTConfig:
 
     ``PSTConfig()`` gives the settings measured best on both embedded models and every held-out
     text (docs/archive/results-history.md): a one-shot start (auto), activation importance, the
-    learned terms in weight units with beta 0.5 and alpha 5. ``PSTConfig.release()`` gives the PST release's:
-    a magnitude start on the cubic schedule, magnitude importance, absolute units, beta = alpha = 1.
+    importance terms in weight units with alpha 5, and LoRA's form of the weight update (the one
+    masked LoRA trains, so the two differ only in whether the mask learns). ``PSTConfig.release()``
+    gives the PST release's: a magnitude start on the cubic schedule, magnitude importance,
+    absolute units, the scaled update beta U V with U random, beta = alpha = 1.
     """
 
-    weight_rank: Positive = 8  # r_w: rank of the weight update U·V
+    # The weight update W' = W + scale·U·V (layers/update.py): lora, LoRA's form (U = 0, V random,
+    # scale lora.alpha / lora.rank, rank lora.rank: the update masked LoRA trains), or scaled, the
+    # release's (U random, V = 0, scale beta·u, rank weight_rank)
+    update: Literal["lora", "scaled"] = "lora"
+    weight_rank: Positive = 8  # r_w: rank of the scaled update U·V
     mask_rank: Positive = 8  # r_m: rank of the importance term A·B
     alpha1: float = 5.0  # weight of A·B in the importance S
     alpha2: float = 5.0  # weight of the row/column terms R, C in S
-    beta: float = 0.5  # scale of the weight update U·V
-    update_init_std: Annotated[float, Field(ge=0.0)] = 1.0  # U ~ N(0, std^2) (V = 0); the release uses 1
+    beta: float = 0.5  # scale of the scaled update U·V
+    update_init_std: Annotated[float, Field(ge=0.0)] = 1.0  # scaled: U ~ N(0, std^2) (V = 0)
     # The unit u of beta·U·V and of the learned importance terms: 1 (one, the release's absolute
     # units, where a model whose weights are 5x smaller moves 5x further in proportion), or each
     # layer's original mean |W| (weight): the same beta, alpha and lr then move every layer of
@@ -178,6 +184,7 @@ class PSTConfig:
 
     # The PST release's settings, where they differ from the defaults (PSTConfig.release()).
     RELEASE: ClassVar[dict[str, Any]] = {
+        "update": "scaled",
         "alpha1": 1.0,
         "alpha2": 1.0,
         "beta": 1.0,

@@ -19,7 +19,9 @@ from transformers.pytorch_utils import Conv1D
 from pst_ds.config import ConfigError, LoRAConfig, PSTConfig
 from pst_ds.experiment import load_experiment
 from pst_ds.layers.masked_lora import MaskedLoRALinear
+from pst_ds.layers.pst import PSTLinear
 from pst_ds.layers.step import StepRecord
+from pst_ds.layers.update import lora_update
 from pst_ds.train.distributed import leave_process_group
 
 TINY = "configs/experiments/tiny_llama.yaml"
@@ -46,7 +48,7 @@ def test_the_layer_is_a_masked_merged_lora(base_kind, mask, compiled, held):
     if held != "evaluated":
         layer.board.publish(StepRecord(0))  # a training step: the frozen mask is held
     with torch.no_grad():
-        layer.lora_B.normal_()
+        layer.U.normal_()
     x = torch.randn(3, 5, 24, requires_grad=True)
     y = layer(x)
     grad = torch.randn_like(y)
@@ -59,18 +61,65 @@ def test_the_layer_is_a_masked_merged_lora(base_kind, mask, compiled, held):
         groups = weight.abs().reshape(16, -1, 4)
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
         keep = keep.reshape(16, 24)
-    A, B = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B))
+    A, B = (p.detach().clone().requires_grad_() for p in (layer.V, layer.U))
     x_ref = x.detach().clone().requires_grad_()
     expected = torch.nn.functional.linear(x_ref, keep * (weight + 2.0 * B @ A), base.bias)
     expected.backward(grad)
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(layer.lora_A.grad, A.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(layer.lora_B.grad, B.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.V.grad, A.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.U.grad, B.grad, rtol=1e-4, atol=1e-5)
     assert base.weight.grad is None  # W frozen
     if held != "evaluated":
         form = layer.held_mask()
         assert form is None if held == "zeros" else form.dtype == torch.uint8 and form.shape == (16, 3)
+
+
+@pytest.mark.parametrize("mask", ["topk", "nm"])
+def test_pst_and_masked_lora_differ_only_in_whether_the_mask_learns(mask):
+    """The same W, update and input through PST's layer and masked LoRA's: the same mask (W's own
+    zeros, far below every kept |W'|), so the same y and dx; the update's gradients differ by the
+    straight-through term through S = |W'| alone: dU - dU' = s (|W'| * G) V^T, dV - dV' = s U^T (|W'| * G)."""
+    torch.manual_seed(0)
+    out_f, in_f = 16, 24
+    scores = torch.rand(out_f, in_f)
+    if mask == "topk":
+        keep = scores > scores.reshape(-1).kthvalue(out_f * in_f // 2).values
+    else:
+        groups = scores.reshape(out_f, -1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
+        keep = keep.reshape(out_f, in_f)
+    base = nn.Linear(in_f, out_f).requires_grad_(False)
+    base.weight.copy_(keep * torch.randn(out_f, in_f).sign() * (1 + torch.rand(out_f, in_f)))
+    config = PSTConfig(mask=mask, final_sparsity=0.5, importance="magnitude", init="magnitude")
+    lora = LoRAConfig(rank=4, alpha=8)
+    pst, masked = PSTLinear(base, config, update=lora_update(lora)), MaskedLoRALinear(base, config, lora)
+    with torch.no_grad():
+        masked.U.copy_(0.05 * torch.randn_like(masked.U))
+        masked.V.copy_(0.05 * torch.randn_like(masked.V))
+        pst.U.copy_(masked.U), pst.V.copy_(masked.V)
+    x, grad = torch.randn(3, 5, in_f), torch.randn(3, 5, out_f)
+    results = []
+    for layer in (pst, masked):
+        layer.sparsity = 0.5
+        x_in = x.clone().requires_grad_()
+        y = layer(x_in)
+        y.backward(grad)
+        results.append((y.detach(), x_in.grad, layer.U.grad, layer.V.grad))
+    torch.testing.assert_close(pst.mask(), keep)
+    torch.testing.assert_close(masked.mask(), keep)
+    (y_p, dx_p, dU_p, dV_p), (y_m, dx_m, dU_m, dV_m) = results
+    torch.testing.assert_close(y_p, y_m, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_p, dx_m, rtol=1e-6, atol=1e-6)
+    s, U, V = 2.0, masked.U.detach(), masked.V.detach()
+    G = grad.reshape(-1, out_f).t() @ x.reshape(-1, in_f)
+    through_scores = (base.weight + s * U @ V).abs() * G  # dS * sign(W') = G * W' * sign(W')
+    torch.testing.assert_close(dU_p - dU_m, s * through_scores @ V.t(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dV_p - dV_m, s * U.t() @ through_scores, rtol=1e-5, atol=1e-6)
+    assert not hasattr(masked, "A") and {p for p in masked.parameters() if p.requires_grad} == {
+        masked.U,
+        masked.V,
+    }
 
 
 def run_tiny(tmp_path, overrides: list[str], small_text) -> tuple[dict, list[dict], dict]:

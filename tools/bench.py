@@ -107,7 +107,7 @@ def layer_variants(
     for name, layer in pst_layers.items():  # a pattern's own share, not a ramp into it
         layer.sparsity = configs[name].final_sparsity if layer.mask_kind.grouped else sparsity
         with torch.no_grad():  # trained-looking factors (fp32 scores of large matrices still tie)
-            for name in ("V", "B", "R", "C"):
+            for name in ("U", "V", "B", "R", "C"):
                 getattr(layer, name).normal_(0, 0.01)
         if layer.input_stats is not None:  # as gathered from real inputs: positive, uneven
             layer.input_sq.copy_(torch.rand(in_f) * 2)
@@ -116,7 +116,7 @@ def layer_variants(
     masked_lora.sparsity = sparsity
     masked_lora.board.publish(StepRecord(0))  # as a controller does: a frozen mask is selected once
     with torch.no_grad():
-        masked_lora.lora_B.normal_(0, 0.01)
+        masked_lora.U.normal_(0, 0.01)
     return {
         "dense": dense,
         "lora": LoRALinear(frozen, LoRAConfig()),

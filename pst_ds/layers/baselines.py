@@ -16,8 +16,6 @@ These layers use plain autograd: they train weight-sized tensors anyway.
 
 from __future__ import annotations
 
-import math
-
 import deepspeed
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import LoRAConfig, PSTConfig
 from ..masks.kinds import StraightThroughMask
 from .base import LayerSite, SparseLinear, WrappedLinear
+from .update import lora_update
 
 
 class MagnitudeLinear(SparseLinear):
@@ -77,11 +76,12 @@ class MovementLinear(SparseLinear):
 
 
 def lora_factors(layer: WrappedLinear, config: LoRAConfig) -> tuple[nn.Parameter, nn.Parameter]:
-    """LoRA's A (rank, in), Kaiming-uniform, and B (out, rank), zeros, in the base weight's dtype."""
-    factory = {"dtype": layer.weight.dtype, "device": layer.weight.device}
-    lora_A = nn.Parameter(torch.empty(config.rank, layer.in_features, **factory))
-    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-    return lora_A, nn.Parameter(torch.zeros(layer.out_features, config.rank, **factory))
+    """LoRA's A (rank, in), Kaiming-uniform, and B (out, rank), zeros, in the base weight's dtype:
+    the V and U of the update's LoRA form (layers/update.py)."""
+    B, A = lora_update(config).factors(
+        layer.out_features, layer.in_features, layer.weight.dtype, layer.weight.device
+    )
+    return A, B
 
 
 class LoRALinear(WrappedLinear):

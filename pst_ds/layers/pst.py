@@ -2,26 +2,32 @@
 
 For a frozen weight W (out x in), with only U, V, A, B, R, C trained:
 
-    W' = W + beta * u * U @ V                                           (low-rank weight update)
+    W' = W + s * U @ V                                                  (low-rank weight update)
     S  = |W'| + u * (alpha1 * A @ B + alpha2 * (R[:, None] + C[None, :]))  (importance)
     M  = the mask kind's kept set of S (masks/kinds.py), straight-through gradient to S
     y  = x @ (M * W').T + b
 
-u, the unit of the learned terms, is 1 or the original weight's mean |W| (pst.factor_scale); it
-is folded into the hyper-parameters the Function sees. Init U ~ N(0, pst.update_init_std^2),
-A ~ N(0, 1) and V, B, R, C = 0, so training starts as magnitude pruning (S = |W|), or from a
-one-shot method's mask with pst.init (oneshot/calibrate.py).
+The update's form, rank and scale s are pst.update's (layers/update.py): LoRA's by default
+(U = 0, V random, s = lora.alpha / lora.rank), or the release's (U ~ N(0, std^2), V = 0,
+s = beta * u). u, the unit of the learned terms, is 1 or the original weight's mean |W|
+(pst.factor_scale); it is folded into the hyper-parameters the Function sees. A ~ N(0, 1) and
+B, R, C = 0, so training starts as magnitude pruning (S = |W|), or from a one-shot method's mask
+with pst.init (oneshot/calibrate.py).
 With ``pst.importance=activation`` |W'| is scaled per input column (layers/importance.py); with
 ``pst.mask=threshold`` a trained logit per matrix (or row) sets its share (masks/allocation.py).
 S and the masked weight are computed in fp32 whatever the model's dtype, so ties from a
 low-precision W cannot make the sparsity inexact. The forward and backward themselves live
 in pst_function.py, which keeps nothing weight-sized between them.
+
+Masked LoRA (layers/masked_lora.py) is this layer with the importance frozen: no A, B, R, C, and
+M selected once from S = |W| and held. The update, the merge and its gradient are the same code.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
+from typing import ClassVar
 
 import deepspeed
 import torch
@@ -31,6 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from ..config import PSTConfig
 from .base import LayerSite, SparseLinear
 from .pst_function import PSTHyper, PSTLinearFunction, extended_importance_factors, kernels
+from .update import WeightUpdate, weight_update
 
 
 class PSTLinear(SparseLinear):
@@ -39,13 +46,24 @@ class PSTLinear(SparseLinear):
     The factors are shaped for the (out, in) orientation whatever the base layout.
     """
 
-    def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite | None = None) -> None:
+    learns_mask: ClassVar[bool] = True  # masked LoRA's: False (the importance frozen)
+
+    def __init__(
+        self,
+        base: nn.Linear | Conv1D,
+        config: PSTConfig,
+        site: LayerSite | None = None,
+        update: WeightUpdate | None = None,
+    ) -> None:
+        """``update``: the weight update's form (default: ``pst.update``'s, LoRA's with the lora
+        section's default rank and alpha)."""
         super().__init__(base, config, site)
         out_features, in_features = self.out_features, self.in_features
+        self.update = update or weight_update(config)
         self.hyper_per_unit = PSTHyper(
             config.alpha1,
             config.alpha2,
-            config.beta,
+            self.update.scale,
             self.transposed,
             config.compile,
             config.threshold_band,
@@ -55,15 +73,17 @@ class PSTLinear(SparseLinear):
         # Saved with the model: fixed by the original weight, whatever a warm start writes later.
         # (Persistent even when it is 1: export builds on meta and fills every buffer from the
         # checkpoint; one that is not saved would be left uninitialised.)
-        self.register_buffer("factor_unit", factor_unit(base, config))
+        uses_unit = self.learns_mask or self.update.in_weight_units
+        self.register_buffer(
+            "factor_unit", factor_unit(base, config if uses_unit else config.replaced(factor_scale="one"))
+        )
         self._apply_unit()
         self.register_load_state_dict_post_hook(lambda module, _: module._apply_unit())
-        self.weight_rank, self.mask_rank = config.weight_rank, config.mask_rank
+        self.weight_rank, self.mask_rank = self.update.rank, config.mask_rank
+        self.U, self.V = self.update.factors(out_features, in_features, base.weight.dtype, base.weight.device)
+        if not self.learns_mask:
+            return
         factory = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.U = nn.Parameter(
-            config.update_init_std * torch.randn(out_features, config.weight_rank, **factory)
-        )
-        self.V = nn.Parameter(torch.zeros(config.weight_rank, in_features, **factory))
         self.A = nn.Parameter(torch.randn(out_features, config.mask_rank, **factory))
         self.B = nn.Parameter(torch.zeros(config.mask_rank, in_features, **factory))
         self.R = nn.Parameter(torch.zeros(out_features, **factory))
@@ -80,9 +100,12 @@ class PSTLinear(SparseLinear):
         computes what the uninterrupted one did."""
         unit = 1.0 if self.factor_unit.is_meta else float(self.factor_unit.to(torch.bfloat16))
         h = self.hyper_per_unit
-        self.hyper = replace(h, alpha1=unit * h.alpha1, alpha2=unit * h.alpha2, beta=unit * h.beta)
+        beta = unit * h.beta if self.update.in_weight_units else h.beta
+        self.hyper = replace(h, alpha1=unit * h.alpha1, alpha2=unit * h.alpha2, beta=beta)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        if not self.learns_mask:
+            return {"method": [self.U, self.V]}
         groups = {"method": [self.U, self.V], "importance": [self.A, self.B, self.R, self.C]}
         if self.mask_kind.learned:
             groups["thresholds"] = [self.threshold_logit]

@@ -23,6 +23,12 @@ and beta arrive multiplied by the layer's unit, pst.factor_scale):
 With a learned threshold (masks/allocation.py) the layer also passes its keep fraction rho, whose
 gradient is the mean of dS over the entries at the threshold, times the group's size.
 
+With the importance frozen (masked LoRA: a ``HeldMask`` instead of a selection), M never moves:
+no S, no selection, no dS, and M is read from its held form in the passes that merge:
+
+    forward   M * W'                   backward   M * W', M * G (over G's own buffer)
+    dW' = G * M,  dU = s dW' V^T,  dV = s U^T dW'
+
 The element-wise blocks are plain functions; with ``pst.compile`` (the default) they run
 through ``torch.compile``, which fuses each into one pass over the weight. That matters on
 large matrices, where each eager element-wise op is a full read and write of the weight.
@@ -114,6 +120,42 @@ def updated_weight(
     """W' = W + beta U V, (out, in) fp32."""
     w = weight.t() if transposed else weight
     return w.float() + beta * low_rank_product(U, V, unrolled)
+
+
+@dataclass(frozen=True)
+class HeldMask:
+    """A mask that does not learn, in its held form: None where it is exactly W's own nonzeros,
+    else packed bits (uint8, out x in/8), or itself (bool, where in is not a multiple of 8)."""
+
+    form: torch.Tensor | None
+
+
+def held_keep(oriented_weight: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+    """M, bool (out, in), from a ``HeldMask``'s form."""
+    if held is None:
+        return oriented_weight != 0
+    if held.dtype == torch.bool:
+        return held
+    return unpacked_groups(held).reshape(oriented_weight.shape)
+
+
+def masked_by_held(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    beta: float,
+    transposed: bool,
+    held: torch.Tensor | None,
+    grad: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    unrolled: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M * W', and M * G if ``grad`` is given), (out, in), M read from its held form: one pass
+    over W. M * G is exact in G's dtype, so backward writes it over G's own buffer."""
+    keep = held_keep(weight.t() if transposed else weight, held)
+    masked = updated_weight(weight, U, V, beta, transposed, unrolled) * keep
+    out = out or (None, None)
+    return _store(out[0], masked), None if grad is None else _store(out[1], grad.float() * keep)
 
 
 def apply_mask(
@@ -210,6 +252,7 @@ BLOCKS = {
     "backward_terms": backward_terms,
     "backward_terms_from_bits": backward_terms_from_bits,
     "keep_fraction_gradient": keep_fraction_gradient,
+    "masked_by_held": masked_by_held,
 }
 
 
@@ -227,14 +270,24 @@ def kernels(compiled: bool, keep: Callable | None = None) -> dict:
             _compiled["split_rounded"] = torch.compile(
                 split_rounded, dynamic=True, options={"emulate_precision_casts": True}
             )
-        blocks = {**_compiled, "updated_and_scores": partial(_compiled["updated_and_scores"], unrolled=True)}
+        unrolled = {
+            name: partial(_compiled[name], unrolled=True) for name in ("updated_and_scores", "masked_by_held")
+        }
+        blocks = {**_compiled, **unrolled}
     if keep is not None:  # bound outside the compiled function: its code object stays one
         blocks["apply_mask"] = partial(blocks["apply_mask"], keep)
         blocks["backward_terms"] = partial(blocks["backward_terms"], keep)
     return blocks
 
 
-WRITING = ("updated_and_scores", "apply_mask", "split_rounded", "backward_terms", "backward_terms_from_bits")
+WRITING = (
+    "updated_and_scores",
+    "apply_mask",
+    "split_rounded",
+    "backward_terms",
+    "backward_terms_from_bits",
+    "masked_by_held",
+)
 
 
 def _fresh(block: Callable) -> Callable:
@@ -249,11 +302,24 @@ def weight_sized(slot: str, like: torch.Tensor, dtype: torch.dtype = torch.float
     return WORKSPACE.take(slot, tuple(like.shape), dtype, like.device)
 
 
+def update_gradients(
+    grad_updated: torch.Tensor, U: torch.Tensor, V: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dU, dV) = (s dW' V^T, s U^T dW'), the thin products in dW''s dtype and s applied to them,
+    not to a weight-sized operand. A thin left factor is made contiguous first: BLAS took a third
+    longer on the transposed view."""
+    dtype = grad_updated.dtype
+    grad_U = grad_updated.mm(V.to(dtype).t()).float().mul_(beta).to(U.dtype)
+    grad_V = U.to(dtype).t().contiguous().mm(grad_updated).float().mul_(beta).to(V.dtype)
+    return grad_U, grad_V
+
+
 class PSTLinearFunction(torch.autograd.Function):
     """y = x (M * W')^T + b with the gradients above.
 
     ``select(scores, check)`` gives M's selection (the layer's: the kind at the state in force,
-    held for the optimizer step in training); ``keep_fraction``
+    held for the optimizer step in training), or is a ``HeldMask`` (the importance frozen: A, B,
+    R, C, keep_fraction and col_scale are unused, and may be None); ``keep_fraction``
     (learned thresholds only) receives its gradient; ``record``, when a list (a logged step),
     receives the bool mask, and the scores are checked for NaN and inf.
     """
@@ -273,10 +339,20 @@ class PSTLinearFunction(torch.autograd.Function):
         keep_fraction,
         col_scale,
         hyper: PSTHyper,
-        select: Callable[..., Selection],
+        select: Callable[..., Selection] | HeldMask,
         record: list | None,
     ):
         blocks = kernels(hyper.compiled)
+        ctx.held = isinstance(select, HeldMask)
+        if ctx.held:
+            shape = _oriented_shape(weight, hyper)
+            out = (WORKSPACE.take("masked", shape, x.dtype, x.device), None)
+            masked, _ = blocks["masked_by_held"](
+                weight, U, V, hyper.beta, hyper.transposed, select.form, out=out
+            )
+            ctx.save_for_backward(x, weight, U, V, select.form)
+            ctx.hyper, ctx.has_bias = hyper, bias is not None
+            return F.linear(x, masked.to(x.dtype), bias)
         Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
         scale = None if col_scale is None else col_scale.float()
         updated, scores = blocks["updated_and_scores"](
@@ -310,6 +386,8 @@ class PSTLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.held:
+            return _backward_under_held_mask(ctx, grad_out)
         x, weight, U, V, A, B, R, C, scale, bits = ctx.saved_tensors
         hyper, selection = ctx.hyper, ctx.selection
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
@@ -345,10 +423,8 @@ class PSTLinearFunction(torch.autograd.Function):
         del grad_masked
         grad_x = grad_out.matmul(masked.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         del masked
-        beta, r_m = hyper.beta, A.shape[1]
-        grad_U = (beta * grad_updated.mm(V.float().t())).to(U.dtype)
-        # A thin left factor is made contiguous first: BLAS took a third longer on the transposed view.
-        grad_V = (beta * U.float().t().contiguous().mm(grad_updated)).to(V.dtype)
+        r_m = A.shape[1]
+        grad_U, grad_V = update_gradients(grad_updated, U, V, hyper.beta)
         grad_weight = None
         if ctx.needs_input_grad[1]:  # W is frozen in PST; kept correct for anyone who unfreezes it
             grad_weight = (grad_updated.t() if hyper.transposed else grad_updated).to(weight.dtype, copy=True)
@@ -376,6 +452,26 @@ class PSTLinearFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _backward_under_held_mask(ctx, grad_out: torch.Tensor) -> tuple:
+    """Backward with the importance frozen: G, then M * W' and M * G in one pass, dx and the
+    update's gradients; nothing else trains."""
+    x, weight, U, V, held = ctx.saved_tensors
+    hyper = ctx.hyper
+    grad_2d, x_2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad = torch.mm(grad_2d.t(), x_2d, out=_scratch("grad_masked", (grad_2d.shape[1], x_2d.shape[1]), x))
+    out = (weight_sized("masked", grad, grad_out.dtype), grad)
+    masked, masked_grad = kernels(hyper.compiled)["masked_by_held"](
+        weight, U, V, hyper.beta, hyper.transposed, held, grad=grad, out=out
+    )
+    grad_x = grad_out.matmul(masked.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+    grad_U, grad_V = update_gradients(masked_grad, U, V, hyper.beta)
+    grad_weight = None
+    if ctx.needs_input_grad[1]:  # W is frozen; kept correct for anyone who unfreezes it
+        grad_weight = (masked_grad.t() if hyper.transposed else masked_grad).to(weight.dtype, copy=True)
+    grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return (grad_x, grad_weight, grad_bias, grad_U, grad_V, *([None] * 9))
 
 
 def _scratch(slot: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:

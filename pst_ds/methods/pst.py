@@ -1,4 +1,5 @@
-"""PST (Li et al., IJCAI 2022): the weight frozen, six small factors trained (layers/pst.py)."""
+"""PST (Li et al., IJCAI 2022): the weight frozen, six small factors trained (layers/pst.py); the
+weight update in the form pst.update names (LoRA's by default, with the lora section's rank)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..layers.base import LayerSite
 from ..layers.pst import PSTLinear
+from ..layers.update import weight_update
 from .base import Method
 
 
@@ -21,7 +23,8 @@ class PST(Method):
         return -(-numel // 8) if self.pst.saves_mask_bits() else 0
 
     def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
-        return PSTLinear(base, self.pst, site)
+        return PSTLinear(base, self.pst, site, weight_update(self.pst, self.config.lora))
 
     def factor_ranks(self) -> dict[str, int]:
-        return {"pst.weight_rank": self.pst.weight_rank, "pst.mask_rank": self.pst.mask_rank}
+        update = "lora.rank" if self.pst.update == "lora" else "pst.weight_rank"
+        return {update: weight_update(self.pst, self.config.lora).rank, "pst.mask_rank": self.pst.mask_rank}
