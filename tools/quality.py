@@ -29,7 +29,13 @@ TASKS = {
 }
 # The release's PST: magnitude importance, U ~ N(0, 1), one learning rate for all factors, the
 # cubic schedule from a dense start.
-RELEASE = ["pst.importance=magnitude", "pst.init=magnitude", "pst.beta=1.0", "pst.update_init_std=1.0"]
+RELEASE = [
+    "pst.importance=magnitude",
+    "pst.init=magnitude",
+    "pst.update=scaled",
+    "pst.beta=1.0",
+    "pst.update_init_std=1.0",
+]
 PLAIN = ["pst.importance=magnitude", "pst.init=magnitude"]  # for methods that have neither
 ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task's experiment YAML)
     "dense": ("dense (fine-tuned; 'before' is the dense model)", ["method=dense", "train.lr=5e-5", *PLAIN]),
@@ -52,9 +58,21 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
     "pst_activation": ("PST, activation importance, beta 0.1", ["method=pst", "pst.init=magnitude"]),
     "pst": ("PST, the default experiment", ["method=pst"]),
     "masked_lora": ("masked LoRA: the start's mask frozen, LoRA merged under it", ["method=masked_lora"]),
+    "masked_lora_owl": (
+        "masked LoRA on OWL's layer-wise profile",
+        ["method=masked_lora", "pst.sparsity_profile=owl"],
+    ),
+    "pst_scaled": (
+        "PST, the scaled update beta U V (the default before issue 38)",
+        ["method=pst", "pst.update=scaled"],
+    ),
+    "pst_update_off": (
+        "PST, the learned mask alone (LoRA's update at scale 0)",
+        ["method=pst", "lora.alpha=0"],
+    ),
     "pst_mask_only": (
-        "PST, the learned mask alone (no weight update: pst.beta=0)",
-        ["method=pst", "pst.beta=0"],
+        "PST, the learned mask alone (the scaled update at pst.beta=0)",
+        ["method=pst", "pst.update=scaled", "pst.beta=0"],
     ),
     "pst_frozen_importance": (
         "PST, importance factors frozen (train.importance_lr=1e-12)",
