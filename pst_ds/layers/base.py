@@ -136,6 +136,8 @@ class SparseLinear(WrappedLinear):
     step. A host copy beside it is what the selection reads: no device sync per forward.
     """
 
+    revivable = False  # holds a rewriting start as a decaying prior on S (PSTLinear.hold_start)
+
     def __init__(self, base: nn.Linear | Conv1D, config: PSTConfig, site: LayerSite | None = None) -> None:
         super().__init__(base, site)
         self.mask_kind = mask_kind(config)

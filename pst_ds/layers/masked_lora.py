@@ -90,7 +90,7 @@ class MaskedLoRALinear(PSTLinear):
         if self.track_mask:
             with torch.no_grad():
                 self.note_mask(held_keep(self.oriented_weight(), held))
-        none = (None,) * 6  # A, B, R, C, the keep fraction, the column scale: nothing learns M
+        none = (None,) * 7  # A, B, R, C, the keep fraction, the column scale, a start prior: M is held
         return PSTLinearFunction.apply(
             x, self.weight, self.bias, self.U, self.V, *none, self.hyper, HeldMask(held), None
         )

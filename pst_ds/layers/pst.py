@@ -35,8 +35,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import PSTConfig
+from ..masks.bits import pack_rows
 from .base import LayerSite, SparseLinear
-from .pst_function import PSTHyper, PSTLinearFunction, extended_importance_factors, kernels
+from .pst_function import PSTHyper, PSTLinearFunction, StartPrior, extended_importance_factors, kernels
 from .update import WeightUpdate, weight_update
 
 
@@ -54,9 +55,11 @@ class PSTLinear(SparseLinear):
         config: PSTConfig,
         site: LayerSite | None = None,
         update: WeightUpdate | None = None,
+        revivable: bool = False,
     ) -> None:
         """``update``: the weight update's form (default: ``pst.update``'s, LoRA's with the lora
-        section's default rank and alpha)."""
+        section's default rank and alpha). ``revivable``: a start that rewrites W will hold its
+        kept set as a decaying prior on S (``hold_start``), not as zeros in W."""
         super().__init__(base, config, site)
         out_features, in_features = self.out_features, self.in_features
         self.update = update or weight_update(config)
@@ -92,6 +95,20 @@ class PSTLinear(SparseLinear):
             self.threshold_logit = nn.Parameter(
                 torch.zeros(out_features if self.mask_kind.per_row else 1, **factory)
             )
+        self.revivable = revivable
+        if revivable:  # the start's kept set (bits, or bool where in is not a multiple of 8) and its bias
+            device = base.weight.device
+            packed = in_features % 8 == 0
+            shape, dtype = (
+                ((out_features, in_features // 8), torch.uint8)
+                if packed
+                else ((out_features, in_features), torch.bool)
+            )
+            self.register_buffer("start_keep", torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer("start_bias", torch.zeros((), device=device))  # in force
+            self.register_buffer("start_bias_full", torch.zeros((), device=device))  # at step 0
+            self._start_strength, self._start_bias_full_host = 1.0, 0.0
+            self.register_load_state_dict_post_hook(lambda module, _: module._refresh_start())
 
     def _apply_unit(self) -> None:
         """The hyper-parameters in the layer's unit, on the host (set on build and load, never read
@@ -102,6 +119,44 @@ class PSTLinear(SparseLinear):
         h = self.hyper_per_unit
         beta = unit * h.beta if self.update.in_weight_units else h.beta
         self.hyper = replace(h, alpha1=unit * h.alpha1, alpha2=unit * h.alpha2, beta=beta)
+
+    @property
+    def start(self) -> StartPrior | None:
+        """The revivable start's prior on S (None: none), from the buffers as they are now (an
+        engine may have moved or cast them)."""
+        return StartPrior(self.start_keep, self.start_bias) if self.revivable else None
+
+    @torch.no_grad()
+    def hold_start(self, start_weight: torch.Tensor) -> None:
+        """A start that rewrites W (SparseGPT's) gave ``start_weight`` (out, in), zero where it
+        prunes: W takes its values where it keeps and keeps the original ones where it prunes, and
+        S gets a bias on its kept set above every score, so the mask starts as the start's exactly
+        and a pruned weight whose score grows once the bias decays comes back with its own value.
+        Needs the whole weight (gathered under ZeRO-3); the input norms already in force."""
+        keep = start_weight != 0
+        weight = self.oriented_weight()
+        weight.copy_(torch.where(keep, start_weight.to(weight.dtype), weight))
+        self.start_keep.copy_(pack_rows(keep) if self.start_keep.dtype == torch.uint8 else keep)
+        self.start_bias.zero_()
+        _, scores = self.updated_and_scores()
+        # Above the largest score by a margin: S >= 0 at the start (B, R, C = 0; U V = 0).
+        full = float(scores.max()) * 1.01 + 1e-6
+        self.start_bias_full.fill_(full)
+        self.start_bias.fill_(full * self._start_strength)
+        self._start_bias_full_host = full
+
+    def put_start_strength(self, strength: float) -> None:
+        """The share of the start's bias in force (the controller's, from the schedule): written to
+        the device only when it changed, without waiting for it."""
+        if self.start is None or strength == self._start_strength:
+            return
+        self._start_strength = strength
+        self.start_bias.fill_(self._start_bias_full_host * strength)
+
+    def _refresh_start(self) -> None:
+        self._start_bias_full_host = 0.0 if self.start_bias_full.is_meta else float(self.start_bias_full)
+        in_force = 0.0 if self.start_bias.is_meta else float(self.start_bias)
+        self._start_strength = in_force / self._start_bias_full_host if self._start_bias_full_host else 1.0
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         if not self.learns_mask:
@@ -136,6 +191,7 @@ class PSTLinear(SparseLinear):
                 hyper.transposed,
                 self.column_scale(),
                 out=out,
+                **({} if self.start is None else self.start.kwargs()),
             )
 
     def scores_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +226,7 @@ class PSTLinear(SparseLinear):
             self.C,
             self.keep_fraction(),
             self.column_scale(),
+            self.start,
             self.hyper,
             partial(self.selection, reuse=self.reuses_selection()),
             record,

@@ -100,12 +100,19 @@ def updated_and_scores(
     col_scale: torch.Tensor | None,
     out: tuple[torch.Tensor, torch.Tensor] | None,
     unrolled: bool = False,
+    start_keep: torch.Tensor | None = None,
+    start_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', S), both (out, in) fp32, written into ``out`` (None: fresh tensors)."""
+    """(W', S), both (out, in) fp32, written into ``out`` (None: fresh tensors). With a start prior
+    (``start_keep``, a ``HeldMask`` form of the start's kept set, and ``start_bias``, 0-dim), S
+    also gets the bias on that set."""
     updated = updated_weight(weight, U, V, beta, transposed, unrolled)
     magnitude = updated.abs() if col_scale is None else updated.abs() * col_scale
+    scores = magnitude + low_rank_product(Ae, Be, unrolled)
+    if start_keep is not None:
+        scores = scores + start_bias * held_keep(updated, start_keep)
     out = out or (None, None)
-    return _store(out[0], updated), _store(out[1], magnitude + low_rank_product(Ae, Be, unrolled))
+    return _store(out[0], updated), _store(out[1], scores)
 
 
 def _store(buffer: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -128,6 +135,18 @@ class HeldMask:
     else packed bits (uint8, out x in/8), or itself (bool, where in is not a multiple of 8)."""
 
     form: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StartPrior:
+    """A revivable start's prior on S: the start's kept set (a ``HeldMask`` form, never None) and
+    the bias on it in force (0-dim fp32, decaying to 0 over the schedule)."""
+
+    keep: torch.Tensor
+    bias: torch.Tensor
+
+    def kwargs(self) -> dict[str, torch.Tensor]:
+        return {"start_keep": self.keep, "start_bias": self.bias}
 
 
 def held_keep(oriented_weight: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
@@ -338,6 +357,7 @@ class PSTLinearFunction(torch.autograd.Function):
         C,
         keep_fraction,
         col_scale,
+        start: StartPrior | None,
         hyper: PSTHyper,
         select: Callable[..., Selection] | HeldMask,
         record: list | None,
@@ -355,8 +375,18 @@ class PSTLinearFunction(torch.autograd.Function):
             return F.linear(x, masked.to(x.dtype), bias)
         Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
         scale = None if col_scale is None else col_scale.float()
+        prior = {} if start is None else start.kwargs()
         updated, scores = blocks["updated_and_scores"](
-            weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale, out=_scores_scratch(weight, hyper)
+            weight,
+            U,
+            V,
+            Ae,
+            Be,
+            hyper.beta,
+            hyper.transposed,
+            scale,
+            out=_scores_scratch(weight, hyper),
+            **prior,
         )
         selection = select(scores, check=record is not None)
         given = selection.for_kernels(scores)
@@ -377,6 +407,7 @@ class PSTLinearFunction(torch.autograd.Function):
         del given, updated, scores
         ctx.save_for_backward(x, weight, U, V, A, B, R, C, scale, bits)
         ctx.selection = None if from_bits else selection  # a few numbers per matrix, row or group
+        ctx.start = start
         ctx.hyper, ctx.has_bias = hyper, bias is not None
         ctx.keep_fraction = None if keep_fraction is None else (keep_fraction.shape, keep_fraction.dtype)
         if split:  # the low half's product is small: added in fp32, the sum rounded once
@@ -403,8 +434,18 @@ class PSTLinearFunction(torch.autograd.Function):
             )
         else:
             Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
+            prior = {} if ctx.start is None else ctx.start.kwargs()
             updated, scores = blocks["updated_and_scores"](
-                weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale, out=_scores_scratch(weight, hyper)
+                weight,
+                U,
+                V,
+                Ae,
+                Be,
+                hyper.beta,
+                hyper.transposed,
+                scale,
+                out=_scores_scratch(weight, hyper),
+                **prior,
             )
             given = selection.for_kernels(scores)
             masked, grad_scores, grad_updated = kernels(hyper.compiled, given.keep)["backward_terms"](
@@ -451,6 +492,7 @@ class PSTLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -471,7 +513,7 @@ def _backward_under_held_mask(ctx, grad_out: torch.Tensor) -> tuple:
     if ctx.needs_input_grad[1]:  # W is frozen; kept correct for anyone who unfreezes it
         grad_weight = (masked_grad.t() if hyper.transposed else masked_grad).to(weight.dtype, copy=True)
     grad_bias = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return (grad_x, grad_weight, grad_bias, grad_U, grad_V, *([None] * 9))
+    return (grad_x, grad_weight, grad_bias, grad_U, grad_V, *([None] * 10))
 
 
 def _scratch(slot: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:

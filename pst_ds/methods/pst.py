@@ -22,8 +22,18 @@ class PST(Method):
     def mask_bytes_kept(self, numel: int) -> int:
         return -(-numel // 8) if self.pst.saves_mask_bits() else 0
 
+    def mask_bytes_held(self, numel: int) -> int:
+        return -(-numel // 8) if self.revives_start() else 0  # the start's kept set, for its prior
+
+    def revives_start(self) -> bool:
+        """Whether a start that rewrites W is held as a decaying prior on S (pst.start_bias_decay),
+        W keeping its original values where the start prunes, so they can come back."""
+        init = self.warm_start_method()
+        return init is not None and init.rewrites_backbone and self.pst.start_bias_decay > 0
+
     def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
-        return PSTLinear(base, self.pst, site, weight_update(self.pst, self.config.lora))
+        update = weight_update(self.pst, self.config.lora)
+        return PSTLinear(base, self.pst, site, update, revivable=self.revives_start())
 
     def factor_ranks(self) -> dict[str, int]:
         update = "lora.rank" if self.pst.update == "lora" else "pst.weight_rank"

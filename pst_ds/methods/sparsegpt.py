@@ -55,7 +55,10 @@ class SparseGPT(Method):
                     oneshot.block_columns,
                     oneshot.damp,
                 )
-                layer.oriented_weight().copy_(updated.to(layer.weight.dtype))
+                if layer.revivable:  # kept values written, pruned ones left to come back
+                    layer.hold_start(updated)
+                else:
+                    layer.oriented_weight().copy_(updated.to(layer.weight.dtype))
 
         prune_one_shot(calibration, oneshot.sequential, name=cls.name, prune_with_hessian=prune)
 

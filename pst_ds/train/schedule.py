@@ -110,6 +110,15 @@ class SparsityController:
             else:
                 layer.sparsity = sparsity * self._scale(name)
 
+    def put_start_strength(self, step: int) -> None:
+        """A revivable start's bias, at its share after ``step`` steps: 1 down to 0 over
+        pst.start_bias_decay of the run (PSTLinear.hold_start)."""
+        decay_steps = self.config.start_bias_decay * self.total_steps
+        strength = max(0.0, 1.0 - step / decay_steps) if decay_steps > 0 else 0.0
+        for layer in self.layers.values():
+            if layer.revivable:
+                layer.put_start_strength(strength)
+
     def _share(self, counts: dict[str, torch.Tensor]) -> float:
         """The pruned share of all the layers with ``counts`` in force."""
         numel = sum(layer.out_features * layer.in_features for layer in self.layers.values())
@@ -129,6 +138,7 @@ class SparsityController:
             shifts = self._allocate(sparsity)
         else:
             self.put_in_force(self.layers, sparsity)
+        self.put_start_strength(step)
         gathering = self.activation and (self._in_warmup(step) or self.config.activation_ema > 0)
         self.board.publish(StepRecord(step, logged, gathering, MappingProxyType(shifts)))
 
