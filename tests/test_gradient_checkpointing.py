@@ -39,7 +39,8 @@ def test_checkpointing_keeps_loss_and_factor_gradients_and_saves_less(tiny_model
     assert next(iter(layers.values())).board.record.gathering
     for layer in layers.values():
         layer.sparsity = 0.5
-        layer.V.data.normal_()  # so that U and A also get gradients
+        layer.U.data.normal_()  # so that every factor gets a gradient, whichever starts at 0
+        layer.V.data.normal_()
         layer.B.data.normal_()
     ids = torch.randint(0, 256, (2, 48))
     batch = {"input_ids": ids, "labels": ids}

@@ -51,3 +51,39 @@ def test_the_first_mask_is_the_start_s_and_a_revived_weight_is_the_original(mask
     masked, _ = layer.masked_weight_and_mask()
     oriented = masked.t() if base_kind == "conv1d" else masked
     torch.testing.assert_close(oriented[row, col], original[row, col] + 100.0)
+
+
+@pytest.mark.parametrize("final_sparsity", [0.5, 0.7])
+def test_pst_from_sparsegpt_starts_on_its_mask_and_keeps_the_pruned_weights(tiny_model, final_sparsity):
+    """PST with pst.init=sparsegpt on a tiny Llama: every layer's first mask is SparseGPT's own
+    (the same sweep with the start bias off, which writes its zeros into W), W holds SparseGPT's
+    values where it keeps and the original ones where it prunes, and the bias decays to 0 over
+    pst.start_bias_decay of the run (its share of 10 steps here)."""
+    from test_oneshot import calibration, experiment, injected, one_shot
+
+    from pst_ds.methods import method_class
+    from pst_ds.train.schedule import SparsityController
+
+    results = {}
+    for decay in (0.0, 0.3):
+        config = experiment("pst", init="sparsegpt", final_sparsity=final_sparsity, start_bias_decay=decay)
+        model, reference, layers = injected(tiny_model, config)
+        assert all(layer.revivable == (decay > 0) for layer in layers.values())
+        one_shot("sparsegpt", model, layers, calibration(), final_sparsity, block_columns=16)
+        controller = SparsityController(method_class("pst")(config), 10, layers)
+        masks = {name: layer.mask() for name, layer in layers.items()}
+        weights = {name: layer.oriented_weight().detach().clone() for name, layer in layers.items()}
+        originals = {name: reference.get_submodule(name).weight.detach() for name in layers}
+        results[decay] = masks, weights, originals, controller, layers
+    zeros_masks, zeros_weights, originals, _, _ = results[0.0]
+    masks, weights, _, controller, layers = results[0.3]
+    for name in layers:
+        keep = zeros_weights[name] != 0
+        assert torch.equal(zeros_masks[name], keep), name  # the old start: W's zeros are the mask
+        assert torch.equal(masks[name], keep), name  # the revivable one: the same mask, exactly
+        torch.testing.assert_close(weights[name], torch.where(keep, zeros_weights[name], originals[name]))
+    layer = next(iter(layers.values()))
+    full = float(layer.start_bias_full)
+    for step, strength in ((0, 1.0), (1, 1 - 1 / 3), (2, 1 - 2 / 3), (3, 0.0), (7, 0.0)):
+        controller.apply(step)
+        assert float(layer.start_bias) == pytest.approx(full * strength), step

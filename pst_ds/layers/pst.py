@@ -137,9 +137,10 @@ class PSTLinear(SparseLinear):
         weight = self.oriented_weight()
         weight.copy_(torch.where(keep, start_weight.to(weight.dtype), weight))
         self.start_keep.copy_(pack_rows(keep) if self.start_keep.dtype == torch.uint8 else keep)
-        self.start_bias.zero_()
-        _, scores = self.updated_and_scores()
-        # Above the largest score by a margin: S >= 0 at the start (B, R, C = 0; U V = 0).
+        # Above the largest score by a margin. Before the first step U V = 0 and B, R, C = 0, so
+        # S = a |W| (the factors, partitioned under ZeRO-3, need not be gathered for it).
+        scale = self.column_scale()
+        scores = weight.float().abs() if scale is None else weight.float().abs() * scale
         full = float(scores.max()) * 1.01 + 1e-6
         self.start_bias_full.fill_(full)
         self.start_bias.fill_(full * self._start_strength)
