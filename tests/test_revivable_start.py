@@ -87,3 +87,26 @@ def test_pst_from_sparsegpt_starts_on_its_mask_and_keeps_the_pruned_weights(tiny
     for step, strength in ((0, 1.0), (1, 1 - 1 / 3), (2, 1 - 2 / 3), (3, 0.0), (7, 0.0)):
         controller.apply(step)
         assert float(layer.start_bias) == pytest.approx(full * strength), step
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pst_from_sparsegpt_moves_its_mask_and_exports_the_pattern_on_two_zero3_ranks(tmp_path, small_text):
+    """PST from SparseGPT's 2:4 start, LoRA's update, on two ZeRO-3 ranks (the backbone sharded):
+    the mask moves once the start's bias decays, and the export passes the 2:4 check."""
+    import json
+
+    from test_distributed import read_metrics
+    from test_masked_lora import launch_two_zero3_ranks
+
+    run = tmp_path / "run"
+    launch_two_zero3_ranks(
+        tmp_path, run, [f"data.train_files=[{small_text}]", "method=pst", "pst.init=sparsegpt", "pst.mask=nm",
+                        "pst.final_sparsity=0.5", "pst.update=lora", "pst.start_bias_decay=0.5"],
+    )  # fmt: skip
+    steps, _ = read_metrics(run)
+    changed = [r["mask_changed"] for r in steps if "mask_changed" in r]
+    assert len(changed) == 3 and max(changed) > 0
+    report = json.loads((run / "export" / "pst_sparsity.json").read_text())
+    for name, layer in report["layers"].items():
+        assert layer["pattern_verified"] and layer["sparsity"] == 0.5, name
