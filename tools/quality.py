@@ -66,6 +66,18 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
         "PST, the scaled update beta U V (the default before issue 38)",
         ["method=pst", "pst.update=scaled"],
     ),
+    "pst_thresholds": (
+        "PST, learned thresholds (the default otherwise)",
+        ["method=pst", "pst.mask=threshold"],
+    ),
+    "pst_no_revival": (
+        "PST, the start's zeros written into W (no start bias)",
+        ["method=pst", "pst.start_bias_decay=0"],
+    ),
+    "pst_scaled_no_revival": (
+        "PST before issue 38: the scaled update, the start's zeros in W",
+        ["method=pst", "pst.update=scaled", "pst.start_bias_decay=0"],
+    ),
     "pst_update_off": (
         "PST, the learned mask alone (LoRA's update at scale 0)",
         ["method=pst", "lora.alpha=0"],
