@@ -60,6 +60,7 @@ FORMULATIONS = {
     "masked_lora": MaskedLoRACost(),
     "pst": PSTCost(),
     "pst_recompute": PSTCost(saved_mask="recompute"),
+    "pst_revivable": PSTCost(start_prior=True),  # after SparseGPT's start, its kept set as a prior
     "pst_row": PSTCost(KINDS["row"]),
     "pst_threshold": PSTCost(KINDS["threshold"]),
     "pst_nm_2_4": PSTCost(KINDS["nm"]),

@@ -10,7 +10,7 @@ bytes, a: the activations', 4: fp32 scratch):
                LoRA and the frozen head skip G, PST needs all three (G is M * W''s gradient)
     LoRA       rank-r factors: 3 x 2 r (o + i) T FLOPs each way
     PST        the passes of layers/pst_function.py, in bytes per entry:
-                 forward   W -> W', S                       w + 8
+                 forward   W -> W', S                       w + 8 (+ 1/8: a revivable start's kept set)
                            selection (the step's first forward only): the kind's selection_cost
                            W', S -> M * W' (+ bits)         8 + a (+ 1/8)
                            split (bf16/fp16, pst.low_precision_forward=split): M * W' in fp32
@@ -135,6 +135,9 @@ class PSTCost(LayerCost):
     # bf16 / fp16 with pst.low_precision_forward=split: M * W' in fp32, split into two halves
     # (read 4, write 2 + 2 bytes an entry) and a second forward GEMM
     split: bool = False
+    # a revivable start (pst.start_bias_decay after SparseGPT's): each pass that computes S also
+    # reads the start's kept set, 1/8 byte an entry
+    start_prior: bool = False
 
     def passes(self, shape: LayerShape, select: bool = True) -> list[Pass]:
         s, e = shape, shape.entries
@@ -142,7 +145,8 @@ class PSTCost(LayerCost):
         select_bytes, keep_flops = self.kind.selection_cost()
         factor_flops = 2.0 * (self.rank + self.mask_rank + 2)  # the unrolled low-rank products, per entry
         bits = self.saved_mask == "bits" and not self.kind.learned  # a learned threshold needs S in backward
-        out = [*gemms(s), Pass("W -> W', S", e * factor_flops, e * (w + 8), True)]
+        prior = 0.125 if self.start_prior else 0.0
+        out = [*gemms(s), Pass("W -> W', S", e * factor_flops, e * (w + 8 + prior), True)]
         if select:
             out.append(Pass(f"selection ({self.kind.name})", e * 2.0, e * select_bytes, True))
         masked = (4 if self.split else a) + (0.125 if bits else 0)
@@ -155,7 +159,7 @@ class PSTCost(LayerCost):
             )
             out.append(backward)
         else:
-            out.append(Pass("W -> W', S (backward)", e * factor_flops, e * (w + 8), False))
+            out.append(Pass("W -> W', S (backward)", e * factor_flops, e * (w + 8 + prior), False))
             out.append(Pass("G, W', S -> M*W', dS, dW'", e * (keep_flops + 8), e * (2 * a + 16), False))
         thin = Pass("factor gradients", 2.0 * e * (self.rank + self.mask_rank + 1) / 2, e * 4.0, False)
         return out + [thin] * 4  # dU, dV from dW'; dA, dB (with R, C) from dS
