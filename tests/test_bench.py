@@ -21,7 +21,7 @@ def test_layer_bench_reports_every_formulation(tmp_path):
     run_bench("layers", "--shapes", "tiny", "--repeats", "2", "--out", str(tmp_path))
     report = json.loads((tmp_path / "layers.json").read_text())
     tiny = report["results"]["tiny"]
-    kinds = {"pst_row", "pst_threshold", "pst_nm_2_4", "pst_vnm_64_2_5", "pst_activation"}  # mask kinds
+    kinds = {"pst_row", "pst_threshold", "pst_nm_2_4", "pst_vnm_64_2_5", "pst_activation", "pst_revivable"}
     names = {"dense", "lora", "masked_lora", "pst", "pst_eager", "pst_recompute", "pst_sort_autograd", *kinds}
     assert set(tiny["median_ms"]) == names and set(tiny["ratio_to_dense"]) == names
     assert all(len(v) == 2 for v in tiny["all_ms"].values())

@@ -104,6 +104,14 @@ def layer_variants(
     if kinds:
         configs.update({name: PSTConfig(**knobs) for name, knobs in KIND_VARIANTS.items()})
     pst_layers = {name: PSTLinear(frozen, config) for name, config in configs.items()}
+    if kinds:  # after SparseGPT's start: its kept set as a prior on S, mid-decay (every S pass reads it)
+        revived = nn.Linear(in_f, out_f, bias=False).requires_grad_(False).to(DEVICE, dtype)
+        revived.weight.copy_(frozen.weight)
+        pst_layers["pst_revivable"] = PSTLinear(revived, PSTConfig(), revivable=True)
+        pst_layers["pst_revivable"].sparsity = sparsity
+        pst_layers["pst_revivable"].hold_start(frozen.weight * (torch.rand_like(frozen.weight) > sparsity))
+        pst_layers["pst_revivable"].put_start_strength(0.5)
+        configs["pst_revivable"] = PSTConfig()
     for name, layer in pst_layers.items():  # a pattern's own share, not a ramp into it
         layer.sparsity = configs[name].final_sparsity if layer.mask_kind.grouped else sparsity
         with torch.no_grad():  # trained-looking factors (fp32 scores of large matrices still tie)
