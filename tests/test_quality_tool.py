@@ -25,9 +25,11 @@ def quality(*args: str) -> str:
 
 def test_rows_are_saved_resumed_and_tabled(tmp_path):
     out = str(tmp_path)
-    quality("--rows", "wanda", "pst_release", "--sparsities", "0.5", "--steps", "2", "--out", out)
+    quality(
+        "--rows", "wanda", "pst_release", "masked_lora", "--sparsities", "0.5", "--steps", "2", "--out", out
+    )
     rows = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")}
-    assert set(rows) == {"wanda-0.5", "pst_release-0.5"}
+    assert set(rows) == {"wanda-0.5", "pst_release-0.5", "masked_lora-0.5"}
     wanda, pst = rows["wanda-0.5"], rows["pst_release-0.5"]
     assert (wanda["steps"], wanda["trainable_params"]) == (0, 0) and pst["steps"] == 2
     for row in rows.values():  # what each run's own summary says
@@ -48,3 +50,8 @@ def test_rows_are_saved_resumed_and_tabled(tmp_path):
     assert "Over the better one-shot (Wanda, SparseGPT) of each column:" in table
     assert f"| PST, release settings | 0.5 | 2 | {pst['after'] / wanda['after']:.2f} |" in table
     assert set(pst["texts_after"]) == {"mobydick_excerpt", "reviews", "gpl3"}  # judged beyond Austen
+    # At equal time: each trained row's median step (the first left out) over masked LoRA's.
+    summary = json.loads((tmp_path / "runs" / "pst_release-0.5" / "summary.json").read_text())
+    assert pst["step_s"] == summary["step_times_s"][1]  # 2 steps: the second alone
+    ratio = pst["step_s"] / rows["masked_lora-0.5"]["step_s"]
+    assert f"| PST, release settings | 0.5 | {pst['step_s']:.2f} s | {ratio:.2f} | {2 / ratio:.1f} |" in table

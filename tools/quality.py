@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 from train_runs import train_once
@@ -156,11 +157,40 @@ def run_row(row: str, sparsity: str, args: argparse.Namespace, out: Path) -> dic
         "after_warm_start": summary.get("eval_after_warm_start"),
         "trainable_params": summary["trainable_params"],
         "wall_s": summary["wall_time_s"],
+        "step_s": median_step(summary),
         "command": "launch/train.py " + " ".join(arguments),
     }
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(result, indent=1))
     return result
+
+
+def median_step(summary: dict) -> float | None:
+    """The median optimizer step in seconds, the first (compilation, warm-up) left out."""
+    times = summary.get("step_times_s") or []
+    times = times[1:] if len(times) > 1 else times
+    return statistics.median(times) if times else None
+
+
+EQUAL_TIME_REFERENCE = "masked_lora"  # the recipe PST must beat at equal time as at equal tokens
+
+
+def equal_time_table(rows: list[dict]) -> str:
+    """Markdown: each trained row's median step over masked LoRA's in its column, and the steps
+    it fits in masked LoRA's time for its steps (fewer than its own: it needs more time)."""
+    reference = {r["column"]: r for r in rows if r["row"] == EQUAL_TIME_REFERENCE and r.get("step_s")}
+    lines = []
+    for r in rows:
+        ref = reference.get(r["column"])
+        if ref is None or not r.get("step_s") or r["row"] in ONE_SHOT:
+            continue
+        ratio = r["step_s"] / ref["step_s"]
+        fits = ref["steps"] / ratio
+        lines.append(f"| {r['label']} | {r['column']} | {r['step_s']:.2f} s | {ratio:.2f} | {fits:.1f} |")
+    if not lines:
+        return ""
+    head = "| method | column | median step | step / masked LoRA's | steps in masked LoRA's time |"
+    return "\n".join([head, "|---|---|---|---|---|", *lines]) + "\n"
 
 
 def table(rows: list[dict], metric: str) -> str:
@@ -247,6 +277,12 @@ def main() -> None:
             for sparsity in ["-"] if row in UNPRUNED else args.sparsities:
                 run_row(row, sparsity, args, out)
     rows = [json.loads(p.read_text()) for p in sorted((out / "rows").glob("*.json"))]
+    for r in rows:  # rows saved before step times were kept: from their run's summary
+        summary = (
+            out / "runs" / Path(r["command"].split("train.output_dir=")[-1].split()[0]).name / "summary.json"
+        )
+        if "step_s" not in r and summary.is_file():
+            r["step_s"] = median_step(json.loads(summary.read_text()))
     if not rows:
         parser.error(f"no rows saved in {out / 'rows'} yet")
     order = {row: i for i, row in enumerate(ROWS)}
@@ -256,6 +292,12 @@ def main() -> None:
         ratios = ratio_table(rows)
         markdown += (
             f"\nOver the better one-shot (Wanda, SparseGPT) of each column:\n\n{ratios}" if ratios else ""
+        )
+        timed = equal_time_table(rows)
+        markdown += (
+            f"\nAt equal time (step times of runs that may have shared the machine):\n\n{timed}"
+            if timed
+            else ""
         )
     (out / f"quality_{args.task}.md").write_text(markdown)
     (out / f"quality_{args.task}.json").write_text(json.dumps(rows, indent=1))
