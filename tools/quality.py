@@ -63,25 +63,25 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
         "masked LoRA on OWL's layer-wise profile",
         ["method=masked_lora", "pst.sparsity_profile=owl"],
     ),
+    "pst_revival": (
+        "PST, the revivable start (SparseGPT's kept set a bias on S, gone after a third)",
+        ["method=pst", "pst.start_bias_decay=0.33"],
+    ),
     "pst_scaled": (
-        "PST, the scaled update beta U V (the default before issue 38)",
-        ["method=pst", "pst.update=scaled"],
+        "PST, the scaled update beta U V (the default before issue 38), revivable start",
+        ["method=pst", "pst.update=scaled", "pst.start_bias_decay=0.33"],
     ),
     "pst_thresholds": (
-        "PST, learned thresholds (the default otherwise)",
-        ["method=pst", "pst.mask=threshold"],
-    ),
-    "pst_no_revival": (
-        "PST, the start's zeros written into W (no start bias)",
-        ["method=pst", "pst.start_bias_decay=0"],
+        "PST, learned thresholds (the default otherwise), revivable start",
+        ["method=pst", "pst.mask=threshold", "pst.start_bias_decay=0.33"],
     ),
     "pst_scaled_no_revival": (
         "PST before issue 38: the scaled update, the start's zeros in W",
-        ["method=pst", "pst.update=scaled", "pst.start_bias_decay=0"],
+        ["method=pst", "pst.update=scaled"],
     ),
     "pst_update_off": (
-        "PST, the learned mask alone (LoRA's update at scale 0)",
-        ["method=pst", "lora.alpha=0"],
+        "PST, the learned mask alone (LoRA's update at scale 0), revivable start",
+        ["method=pst", "lora.alpha=0", "pst.start_bias_decay=0.33"],
     ),
     "pst_mask_only": (
         "PST, the learned mask alone (the scaled update at pst.beta=0)",
