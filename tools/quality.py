@@ -63,6 +63,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row: (label, overrides of the task
         "masked LoRA on OWL's layer-wise profile",
         ["method=masked_lora", "pst.sparsity_profile=owl"],
     ),
+    "pst_owl": ("PST on OWL's layer-wise profile", ["method=pst", "pst.sparsity_profile=owl"]),
     "pst_revival": (
         "PST, the revivable start (SparseGPT's kept set a bias on S, gone after a third)",
         ["method=pst", "pst.start_bias_decay=0.33"],
