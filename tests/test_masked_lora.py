@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import torch
 from conftest import ROOT
+from helpers import half_kept
 from safetensors.torch import load_file, save_file
 from test_cli_errors import one_error_line
 from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
@@ -82,13 +83,7 @@ def test_pst_and_masked_lora_differ_only_in_whether_the_mask_learns(mask):
     straight-through term through S = |W'| alone: dU - dU' = s (|W'| * G) V^T, dV - dV' = s U^T (|W'| * G)."""
     torch.manual_seed(0)
     out_f, in_f = 16, 24
-    scores = torch.rand(out_f, in_f)
-    if mask == "topk":
-        keep = scores > scores.reshape(-1).kthvalue(out_f * in_f // 2).values
-    else:
-        groups = scores.reshape(out_f, -1, 4)
-        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
-        keep = keep.reshape(out_f, in_f)
+    keep = half_kept(out_f, in_f, mask)
     base = nn.Linear(in_f, out_f).requires_grad_(False)
     base.weight.copy_(keep * torch.randn(out_f, in_f).sign() * (1 + torch.rand(out_f, in_f)))
     config = PSTConfig(mask=mask, final_sparsity=0.5, importance="magnitude", init="magnitude")

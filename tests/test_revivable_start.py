@@ -4,6 +4,7 @@ whose score grows once the prior has decayed comes back with its original value.
 
 import pytest
 import torch
+from helpers import half_kept
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -22,13 +23,7 @@ def test_the_first_mask_is_the_start_s_and_a_revived_weight_is_the_original(mask
     layer.sparsity = 0.5
     original = layer.oriented_weight().detach().clone()
     # A start's mask unlike magnitude's (random scores), its kept values changed, zeros elsewhere.
-    scores = torch.rand(out_f, in_f)
-    if mask == "topk":
-        keep = scores > scores.reshape(-1).kthvalue(out_f * in_f // 2).values
-    else:
-        groups = scores.reshape(out_f, -1, 4)
-        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
-        keep = keep.reshape(out_f, in_f)
+    keep = half_kept(out_f, in_f, mask)
     start = torch.where(keep, original * 1.5 + 0.01, torch.zeros_like(original))
     layer.hold_start(start)
 

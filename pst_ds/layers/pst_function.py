@@ -373,21 +373,8 @@ class PSTLinearFunction(torch.autograd.Function):
             ctx.save_for_backward(x, weight, U, V, select.form)
             ctx.hyper, ctx.has_bias = hyper, bias is not None
             return F.linear(x, masked.to(x.dtype), bias)
-        Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
         scale = None if col_scale is None else col_scale.float()
-        prior = {} if start is None else start.kwargs()
-        updated, scores = blocks["updated_and_scores"](
-            weight,
-            U,
-            V,
-            Ae,
-            Be,
-            hyper.beta,
-            hyper.transposed,
-            scale,
-            out=_scores_scratch(weight, hyper),
-            **prior,
-        )
+        updated, scores = _updated_and_scores(blocks, weight, U, V, A, B, R, C, scale, start, hyper)
         selection = select(scores, check=record is not None)
         given = selection.for_kernels(scores)
         if record is not None:
@@ -433,20 +420,7 @@ class PSTLinearFunction(torch.autograd.Function):
                 grad_masked, weight, U, V, hyper.beta, hyper.transposed, scale, bits, out=terms
             )
         else:
-            Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
-            prior = {} if ctx.start is None else ctx.start.kwargs()
-            updated, scores = blocks["updated_and_scores"](
-                weight,
-                U,
-                V,
-                Ae,
-                Be,
-                hyper.beta,
-                hyper.transposed,
-                scale,
-                out=_scores_scratch(weight, hyper),
-                **prior,
-            )
+            updated, scores = _updated_and_scores(blocks, weight, U, V, A, B, R, C, scale, ctx.start, hyper)
             given = selection.for_kernels(scores)
             masked, grad_scores, grad_updated = kernels(hyper.compiled, given.keep)["backward_terms"](
                 grad_masked, updated, scores, scale, *given.args, out=terms
@@ -494,6 +468,27 @@ class PSTLinearFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _updated_and_scores(
+    blocks: dict,
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    R: torch.Tensor,
+    C: torch.Tensor,
+    scale: torch.Tensor | None,
+    start: StartPrior | None,
+    hyper: PSTHyper,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', S) into the scores' scratch: forward's, and backward's when it selects again."""
+    Ae, Be = extended_importance_factors(A, B, R, C, hyper.alpha1, hyper.alpha2)
+    prior = {} if start is None else start.kwargs()
+    return blocks["updated_and_scores"](
+        weight, U, V, Ae, Be, hyper.beta, hyper.transposed, scale, out=_scores_scratch(weight, hyper), **prior
+    )
 
 
 def _backward_under_held_mask(ctx, grad_out: torch.Tensor) -> tuple:
