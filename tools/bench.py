@@ -199,7 +199,7 @@ def bench_layers(args: argparse.Namespace) -> dict:
 def pass_timings(out_f: int, in_f: int, tokens: int, sparsity: float, repeats: int) -> dict[str, float]:
     """Median ms of each pass of PST's default layer at one shape, each run alone, beside dense's GEMMs:
     where a PST layer's time goes (pst_function.py names the passes)."""
-    from pst_ds.layers import pst_function as pf
+    from pst_ds.layers import pst_blocks as pf
 
     layer = layer_variants(out_f, in_f, sparsity, kinds=False)["pst"]
     h, w = layer.hyper, layer.weight

@@ -28,7 +28,8 @@ from ..config import LoRAConfig, PSTConfig
 from ..masks.bits import pack_rows
 from .base import LayerSite
 from .pst import PSTLinear
-from .pst_function import HeldMask, PSTLinearFunction, held_keep
+from .pst_blocks import held_keep
+from .pst_function import HeldMask, PSTLinearFunction
 from .update import lora_update
 
 

@@ -37,7 +37,8 @@ from transformers.pytorch_utils import Conv1D
 from ..config import PSTConfig
 from ..masks.bits import pack_rows
 from .base import LayerSite, SparseLinear
-from .pst_function import PSTHyper, PSTLinearFunction, StartPrior, extended_importance_factors, kernels
+from .pst_blocks import extended_importance_factors, kernels
+from .pst_function import PSTHyper, PSTLinearFunction, StartPrior
 from .update import WeightUpdate, weight_update
 
 
