@@ -42,28 +42,34 @@ def test_each_job_trains_at_its_own_learning_rate(tmp_path):
     assert set().union(*by_lr.values()) == trainable
 
 
-def test_distillation_in_compute_loss_is_the_documented_loss(tmp_path):
+def test_distillation_in_compute_loss_is_the_documented_loss_per_labelled_token(tmp_path):
     model, pst = prepared(["train.distill.weight=0.4", "train.distill.temperature=2.0"])
     trainer = trainer_for(tmp_path, model, pst)
     for layer in pst.layers.values():
         layer.sparsity = 0.5  # the student is pruned, the teacher is not
     input_ids = torch.randint(0, 200, (2, 16))
-    batch = {"input_ids": input_ids, "labels": input_ids}
-    loss = trainer.compute_loss(model, batch)
-    # Reference: the teacher is the same model with every layer dense; KL at T=2, scaled by T^2.
+    labels = input_ids.clone()
+    labels[0, :9] = -100  # a prompt: positions 0-7 of row 0 predict nothing the loss counts
+    batch = {"input_ids": input_ids, "labels": labels}
+    # Reference: the teacher is the same model with every layer dense; KL at T=2, scaled by T^2,
+    # at the positions whose next token is labelled (row 0: 8-14, row 1: 0-14).
     with torch.no_grad():
         with dense_forward():
             teacher = model(input_ids=input_ids).logits
-        student = model(**batch)
-    kl = F.kl_div(
-        F.log_softmax(student.logits.reshape(-1, student.logits.shape[-1]) / 2.0, -1),
-        F.log_softmax(teacher.reshape(-1, teacher.shape[-1]) / 2.0, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    assert not torch.allclose(teacher, student.logits)
-    torch.testing.assert_close(loss.detach(), 0.6 * student.loss + 0.4 * 4.0 * kl)
-    assert trainer.model_accepts_loss_kwargs is False  # the Trainer averages per micro-batch
+        student = model(input_ids=input_ids).logits
+    p_t, log_q = F.softmax(teacher / 2.0, -1), F.log_softmax(student / 2.0, -1)
+    kl = (p_t * (p_t.log() - log_q)).sum(-1)  # (2, 16)
+    counted = torch.zeros(2, 16, dtype=torch.bool)
+    counted[0, 8:15], counted[1, :15] = True, True
+    vocab = student.shape[-1]
+    ce = F.cross_entropy(student[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="none")
+    ce_sum, kl_sum = ce.sum(), kl[counted].sum()  # cross_entropy's ignored positions give 0
+    assert not torch.allclose(teacher, student)
+    loss = trainer.compute_loss(model, batch)  # alone: the mean over its 22 labelled tokens
+    torch.testing.assert_close(loss.detach(), (0.6 * ce_sum + 0.4 * 4.0 * kl_sum) / 22)
+    # In an accumulated batch of 50 labelled tokens: its sums over the whole batch's count.
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(50))
+    torch.testing.assert_close(loss.detach(), (0.6 * ce_sum + 0.4 * 4.0 * kl_sum) / 50)
 
 
 def test_prepare_refuses_a_method_that_does_not_train():

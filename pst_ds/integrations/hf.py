@@ -162,7 +162,8 @@ def prepare(
 class PSTTrainer(Trainer):
     """``transformers.Trainer`` for a model that ``prepare`` injected: the sparsity callback, the
     optimizer's groups and, with train.distill, the distillation loss (the teacher is the frozen
-    dense backbone). The loss is averaged per micro-batch.
+    dense backbone). The loss is the Trainer's: the mean over the labelled tokens of the whole
+    accumulated batch (``num_items_in_batch``), the distillation term counted the same way.
 
     With ``checkpoints`` (launch/train.py), its checkpoints hold what trains and resume exactly
     (train/run_checkpoints.py); without, they are the Trainer's own."""
@@ -176,7 +177,6 @@ class PSTTrainer(Trainer):
         callbacks = list(kwargs.get("callbacks") or [])
         kwargs["callbacks"] = callbacks if pst.callback in callbacks else [*callbacks, pst.callback]
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # the mean loss of each micro-batch
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
@@ -189,7 +189,13 @@ class PSTTrainer(Trainer):
         distill = self.pst.config.train.distill
         if not distill.weight:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        loss, outputs = distilled(model, inputs, distill)
+        # As Trainer.compute_loss: per token of the accumulated batch when the model takes
+        # num_items_in_batch, and times the ranks when the count is over all of them (DeepSpeed
+        # averages the ranks' gradients).
+        num_items = kwargs.get("num_items_in_batch") if self.model_accepts_loss_kwargs else None
+        loss, outputs = distilled(model, inputs, distill, num_items)
+        if num_items is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:

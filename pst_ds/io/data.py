@@ -251,6 +251,14 @@ def collate_blocks(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {"input_ids": input_ids, "labels": torch.stack([example["labels"] for example in examples])}
 
 
+def labelled_positions(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The logits' positions a loss counts: a causal LM's position i predicts label i + 1 (its
+    last position predicts nothing), a classifier's row its own label (-100: not counted)."""
+    if logits.dim() == 2:  # (batch, classes): one label per row, nothing shifts
+        return labels != -100
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100) != -100
+
+
 def collate_for(task: str) -> Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]:
     return default_collate if task == "sequence_classification" else collate_blocks
 
