@@ -14,3 +14,22 @@ def half_kept(out_features: int, in_features: int, mask: str) -> torch.Tensor:
     groups = scores.reshape(out_features, -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
     return keep.reshape(out_features, in_features)
+
+
+TINY_RUN = [
+    "data.block_size=32",
+    "train.save_every=0",
+    "pst.compile=false",  # the compiled kernels have their own reference tests
+]
+
+
+def tiny_run(output_dir, train_file, overrides: list[str] = ()):
+    """An in-process run of tiny_llama under ZeRO-2 into ``output_dir``, built (one rank, no
+    process started): the fast tier's end-to-end runs."""
+    from pst_ds.experiment import load_experiment
+    from pst_ds.integrations.run import build_run
+    from pst_ds.train.engine import load_ds_config
+
+    settings = [f"train.output_dir={output_dir}", f"data.train_files=[{train_file}]", *TINY_RUN, *overrides]
+    config = load_experiment("configs/experiments/tiny_llama.yaml", settings)
+    return build_run(config, load_ds_config("configs/zero2.json"))

@@ -82,3 +82,14 @@ def test_the_trainer_fills_the_batch_sizes_of_a_pst_ds_deepspeed_config():
     config = deepspeed_config("configs/zero3.json")
     assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
     assert config["zero_optimization"]["stage"] == 3 and "train_batch_size" not in config
+
+
+def test_the_run_end_must_come_after_the_callbacks_it_outlives(tmp_path):
+    model, pst = prepared([])
+    callbacks = pst.callbacks(tmp_path / "run")
+    assert type(callbacks[-1]).__name__ == "RunEndCallback"  # the order pst.callbacks gives
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    PSTTrainer(pst, model=model, args=args, callbacks=callbacks)  # in its order: accepted
+    shuffled = [callbacks[-1], *callbacks[:-1]]
+    with pytest.raises(ConfigError, match="RunEndCallback must come after RunLockCallback, Preempt"):
+        PSTTrainer(pst, model=model, args=args, callbacks=shuffled)

@@ -13,8 +13,11 @@ Two ways a cluster ends a job, both noticed after the current optimizer step:
 
 After every optimizer step the ranks agree whether any of them had a notice (one all-reduce of
 one number); if so, the Trainer saves (``control.should_save``) and stops, and the script exits
-with ``PREEMPTED_EXIT``. The same command resumes. The handler only records the signal:
-printing from a handler can fail mid-write.
+with ``PREEMPTED_EXIT``. The same command resumes. The handlers stay installed through the export
+and the final evaluation (callbacks/run_end.py removes them, restoring the ones before): a signal
+there lets the end finish what it writes, then the run exits as preempted too, and the same
+command ends it again. The handler only records the signal: printing from a handler can fail
+mid-write.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class PreemptionNotice:
         self._signal: int | None = None
         self._announced = False
         self._watched = launcher_runner()
+        self._before = {signum: signal.getsignal(signum) for signum in SIGNALS}
         for signum in SIGNALS:
             signal.signal(signum, self._note)
 
@@ -86,8 +90,10 @@ class PreemptionNotice:
         return self.received is not None
 
     def uninstall(self) -> None:
-        for signum in SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+        """Put back the handlers that were there before (idempotent)."""
+        for signum, handler in self._before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._before = {}
 
 
 class PreemptionCallback(TrainerCallback):
@@ -100,6 +106,27 @@ class PreemptionCallback(TrainerCallback):
         self.notice = PreemptionNotice()
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._any_rank_noticed() and state.global_step < state.max_steps:
+            self._stop(state)
+            control.should_save = True
+            control.should_training_stop = True
+
+    def note_signal_after_training(self, state: Any) -> None:
+        """After the export and the final evaluation (every rank): a notice that came during
+        them stops the run as preempted too; the same command then ends it again."""
+        if self.notice is not None and self.stopped is None and self._any_rank_noticed():
+            self._stop(state)
+
+    def close(self) -> None:
+        """Restore the handlers that were there before (idempotent)."""
+        if self.notice is not None:
+            self.notice.uninstall()
+
+    def _stop(self, state: Any) -> None:
+        self.stopped = self.notice.received or "a signal on another rank"
+        self.stopped_at = state.global_step
+
+    def _any_rank_noticed(self) -> bool:
         signalled = float(self.notice.pending())
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([signalled], dtype=torch.float64)
@@ -107,12 +134,4 @@ class PreemptionCallback(TrainerCallback):
                 flag = flag.cuda()
             dist.all_reduce(flag)
             signalled = float(flag.item())
-        if signalled > 0 and state.global_step < state.max_steps:
-            self.stopped = self.notice.received or "a signal on another rank"
-            self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.notice is not None:
-            self.notice.uninstall()
+        return signalled > 0

@@ -4,8 +4,9 @@ Two runs started into one ``train.output_dir`` would interleave their checkpoint
 export. The first holds an advisory lock (``flock``) on ``<output_dir>/run.lock``, a file that
 names its host and pid; a second run is refused with that name. The kernel drops the lock when
 its process dies however it dies, so a lock file whose lock nobody holds is stale: it is taken
-over, with a warning naming the run that left it. The callback holds it from the start of training
-to its end; a script that must be refused before it loads the model calls ``acquire`` itself.
+over, with a warning naming the run that left it. The callback takes it as training begins (a
+script that must be refused before it loads the model calls ``acquire`` itself); the run's end
+(callbacks/run_end.py) releases it, after the export and summary.json.
 """
 
 from __future__ import annotations
@@ -113,12 +114,10 @@ class RunLockCallback(TrainerCallback):
             take()
         self.held = True
 
-    def release(self) -> None:
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
         self.lock.release()
         self.held = False
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         self.acquire(state.is_world_process_zero)
-
-    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.release()

@@ -38,6 +38,7 @@ from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallbac
 from ..callbacks.export import ExportCallback, export_live
 from ..callbacks.preemption import PreemptionCallback
 from ..callbacks.records import RunRecordsCallback, layer_failures_named
+from ..callbacks.run_end import RunEndCallback, check_order
 from ..callbacks.run_lock import RunLockCallback
 from ..callbacks.sparsity import RUN_FILE, SparsityCallback
 from ..config import ConfigError, ExperimentConfig, ModelConfig, PSTConfig
@@ -112,21 +113,20 @@ class PSTRun:
         export: bool = True,
         tokenizer: Any = None,
     ) -> list[TrainerCallback]:
-        """Every run feature as a Trainer callback, in the order they must run: the run lock on
-        ``output_dir``, preemption (save and stop), the sparsity controller, the export to
-        ``<output_dir>/export`` (``export``) and the run's records (``evaluate``: named sets whose
-        metric is taken before and after training; the first is the validation set)."""
-        lock, notice = RunLockCallback(output_dir), PreemptionCallback()
+        """Every run feature as a Trainer callback, in the order they must run (run_callbacks):
+        the run lock on ``output_dir``, preemption (save and stop), the sparsity controller, the
+        export to ``<output_dir>/export`` (``export``), the run's records (``evaluate``: named sets
+        whose metric is taken before and after training; the first is the validation set) and
+        the run's end, which releases the lock and the signal handlers after all of them."""
         exported = ExportCallback(Path(output_dir) / "export", self.method, self.layer_names, tokenizer)
+        exported = exported if export else None
+        texts = _validation_first(evaluate or {})
         records = RunRecordsCallback(
-            output_dir,
-            self.method,
-            _validation_first(evaluate or {}),
-            self.config.model.task,
-            self.callback,
-            exported if export else None,
+            output_dir, self.method, texts, self.config.model.task, self.callback, exported
         )
-        return [lock, notice, self.callback, *([exported] if export else []), records]
+        return run_callbacks(
+            RunLockCallback(output_dir), PreemptionCallback(), self.callback, exported, records
+        )
 
     def optimizer(self, args: TrainingArguments) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         """``Trainer(optimizer_cls_and_kwargs=...)``: AdamW over the trainable parameters, one group
@@ -134,6 +134,21 @@ class PSTRun:
         groups = optimizer_groups(self.model, self.method.pst, self.config.train, args.learning_rate)
         kwargs = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
         return torch.optim.AdamW, {"params": groups, "weight_decay": args.weight_decay, **kwargs}
+
+
+def run_callbacks(
+    lock: RunLockCallback,
+    preemption: PreemptionCallback,
+    sparsity: SparsityCallback,
+    export: ExportCallback | None,
+    records: RunRecordsCallback,
+) -> list[TrainerCallback]:
+    """A run's callbacks in the one order they must run: the Trainer calls each event in list
+    order, so the lock is taken before anything else begins, the export precedes the final
+    evaluation and summary.json, and the run's end (last) releases the lock and the signal
+    handlers after all of them."""
+    end = RunEndCallback(lock, preemption, records)
+    return [lock, preemption, sparsity, *([export] if export else []), records, end]
 
 
 def _validation_first(texts: dict[str, Dataset]) -> dict[str, Dataset]:
@@ -175,6 +190,10 @@ class PSTTrainer(Trainer):
         self.resume_point: ResumePoint | None = None
         pst.callback.loss_distils = True
         callbacks = list(kwargs.get("callbacks") or [])
+        try:
+            check_order(callbacks)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         kwargs["callbacks"] = callbacks if pst.callback in callbacks else [*callbacks, pst.callback]
         super().__init__(*args, **kwargs)
 
@@ -209,7 +228,13 @@ class PSTTrainer(Trainer):
             resume_from_checkpoint = str(self.resume_point.folder)
             if self.resume_point.step >= self.args.max_steps:  # already trained: evaluate, export
                 self.args.max_steps, self.args.num_train_epochs = 0, 0
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except BaseException:  # the Trainer skips on_train_end: the run's end comes down here
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, RunEndCallback):
+                    callback.close()
+            raise
 
     def _prepare_for_training(
         self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any

@@ -23,6 +23,7 @@ from transformers.trainer_callback import PrinterCallback
 from ..callbacks.export import ExportCallback
 from ..callbacks.preemption import PreemptionCallback
 from ..callbacks.records import RunRecordsCallback
+from ..callbacks.run_end import RunEndCallback
 from ..callbacks.run_lock import RunLockCallback
 from ..config import ConfigError, ExperimentConfig
 from ..io.data import collate_for, load_calibration_blocks, load_eval_texts, load_splits
@@ -34,7 +35,7 @@ from ..train.distributed import agreed, init_distributed, on_cpu, rank_zero_firs
 from ..train.engine import peak_memory_bytes, prepare_ds_config, resolve_output_dir
 from ..train.memory import MemoryEstimate, estimate
 from ..train.run_checkpoints import RunCheckpoints
-from .hf import PSTRun, PSTTrainer, accelerator_config
+from .hf import PSTRun, PSTTrainer, accelerator_config, run_callbacks
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Run:
     preemption: PreemptionCallback
     export: ExportCallback | None
     records: RunRecordsCallback
+    end: RunEndCallback
     checkpoints: RunCheckpoints
 
     def train(self) -> dict[str, Any] | None:
@@ -54,8 +56,7 @@ class Run:
         try:
             self.trainer.train()
         finally:
-            self.records.close()
-            self.lock.release()
+            self.end.close()  # a ConfigError before training began skips the Trainer's own end
         return self.records.summary
 
     @property
@@ -93,7 +94,7 @@ def build_run(config: ExperimentConfig, ds_config: dict[str, Any]) -> Run:
     try:
         return _build(config, method, ds_config, output_dir, lock, rank, world_size)
     except BaseException:
-        lock.release()  # a refused run leaves the folder to the next one
+        lock.close()  # a refused run leaves the folder to the next one
         raise
 
 
@@ -173,7 +174,7 @@ def _build(
         tokens_per_step,
         train.eval_every,
     )
-    callbacks = [lock, preemption, pst.callback, *([export] if export else []), records]
+    callbacks = run_callbacks(lock, preemption, pst.callback, export, records)
     trainer = PSTTrainer(
         pst,
         model=model,
@@ -196,7 +197,7 @@ def _build(
             f"world size {world_size}",
             flush=True,
         )
-    return Run(trainer, lock, preemption, export, records, checkpoints)
+    return Run(trainer, lock, preemption, export, records, callbacks[-1], checkpoints)
 
 
 def _training_arguments(
