@@ -5,7 +5,7 @@ and what prepare refuses. The launched, ZeRO-3 equality with pst-ds's loop: test
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from pst_ds.config import ConfigError
 from pst_ds.experiment import load_experiment
@@ -93,3 +93,29 @@ def test_the_run_end_must_come_after_the_callbacks_it_outlives(tmp_path):
     shuffled = [callbacks[-1], *callbacks[:-1]]
     with pytest.raises(ConfigError, match="RunEndCallback must come after RunLockCallback, Preempt"):
         PSTTrainer(pst, model=model, args=args, callbacks=shuffled)
+
+
+def test_a_second_optimizer_keeps_every_side_learning_rate(tmp_path):
+    model, pst = prepared(["train.importance_lr=0.003"])
+    trainer = trainer_for(tmp_path, model, pst, learning_rate=0.01)
+    first = {g["lr"]: len(g["params"]) for g in trainer.create_optimizer().param_groups}
+    trainer.optimizer = None  # as a Trainer that builds its optimizer again (a new train())
+    second = {g["lr"]: len(g["params"]) for g in trainer.create_optimizer().param_groups}
+    assert second == first and set(first) == {0.01, 0.003}
+
+
+def test_a_trainer_whose_overridden_internals_differ_is_refused_with_the_supported_range():
+    from pst_ds.integrations.hf import check_trainer_internals
+
+    check_trainer_internals()  # this transformers: supported
+
+    class Renamed(Trainer):  # a release that renamed _finalize_training: the override is never called
+        _finalize_training = None
+
+    class Reshaped(Trainer):
+        def _save_checkpoint(self, model, trial, metrics=None): ...
+
+    with pytest.raises(ConfigError, match=r"transformers>=5.23,<5.24: .*_finalize_training differs"):
+        check_trainer_internals(Renamed)
+    with pytest.raises(ConfigError, match=r"_save_checkpoint differs \(its parameters are"):
+        check_trainer_internals(Reshaped)

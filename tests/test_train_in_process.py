@@ -57,6 +57,9 @@ def test_a_run_trains_checkpoints_and_exports_a_plain_model(finished_run):
     assert summary["eval_ppl_after"] < summary["eval_ppl_before"]  # it learned while pruning
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step00000002", "step00000004"]  # every save_every steps, the last one too
+    state = json.loads((run / "checkpoints" / "step00000004" / "trainer_state.json").read_text())
+    assert state["global_step"] == STEPS  # the Trainer's state, its stateful callbacks as at the save:
+    assert state["stateful_callbacks"]["TrainerControl"]["args"]["should_save"] is True
 
     report = json.loads((run / "export" / "pst_sparsity.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(run / "export", dtype=torch.float32)

@@ -23,6 +23,7 @@ learning rates (train.importance_lr, threshold_lr, head_lr, score_lr) and train.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
@@ -30,10 +31,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
 from accelerate import PartialState
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..callbacks.export import ExportCallback, export_live
 from ..callbacks.preemption import PreemptionCallback
@@ -174,6 +177,31 @@ def prepare(
     return PSTRun(config, method, model, inject(model, method))
 
 
+# The Trainer's private methods PSTTrainer overrides, with the parameters it relies on; checked at
+# construction, since an override of a method another transformers release renamed is never
+# called (docs/architecture.md says why each one is overridden).
+OVERRIDDEN = {
+    "_prepare_for_training": ("max_steps", "train_dataloader", "resume_from_checkpoint"),
+    "_save_checkpoint": ("model", "trial"),
+    "_finalize_training": ("trial", "num_train_samples", "start_time"),
+}
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"  # setup.py's range: what the tests ran on
+
+
+def check_trainer_internals(trainer_class: type = Trainer) -> None:
+    """ConfigError unless ``trainer_class`` has each method PSTTrainer overrides, with its parameters."""
+    for name, expected in OVERRIDDEN.items():
+        method = getattr(trainer_class, name, None)
+        found = None if method is None else tuple(inspect.signature(method).parameters)[1:]
+        if found != expected:
+            has = "no such method" if found is None else f"its parameters are {found}"
+            raise ConfigError(
+                f"PSTTrainer needs transformers{SUPPORTED_TRANSFORMERS}: this is {transformers.__version__}, "
+                f"whose Trainer.{name} differs ({has}); install a supported release, or use a plain "
+                "Trainer with callbacks=pst.callbacks(...)"
+            )
+
+
 class PSTTrainer(Trainer):
     """``transformers.Trainer`` for a model that ``prepare`` injected: the sparsity callback, the
     optimizer's groups and, with train.distill, the distillation loss (the teacher is the frozen
@@ -186,8 +214,10 @@ class PSTTrainer(Trainer):
     def __init__(
         self, pst: PSTRun, *args: Any, checkpoints: RunCheckpoints | None = None, **kwargs: Any
     ) -> None:
+        check_trainer_internals(Trainer)
         self.pst, self.run_checkpoints = pst, checkpoints
         self.resume_point: ResumePoint | None = None
+        self.builds_optimizer = kwargs.get("optimizer_cls_and_kwargs") is None
         pst.callback.loss_distils = True
         callbacks = list(kwargs.get("callbacks") or [])
         try:
@@ -198,7 +228,7 @@ class PSTTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+        if self.optimizer is None and self.builds_optimizer:  # afresh: the Trainer pops its "params"
             self.optimizer_cls_and_kwargs = self.pst.optimizer(self.args)
         return super().create_optimizer(model)
 
@@ -250,6 +280,9 @@ class PSTTrainer(Trainer):
         if self.run_checkpoints is None:
             return super()._save_checkpoint(model, trial)
         self.run_checkpoints.write_start(self.model)
+        for callback in [*self.callback_handler.callbacks, self.control]:  # as the Trainer's own save
+            if isinstance(callback, ExportableState):
+                self.state.stateful_callbacks[type(callback).__name__] = callback.state()
         profile = self.pst.callback.profile
         self.run_checkpoints.save(
             self.model_wrapped,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers.trainer import TRAINER_STATE_NAME
 
 from ..config import ConfigError, ExperimentConfig, TrainConfig
 from ..io.base_model import BaseTensors, fingerprint, fingerprint_change
@@ -32,7 +33,6 @@ from . import checkpoint
 from .distributed import from_rank_zero
 
 SCHEDULE_FILE = "lr_schedule.pt"
-TRAINER_STATE = "trainer_state.json"  # transformers' name: Trainer.train reads it on resume
 
 
 class TrainingError(RuntimeError):
@@ -166,7 +166,7 @@ class RunCheckpoints:
             rng(str(directory))  # the Trainer restores it once it has skipped to the data position
             if _rank() == 0:
                 torch.save(schedule.state_dict(), directory / SCHEDULE_FILE)
-                state.save_to_json(str(directory / TRAINER_STATE))
+                state.save_to_json(str(directory / TRAINER_STATE_NAME))  # Trainer.train reads it
 
         try:
             tag = checkpoint.save(
