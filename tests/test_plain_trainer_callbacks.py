@@ -43,8 +43,9 @@ class SignalAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def run(folder, small_text, signal_at: int | None = None, resume: bool = False):
-    """One Trainer run into ``folder``: (the PSTRun, the Trainer, its callbacks)."""
+def run(folder, small_text, signal_at: int | None = None, resume: bool = False, stream: bool = False):
+    """One Trainer run into ``folder``: (the PSTRun, the Trainer, its callbacks). ``stream``: the
+    training set as an IterableDataset (no length, as a streaming dataset)."""
     config = load_experiment(
         "configs/experiments/tiny_llama.yaml", [*OVERRIDES, f"data.train_files=[{small_text}]"]
     )
@@ -63,13 +64,30 @@ def run(folder, small_text, signal_at: int | None = None, resume: bool = False):
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=data.train,
+        train_dataset=Stream(data.train) if stream else data.train,
         data_collator=collate_blocks,
         callbacks=[*early, *callbacks],
         optimizer_cls_and_kwargs=pst.optimizer(args),
     )
     trainer.train(resume_from_checkpoint=True if resume else None)
     return pst, trainer, callbacks
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
+def test_the_warm_start_calibrates_on_a_streaming_dataset(tmp_path, small_text):
+    pst, trainer, _ = run(tmp_path / "run", small_text, stream=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert trainer.state.global_step == STEPS and summary["export"]["sparsity"] == pytest.approx(
+        0.6, abs=0.01
+    )
+    assert len({round(s, 6) for s in pst.callback.profile.values()}) > 1  # OWL's, from the stream
 
 
 def losses(folder) -> list[float]:
@@ -117,4 +135,4 @@ def test_the_run_lock_refuses_a_second_trainer_into_the_same_folder(tmp_path, sm
         with pytest.raises(ConfigError, match="is in use by the run of pid"):
             run(tmp_path / "run", small_text)
     finally:
-        holder.release()
+        holder.close()

@@ -39,13 +39,22 @@ class SparsityCallback(TrainerCallback):
         calibration: Dataset | None = None,
         profile: dict[str, float] | None = None,
     ) -> None:
+        """``calibration``: the warm start's examples (None: the training set); ``profile``: a
+        resumed run's sparsity profile (its warm start found it)."""
         self.config, self.method, self.layers = config, method, layers
-        self.calibration = calibration  # None: the training set
-        self.profile = profile  # a resumed run's (found by its warm start)
+        self.calibration = calibration
+        # PSTTrainer sets it: a callback cannot see which Trainer calls it, and a Trainer with
+        # its own loss trains without the teacher (told once, as training begins).
+        self.loss_distils = False
         # Built here, with the layers: a model the method cannot start from is refused at once.
         self.controller = SparsityController(method, config.train.max_steps, layers)
+        self.controller.profile = profile  # the controller owns it from here on
         self.warm_start_pending = False
-        self.loss_distils = False  # PSTTrainer's compute_loss distils; a Trainer's own loss does not
+
+    @property
+    def profile(self) -> dict[str, float] | None:
+        """Each layer's final sparsity where they differ (the controller's)."""
+        return self.controller.profile
 
     def logged(self, args: TrainingArguments, state: Any, step: int) -> bool:
         """Whether step ``step + 1`` is logged (its first forward notes the mask, too)."""
@@ -62,9 +71,8 @@ class SparsityCallback(TrainerCallback):
             )
         self.controller.total_steps = max(state.max_steps, state.global_step)  # the Trainer's
         step = state.global_step
-        if step > 0 and self.profile is None:
-            self.profile = _saved_profile(args, step)
-        self.controller.profile = self.profile
+        if step > 0 and self.controller.profile is None:  # a Trainer resumed from its own checkpoint
+            self.controller.profile = _saved_profile(args, step)
         fresh = step == 0
         self.warm_start_pending = fresh and (
             self.method.warm_start_method() is not None or self.method.holds_final_sparsity()
@@ -87,7 +95,11 @@ class SparsityCallback(TrainerCallback):
         self.controller.apply(state.global_step, self.logged(args, state, state.global_step))
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.warm_start_pending:  # a run without steps: the one-shot method is the whole run
+        self.finish_start(args, state)  # a run without steps: the one-shot method is the whole run
+
+    def finish_start(self, args: TrainingArguments, state: Any) -> None:
+        """The warm start if it is still due (a run that took no step), else nothing."""
+        if self.warm_start_pending:
             self.start(args, state)
 
     def start(self, args: TrainingArguments, state: Any) -> None:
@@ -95,7 +107,6 @@ class SparsityCallback(TrainerCallback):
         self.warm_start_pending = False
         if self.method.warm_start_method() is not None:
             self.warm_start(args)
-            self.profile = self.controller.profile
         self.controller.apply(0, self.logged(args, state, 0))
 
     def warm_start(self, args: TrainingArguments) -> None:
@@ -105,10 +116,9 @@ class SparsityCallback(TrainerCallback):
         dataset = self.calibration if self.calibration is not None else self.loader.dataset
         collate = self.loader.collate_fn
         device = next(model.parameters()).device
-        count = min(config.oneshot.calibration_blocks, len(dataset))
-        batches = calibration_batches(
-            dataset, count, config.train.seed, args.per_device_train_batch_size, collate
-        )
+        seed, batch_size = config.train.seed, args.per_device_train_batch_size
+        batches = calibration_batches(dataset, config.oneshot.calibration_blocks, seed, batch_size, collate)
+        count = sum(len(next(iter(batch.values()))) for batch in batches)
         began, was_training = time.time(), model.training
         model.eval()
         progress: Callable[[str], None] = (

@@ -103,11 +103,14 @@ class PSTRun:
     method: Method
     model: nn.Module
     layer_names: list[str]
+    calibration: Dataset | None = None  # the warm start's examples (None: the training set)
+    profile: dict[str, float] | None = None  # a resumed run's sparsity profile
 
     def __post_init__(self) -> None:
         self.layers = dict(iter_pst_layers(self.model))
-        self.callback = SparsityCallback(self.config, self.method, self.layers)
-        self.callback.run = self  # what save_pruned(trainer) exports
+        self.callback = SparsityCallback(
+            self.config, self.method, self.layers, self.calibration, self.profile
+        )
 
     def callbacks(
         self,
@@ -162,11 +165,15 @@ def _validation_first(texts: dict[str, Dataset]) -> dict[str, Dataset]:
 
 
 def prepare(
-    model: PreTrainedModel, config: ExperimentConfig | PSTConfig | str, overrides: list[str] = ()
+    model: PreTrainedModel,
+    config: ExperimentConfig | PSTConfig | str,
+    overrides: list[str] = (),
+    calibration: Dataset | None = None,
 ) -> PSTRun:
     """Inject the method's layers into ``model`` (after ``from_pretrained``; under ZeRO-3 the
     shapes come from the partitioned weights). ``config``: an experiment config, its YAML file
-    (with ``key=value`` overrides) or a bare PST section."""
+    (with ``key=value`` overrides) or a bare PST section. ``calibration``: the warm start's
+    examples (default: the training set)."""
     if isinstance(config, PSTConfig):
         config = experiment_config(pst=config)
     elif not isinstance(config, ExperimentConfig):
@@ -174,7 +181,7 @@ def prepare(
     method = method_class(config.method)(config)
     if not method.trains:
         raise ConfigError(f"method={config.method} prunes once and does not train: run launch/train.py")
-    return PSTRun(config, method, model, inject(model, method))
+    return PSTRun(config, method, model, inject(model, method), calibration)
 
 
 # The Trainer's private methods PSTTrainer overrides, with the parameters it relies on; checked at
@@ -212,11 +219,15 @@ class PSTTrainer(Trainer):
     (train/run_checkpoints.py); without, they are the Trainer's own."""
 
     def __init__(
-        self, pst: PSTRun, *args: Any, checkpoints: RunCheckpoints | None = None, **kwargs: Any
+        self,
+        pst: PSTRun,
+        *args: Any,
+        checkpoints: RunCheckpoints | None = None,
+        resume_point: ResumePoint | None = None,
+        **kwargs: Any,
     ) -> None:
         check_trainer_internals(Trainer)
-        self.pst, self.run_checkpoints = pst, checkpoints
-        self.resume_point: ResumePoint | None = None
+        self.pst, self.run_checkpoints, self.resume_point = pst, checkpoints, resume_point
         self.builds_optimizer = kwargs.get("optimizer_cls_and_kwargs") is None
         pst.callback.loss_distils = True
         callbacks = list(kwargs.get("callbacks") or [])
@@ -253,7 +264,7 @@ class PSTTrainer(Trainer):
             return super().training_step(*args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
-        """Train from the start, or from ``resume_point`` (set it to resume lean checkpoints)."""
+        """Train from the start, or from the constructor's ``resume_point`` (lean checkpoints)."""
         if self.resume_point is not None:
             resume_from_checkpoint = str(self.resume_point.folder)
             if self.resume_point.step >= self.args.max_steps:  # already trained: evaluate, export
@@ -295,8 +306,7 @@ class PSTTrainer(Trainer):
 
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
         if self.run_checkpoints is not None:  # every run ends with what it holds saved
-            if self.pst.callback.warm_start_pending:  # a run without steps: its one-shot start first
-                self.pst.callback.start(self.args, self.state)
+            self.pst.callback.finish_start(self.args, self.state)  # a run without steps: its start
             if self.run_checkpoints.saved_step != self.state.global_step:
                 self._save_checkpoint(self.model, None)
         return super()._finalize_training(*args, **kwargs)
@@ -320,21 +330,21 @@ def save_pruned(
     with no_progress_bars():
         if isinstance(model_or_checkpoint, (str, Path)):
             return _from_checkpoint(Path(model_or_checkpoint), out_dir, max_shard_bytes)
-        run = model_or_checkpoint
         if isinstance(model_or_checkpoint, Trainer):
-            tokenizer = tokenizer or model_or_checkpoint.processing_class
-            callbacks = model_or_checkpoint.callback_handler.callbacks
-            found = [c for c in callbacks if isinstance(c, SparsityCallback) and hasattr(c, "run")]
+            trainer = model_or_checkpoint
+            tokenizer = tokenizer or trainer.processing_class
+            found = [c for c in trainer.callback_handler.callbacks if isinstance(c, SparsityCallback)]
             if not found:
                 raise ConfigError(
                     "save_pruned: this Trainer has no pst-ds SparsityCallback "
                     "(pass callbacks=pst.callbacks(...))"
                 )
-            run = found[0].run
+            model, method, layer_names = trainer.model, found[0].method, list(found[0].layers)
+        else:
+            run = model_or_checkpoint
+            model, method, layer_names = run.model, run.method, run.layer_names
         origin = {"source": "live model"}
-        report = export_live(
-            run.model, run.method, run.layer_names, tokenizer, out_dir, origin, max_shard_bytes
-        )
+        report = export_live(model, method, layer_names, tokenizer, out_dir, origin, max_shard_bytes)
         if dist.is_initialized():
             dist.barrier()
         return report

@@ -126,9 +126,6 @@ def _build(
     model, layer_names = build_model(method, tokenizer, data.labels)  # collective under ZeRO-3
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    pst = PSTRun(config, method, model, layer_names)
-    pst.callback.calibration = calibration
-
     checkpoints = RunCheckpoints(config, method, output_dir, ds_config, world_size)
     checkpoints.record_base(model)
     point = None
@@ -136,8 +133,8 @@ def _build(
         point = checkpoints.resume_point(
             lambda m: print(f"pst-ds: warning: {m}", flush=True) if rank == 0 else None
         )
-    if point is not None:
-        pst.callback.profile = point.sparsity_profile
+    profile = point.sparsity_profile if point is not None else None
+    pst = PSTRun(config, method, model, layer_names, calibration, profile)
 
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     trainable = trainable if method.trains else 0  # a method that takes no step only carries masks
@@ -184,9 +181,9 @@ def _build(
         processing_class=tokenizer,
         callbacks=callbacks,
         checkpoints=checkpoints,
+        resume_point=point,
     )
     trainer.remove_callback(PrinterCallback)  # its dict per log: the progress bar shows them
-    trainer.resume_point = point
     if rank == 0:
         saved = {"experiment": config.to_dict(), "deepspeed": ds_config, "labels": data.labels}
         saved["layers"] = dataclasses.asdict(method.pst)  # the PST section the method's layers use

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +268,11 @@ def calibration_batches(
     dataset: Dataset, count: int, seed: int, batch_size: int, collate: Callable[[list], dict]
 ) -> list[dict[str, torch.Tensor]]:
     """``count`` examples of ``dataset`` drawn by ``seed`` (a warm start's calibration data, the
-    same in pst-ds's loop and in an HF Trainer's), collated in batches of ``batch_size``."""
+    same in pst-ds's loop and in an HF Trainer's), collated in batches of ``batch_size``. A
+    stream (no length: an IterableDataset) gives its first ``count`` examples."""
+    if not hasattr(dataset, "__len__"):
+        examples = list(itertools.islice(iter(dataset), count))
+        return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
     count = min(count, len(dataset))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     examples = [dataset[int(i)] for i in chosen[:count]]
