@@ -338,3 +338,22 @@ def test_the_frozen_mask_is_selected_once_and_again_only_for_a_new_state():
     with torch.no_grad():  # an evaluation selects afresh, whatever is held
         layer(x)
     assert calls[0] == 6
+
+
+def test_a_zeros_start_far_from_the_configured_sparsity_is_refused(tmp_path, small_text, tiny_model_dir):
+    """A dense model with a few exact zeros (a quantized one's) would train at ~0% while
+    pst.final_sparsity says 0.5: one line naming the model's own sparsity."""
+    folder = tmp_path / "few_zeros"
+    folder.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and "proj" in name:
+            tensor.reshape(-1)[::100] = 0.0  # 1% of each matrix
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    said = r"own zeros, 1\.\d\d% of its targeted weights, but pst.final_sparsity=0.5: "
+    said += r"set pst.final_sparsity=0\.01"
+    with pytest.raises(ConfigError, match=said):
+        run_tiny(tmp_path, ["method=masked_lora", "pst.init=zeros", *from_folder(folder)], small_text)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -269,7 +269,7 @@ def test_blocks_run_one_at_a_time_only_when_they_chain():
     "data, message",
     [
         ({"pst": {"init": "wanda", "importance": "magnitude"}}, "pst.init=wanda keeps Wanda's mask in force"),
-        ({"pst": {"init": "lasso"}}, "pst.init must be one of magnitude, wanda, sparsegpt"),
+        ({"pst": {"init": "lasso"}}, "pst.init must be one of magnitude, sparsegpt, wanda, zeros, auto"),
         ({"method": "movement", "pst": {"init": "sparsegpt"}}, "warm-starts magnitude, masked_lora, pst"),
         ({"method": "magnitude", "train": {"distill": {"weight": 0.5}}}, "frozen dense backbone"),
         ({"train": {"distill": {"weight": 1.5}}}, r"distill.weight must be a number in \[0, 1\] or 'auto'"),

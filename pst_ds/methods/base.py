@@ -56,6 +56,8 @@ class Method:
     trains: ClassVar[bool] = True  # takes optimizer steps (False: train.max_steps is not used)
     calibrates: ClassVar[bool] = False  # prunes once from calibration data; can be a pst.init
     reads_zeros: ClassVar[bool] = False  # its mask is the model's own zeros; can be a pst.init
+    scores_by_input_norms: ClassVar[bool] = False  # its mask is top-k of |W| * ||x||: as pst.init,
+    # a layer keeps it in force only with input norms in its score (pst.importance=activation)
     starts_training: ClassVar[bool] = False  # pst.init's cold start: S = |W| on the cubic schedule
     frozen_backbone: ClassVar[bool] = True  # W never changes (the distillation teacher is W itself)
     rewrites_backbone: ClassVar[bool] = False  # as a warm start, writes new weights into W
@@ -150,6 +152,18 @@ class Method:
         """The layer that replaces ``base``, the module called ``name`` (None: leave it in place)."""
         raise NotImplementedError
 
+    @classmethod
+    def counts_at_start(
+        cls, layers: dict[str, SparseLinear], pst: PSTConfig
+    ) -> dict[str, torch.Tensor] | None:
+        """As pst.init: each layer's own mask state for the whole run, whatever the schedule says
+        (None, the default: the schedule's count)."""
+        return None
+
+    def own_counts(self, layers: dict[str, SparseLinear]) -> dict[str, torch.Tensor] | None:
+        """Each layer's own mask state from this run's start (pst.init's counts_at_start)."""
+        return Method.named(self.pst.init).counts_at_start(layers, self.pst) if layers else None
+
     def warm_start_method(self) -> type[Method] | None:
         """The calibrating method whose mask this run starts from (pst.init), if any."""
         init = Method.named(self.pst.init)
@@ -178,11 +192,6 @@ class Method:
         init = self.warm_start_method()
         distills = self.trains and self.config.train.distill.weight > 0
         return distills and init is not None and init.rewrites_backbone
-
-    def changes_backbone(self) -> bool:
-        """True when training writes new values into the backbone's weights: a checkpoint must
-        then hold them all, the base model's folder no longer does."""
-        return not self.frozen_backbone
 
     def rewrites_backbone_at_start(self) -> bool:
         """True when the warm start writes new weights into the backbone once (pst.init=sparsegpt)

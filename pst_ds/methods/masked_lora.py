@@ -14,7 +14,6 @@ from ..config import ConfigError, PSTConfig
 from ..layers.base import LayerSite
 from ..layers.masked_lora import MaskedLoRALinear
 from .base import Method
-from .wanda import Wanda
 
 if TYPE_CHECKING:
     from ..config import ExperimentConfig
@@ -31,9 +30,10 @@ class MaskedLoRA(Method):
 
     @classmethod
     def layer_config(cls, pst: PSTConfig) -> PSTConfig:
-        # The mask must never move: S = |W|, times input norms only where Wanda's start gathered
-        # them (a warm-up would gather them during the first step and move it).
-        importance = "activation" if pst.init == Wanda.name else "magnitude"
+        # The mask must never move: S = |W|, times input norms only where the start's mask is
+        # scored by them (a warm-up would gather them during the first step and move it).
+        init = Method.registry.get(pst.init)  # None: not settled yet ("auto")
+        importance = "activation" if init is not None and init.scores_by_input_norms else "magnitude"
         return pst.replaced(importance=importance, activation_ema=0.0)
 
     @classmethod

@@ -18,6 +18,7 @@ class Wanda(Method):
     name = "wanda"
     trains = False
     calibrates = True
+    scores_by_input_norms = True
 
     @classmethod
     def layer_config(cls, pst: PSTConfig) -> PSTConfig:

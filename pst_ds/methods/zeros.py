@@ -4,13 +4,20 @@ PST may move them at the same count); as a method it evaluates and exports the m
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..config import ConfigError, PSTConfig
-from ..layers.base import LayerSite
+from ..layers.base import LayerSite, SparseLinear
 from ..layers.pst import PSTLinear
+from ..oneshot.zeros import zero_counts
 from .base import Method
+
+# How far the model's own zeros may lie from pst.final_sparsity before the start is refused: a
+# dense model with a few exact zeros (a quantized one's) would otherwise train at ~0% sparsity
+# while the config says otherwise.
+SPARSITY_TOLERANCE = 0.05
 
 
 class Zeros(Method):
@@ -32,5 +39,23 @@ class Zeros(Method):
         if pst.init_schedule == "ramp":
             raise ConfigError("pst.init=zeros starts at the model's own sparsity: use pst.init_schedule=hold")
 
+    @classmethod
+    def counts_at_start(cls, layers: dict[str, SparseLinear], pst: PSTConfig) -> dict[str, torch.Tensor]:
+        counts = zero_counts(layers)
+        pruned = sum(_pruned(layer, counts[name]) for name, layer in layers.items())
+        share = pruned / sum(layer.out_features * layer.in_features for layer in layers.values())
+        if abs(share - pst.final_sparsity) > SPARSITY_TOLERANCE:
+            raise ConfigError(
+                f"pst.init=zeros keeps the model's own zeros, {100 * share:.2f}% of its targeted weights, "
+                f"but pst.final_sparsity={pst.final_sparsity}: set pst.final_sparsity={share:.4f} to train "
+                "it at its own sparsity, or prune it first (pst.init=wanda or sparsegpt)"
+            )
+        return counts
+
     def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
         return PSTLinear(base, self.pst, site)
+
+
+def _pruned(layer: SparseLinear, count: torch.Tensor) -> int:
+    """Entries a layer's mask state prunes (a count per row, or one for the matrix)."""
+    return int(count.sum()) if count.dim() else int(count)

@@ -66,7 +66,7 @@ class RunCheckpoints:
         hold it: the method changes it, the model has no folder (model.source=random), the folder
         lacks a frozen tensor (a new task head), or train.save_frozen asks for it. Collective."""
         cfg = self.config
-        if cfg.train.save_frozen or cfg.model.source == "random" or self.method.changes_backbone():
+        if cfg.train.save_frozen or cfg.model.source == "random" or not self.method.frozen_backbone:
             return
         folder = model_dir(cfg.model)
         teachers = {id(m.weight) for m in model.modules() if isinstance(m, DenseTeacher)}  # the base's own

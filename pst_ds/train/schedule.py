@@ -15,7 +15,6 @@ from ..masks.allocation import allocate_kept
 from ..masks.select import num_pruned
 from ..methods import Calibration, Method
 from ..oneshot.owl import owl_profile
-from ..oneshot.zeros import zero_counts
 
 
 def cubic_sparsity(
@@ -61,7 +60,7 @@ class SparsityController:
         self.profile: dict[str, float] | None = None
         # Each layer's own mask state, whatever the schedule says (pst.init=zeros: its weight's
         # zeros, read again whenever a run is built: the weights are frozen). None: the schedule's.
-        self.own_counts = zero_counts(layers) if method.starts_from_zeros() and layers else None
+        self.own_counts = method.own_counts(layers)
         # The layers' board (one per model): where each step's record is published.
         self.board = next(iter(layers.values())).board if layers else StepBoard()
 
