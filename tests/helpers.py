@@ -33,3 +33,30 @@ def tiny_run(output_dir, train_file, overrides: list[str] = ()):
     settings = [f"train.output_dir={output_dir}", f"data.train_files=[{train_file}]", *TINY_RUN, *overrides]
     config = load_experiment("configs/experiments/tiny_llama.yaml", settings)
     return build_run(config, load_ds_config("configs/zero2.json"))
+
+
+def launch_ranks(script_args: list[str], tmp_path, ranks: int = 2, timeout: int = 900):
+    """``deepspeed --num_gpus RANKS --master_port FREE script args...`` from the repo root on
+    CPU ranks, with its own torch-extensions folder; asserts exit 0 and that nothing was
+    JIT-compiled (a build needs a compiler, and one killed half-way leaves a lock that hangs every
+    later start). Returns the CompletedProcess."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    extensions = Path(tmp_path) / "extensions"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": str(extensions)}  # fmt: skip
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    command = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), *script_args]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    built = sorted(p.name for p in extensions.glob("*")) if extensions.exists() else []
+    assert built == [], f"JIT-compiled at run time: {built}"
+    return result

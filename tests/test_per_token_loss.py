@@ -103,3 +103,16 @@ def test_evaluation_is_per_token_whatever_the_batch_size(tmp_path, tiny_model):
         result = evaluate_model(model, dataset, "causal_lm", batch_size)
         assert result["tokens"] == tokens
         assert result["loss"] == pytest.approx(total / tokens, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluation_on_two_ranks_gives_one_ranks_perplexity(tmp_path):
+    from eval_probe import evaluated
+    from helpers import launch_ranks
+
+    data = completion_records(tmp_path / "pairs.jsonl")
+    alone = evaluated(data, 3)  # one process, batches of 3
+    launch_ranks(["tests/eval_probe.py", data, str(tmp_path / "two.json"), "2"], tmp_path, timeout=300)
+    two = json.loads((tmp_path / "two.json").read_text())  # each rank its share, batches of 2
+    assert two["tokens"] == alone["tokens"] and two["examples"] == alone["examples"]
+    assert two["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
