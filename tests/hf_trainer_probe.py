@@ -1,7 +1,7 @@
 """Run under the deepspeed launcher by test_hf_trainer.py: one short PST run as launch/train.py
-builds it from the experiment config (--path own) or as a user's script builds a Trainer
-(--path hf) with the same settings; rank 0 saves each step's loss, time and every layer's mask
-(the one the next step's forward uses).
+builds it from the experiment config (--path own) or as a user's script builds a plain Trainer
+with pst-ds's callback and optimizer (--path hf), with the same settings; rank 0 saves each
+step's loss, time and every layer's mask (the one the next step's forward uses).
 
     deepspeed --num_gpus 2 tests/hf_trainer_probe.py --path own|hf --ds_config X --config Y \
         --out DIR [key=value ...]
@@ -15,12 +15,11 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pst_ds.experiment import load_experiment  # noqa: E402
 from pst_ds.integrations.hf import (  # noqa: E402
-    PSTTrainer,
     accelerator_config,
     deepspeed_config,
     prepare,
@@ -100,7 +99,14 @@ def run_hf(config, ds_config: dict, record: Record, out: Path) -> None:
     with args.main_process_first():
         data = load_splits(config.data, "causal_lm", tokenizer)
 
-    trainer = PSTTrainer(pst, model=model, args=args, train_dataset=data.train, data_collator=collate_blocks)
+    trainer = Trainer(  # a plain Trainer, as a user's own script (and TRL) passes pst-ds's parts
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=collate_blocks,
+        callbacks=[pst.callback],
+        optimizer_cls_and_kwargs=pst.optimizer(args),
+    )
     trainer.add_callback(recorder(pst.layers, record))
     record.start = time.time()
     trainer.train()
