@@ -1,8 +1,29 @@
-"""Helpers shared by test modules (fixtures live in conftest.py)."""
+"""Helpers shared by test modules (fixtures live in conftest.py): tiny in-process runs, and
+launching real ranks through the deepspeed launcher."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ds_env() -> dict:
+    """The launched ranks' environment: CPU ranks, one thread each, no hub."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 
 
 def half_kept(out_features: int, in_features: int, mask: str) -> torch.Tensor:
@@ -42,7 +63,6 @@ def launch_ranks(script_args: list[str], tmp_path, ranks: int = 2, timeout: int 
     later start). Returns the CompletedProcess."""
     import os
     import socket
-    import subprocess
     import sys
     from pathlib import Path
 

@@ -1,31 +1,16 @@
 """Real ranks through the deepspeed launcher on CPU: ZeRO-3 and ZeRO-2 in bf16, two nodes in fp32."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import DEEPSPEED, ROOT, ds_env, free_port  # noqa: F401  (other test modules import them here)
 
 from pst_ds.masks.select import num_pruned
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ds_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 
 
 def write_ds_config(path: Path, stage: int, bf16: bool) -> Path:
