@@ -9,6 +9,8 @@ import pytest
 from conftest import ROOT
 from test_distributed import DEEPSPEED, ds_env, free_port
 
+from launch import evaluate as evaluate_script
+from launch import export as export_script
 from launch import train
 
 TINY = "configs/experiments/tiny_llama.yaml"
@@ -260,31 +262,22 @@ def broken_model(tmp_path, tiny_model_dir, case):
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_FOLDERS))
-def test_a_model_folder_that_is_not_whole(tmp_path, capsys, tiny_model_dir, python, case):
+def test_a_model_folder_that_is_not_whole(tmp_path, capsys, tiny_model_dir, case):
     folder, message = broken_model(tmp_path, tiny_model_dir, case), MODEL_FOLDERS[case][1]
     out = tmp_path / "out"
     args = ["--config", TINY, f"train.output_dir={out}", "model.source=path", f"model.path={folder}"]
     status, stderr = train_main(capsys, args)
     assert status == 2 and not out.exists()
     assert f"model.path '{folder}' {message}" in one_error_line(stderr)
-    evaluate = subprocess.run(
-        [python, "launch/evaluate.py", "--model", str(folder), "--config", TINY],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert evaluate.returncode == 2 and "Traceback" not in evaluate.stderr
-    assert f"--model {folder} {message}" in one_error_line(evaluate.stderr)
+    status = evaluate_script.main(["--model", str(folder), "--config", TINY])  # in this process
+    assert status == 2
+    assert f"--model {folder} {message}" in one_error_line(capsys.readouterr().err)
 
 
-def test_export_of_a_folder_that_is_not_a_run(tmp_path, python):
-    result = subprocess.run(
-        [python, "launch/export.py", "--run", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{tmp_path} is not a pst-ds training run (it has no config.json)" in one_error_line(result.stderr)
+def test_export_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert export_script.main(["--run", str(tmp_path)]) == 2  # in this process
+    said = one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path} is not a pst-ds training run (it has no config.json)" in said
 
 
 @pytest.mark.parametrize(
