@@ -280,6 +280,7 @@ def test_export_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert f"{tmp_path} is not a pst-ds training run (it has no config.json)" in said
 
 
+@pytest.mark.slow  # launch/train.py in its own process (it leaves a process group with os._exit)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -303,6 +304,7 @@ def test_a_factor_rank_larger_than_a_matrix(tmp_path, python, overrides, message
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_resuming_under_another_zero_stage_is_one_error(tmp_path, python, small_text):
     """DeepSpeed's ZeRO-2 and ZeRO-3 checkpoints hold different files: resuming one under the
     other is refused with one line, not DeepSpeed's AssertionError from its loader."""

@@ -93,35 +93,6 @@ def test_model_shapes_of_a_config_are_its_linears():
     assert len(rest) == 1 and rest[0].inp == 64 and rest[0].out >= 256  # the head (bytes and specials)
 
 
-def test_estimate_step_checks_measured_layers_and_predicts_steps(tmp_path):
-    measured = {"results": {"tiny": {"ratio_to_dense": {"pst": 2.0, "lora": 1.0}}}}
-    (tmp_path / "layers.json").write_text(json.dumps(measured))
-    command = [
-        sys.executable,
-        str(ROOT / "tools/estimate_step.py"),
-        "--measured",
-        str(tmp_path / "layers.json"),
-    ]
-    config = str(ROOT / "configs/experiments/tiny_llama.yaml")
-    done = subprocess.run(
-        [*command, "--configs", config, "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "out/estimate_step.json").read_text())
-    pst = report["layers"]["tiny/pst"]
-    assert pst["measured"] == 2.0 and pst["predicted"] > 1.0
-    assert f"| tiny (64x48, 16) | pst | {pst['predicted']:.2f} | 2.00 |" in done.stdout
-    steps = report["steps"]["tiny_llama/h100"]
-    assert steps["topk"]["step_x_dense"] == pytest.approx(steps["topk"]["pst_s"] / steps["dense_s"])
-    missing = subprocess.run(
-        [*command[:2], "--measured", str(tmp_path / "none.json")], capture_output=True, text=True
-    )
-    assert missing.returncode == 2 and missing.stderr.startswith("pst-ds: error:")
-
-
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_on_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
