@@ -60,7 +60,9 @@ def test_the_lock_and_the_handlers_hold_through_the_export_and_a_signal_there_st
 
     monkeypatch.undo()  # the same command again: ends without a notice, the export complete
     again = tiny_run(folder, small_text, STEPS)
+    given = again.trainer.args
     assert trained(again)["steps"] == 2 and again.preemption.stopped is None
+    assert given.max_steps == 2  # a finished run resumed leaves the caller's arguments as given
     assert json.loads((folder / "export" / "pst_sparsity.json").read_text())["layers"]
     assert signal.getsignal(signal.SIGTERM) is users_handler
 

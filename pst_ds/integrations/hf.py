@@ -22,6 +22,7 @@ learning rates (train.importance_lr, threshold_lr, head_lr, score_lr) and train.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -268,6 +269,9 @@ class PSTTrainer(Trainer):
         if self.resume_point is not None:
             resume_from_checkpoint = str(self.resume_point.folder)
             if self.resume_point.step >= self.args.max_steps:  # already trained: evaluate, export
+                # No step to take: the Trainer has no public way to end a checkpoint through
+                # on_train_end without one. Its own copy of the arguments, the caller's untouched.
+                self.args = copy.copy(self.args)
                 self.args.max_steps, self.args.num_train_epochs = 0, 0
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
