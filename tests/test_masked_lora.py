@@ -174,21 +174,33 @@ def test_the_start_mask_never_moves_and_the_export_keeps_it(tmp_path, small_text
     assert report["method"] == "masked_lora"
 
 
-@pytest.fixture
-def sparse_model_dir(tmp_path, tiny_model_dir):
-    """tiny_llama's folder with half of every targeted weight zeroed by magnitude (a model pruned
-    elsewhere), and a copy kept dense."""
-    folder = tmp_path / "sparse"
+def with_zeros(tiny_model_dir, folder, zeroed):
+    """A copy of tiny_llama's folder in ``folder`` whose targeted weights are ``zeroed(weight)``."""
     folder.mkdir()
     for path in tiny_model_dir.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
     tensors = load_file(folder / "model.safetensors")
     for name, tensor in tensors.items():
         if tensor.dim() == 2 and ("proj" in name):
-            cut = tensor.abs().reshape(-1).kthvalue(tensor.numel() // 2).values
-            tensors[name] = torch.where(tensor.abs() > cut, tensor, 0.0)
+            tensors[name] = zeroed(tensor)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+def magnitude_half(weight):
+    cut = weight.abs().reshape(-1).kthvalue(weight.numel() // 2).values
+    return torch.where(weight.abs() > cut, weight, 0.0)
+
+
+def every_hundredth(weight):
+    return weight.reshape(-1).index_fill(0, torch.arange(0, weight.numel(), 100), 0.0).reshape(weight.shape)
+
+
+@pytest.fixture
+def sparse_model_dir(tmp_path, tiny_model_dir):
+    """tiny_llama's folder with half of every targeted weight zeroed by magnitude (a model pruned
+    elsewhere), and a copy kept dense."""
+    return with_zeros(tiny_model_dir, tmp_path / "sparse", magnitude_half)
 
 
 def from_folder(folder) -> list[str]:
@@ -343,15 +355,7 @@ def test_the_frozen_mask_is_selected_once_and_again_only_for_a_new_state():
 def test_a_zeros_start_far_from_the_configured_sparsity_is_refused(tmp_path, small_text, tiny_model_dir):
     """A dense model with a few exact zeros (a quantized one's) would train at ~0% while
     pst.final_sparsity says 0.5: one line naming the model's own sparsity."""
-    folder = tmp_path / "few_zeros"
-    folder.mkdir()
-    for path in tiny_model_dir.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    tensors = load_file(folder / "model.safetensors")
-    for name, tensor in tensors.items():
-        if tensor.dim() == 2 and "proj" in name:
-            tensor.reshape(-1)[::100] = 0.0  # 1% of each matrix
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    folder = with_zeros(tiny_model_dir, tmp_path / "few_zeros", every_hundredth)  # 1% of each matrix
     said = r"own zeros, 1\.\d\d% of its targeted weights, but pst.final_sparsity=0.5: "
     said += r"set pst.final_sparsity=0\.01"
     with pytest.raises(ConfigError, match=said):
