@@ -63,7 +63,7 @@ def test_methods_that_train_the_backbone_keep_saving_it(method, init, changes, r
     importance = {"importance": "activation"} if init == "wanda" else {}  # as pst.init=wanda asks
     config = experiment_config(method=method, pst=PSTConfig.release(init=init, **importance))
     assert (not method_class(method).frozen_backbone) is changes
-    assert method_class(method)(config).rewrites_backbone_at_start() is rewrites_at_start
+    assert method_class(method)(config).writes_start_folder() is rewrites_at_start
 
 
 def tensors(folder):

@@ -193,7 +193,7 @@ class Method:
         distills = self.trains and self.config.train.distill.weight > 0
         return distills and init is not None and init.rewrites_backbone
 
-    def rewrites_backbone_at_start(self) -> bool:
+    def writes_start_folder(self) -> bool:
         """True when the warm start writes new weights into the backbone once (pst.init=sparsegpt)
         and training leaves them: the run writes them once, as its start folder, and checkpoints
         refer to it (io/start_weights.py)."""

@@ -140,7 +140,7 @@ class RunCheckpoints:
     def write_start(self, model: nn.Module) -> None:
         """Write the backbone the warm start rewrote, once, as the run's start folder; the
         checkpoints' manifests refer to it by fingerprint (io/start_weights.py)."""
-        if self.base is None or "start" in self.base or not self.method.rewrites_backbone_at_start():
+        if self.base is None or "start" in self.base or not self.method.writes_start_folder():
             return
         began, folder = time.time(), self.output_dir / START
         write_start(dict(iter_pst_layers(model)), folder, _rank())
