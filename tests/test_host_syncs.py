@@ -16,8 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pst_ds.config import PSTConfig
+from pst_ds.config import DistillConfig, PSTConfig
 from pst_ds.layers.inject import inject, iter_pst_layers
+from pst_ds.train.distill import distilled
 from pst_ds.train.schedule import SparsityController
 
 # The ops that make the host wait for a device tensor's value or for a data-dependent size.
@@ -32,6 +33,12 @@ SYNCING = {
 }
 
 
+def _bool_index(func, args) -> bool:
+    """``x[mask]``: its size is the mask's count, read from the device."""
+    index = args[1] if func is torch.ops.aten.index.Tensor else ()
+    return any(i is not None and i.dtype == torch.bool for i in index)
+
+
 class HostSyncs(TorchDispatchMode):
     """Records each syncing op (with its stack) whose input was computed from ``device`` tensors."""
 
@@ -44,7 +51,7 @@ class HostSyncs(TorchDispatchMode):
         kwargs = kwargs or {}
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on_device = any(t in self.derived for t in inputs)
-        if on_device and func in SYNCING:
+        if on_device and (func in SYNCING or _bool_index(func, args)):
             self.syncs.append((str(func), "".join(traceback.format_stack(limit=16))))
         out = func(*args, **kwargs)
         if on_device:
@@ -73,18 +80,19 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    ("case", "checkpointed"),
-    [*((case, False) for case in CASES), ("pst_nm", True), ("masked_lora_topk", True)],
-    ids=[*CASES, "pst_nm-checkpointed", "masked_lora_topk-checkpointed"],
-)
-def test_a_step_never_waits_for_the_device(tiny_model, case, checkpointed):
+    ("case", "variant"),
+    [*((case, "plain") for case in CASES), ("pst_nm", "checkpointed"), ("masked_lora_topk", "checkpointed"),
+     ("pst_nm", "distilled")],
+    ids=[*CASES, "pst_nm-checkpointed", "masked_lora_topk-checkpointed", "pst_nm-distilled"],
+)  # fmt: skip
+def test_a_step_never_waits_for_the_device(tiny_model, case, variant):
     """Steps 2 and 3 of a run (2 micro-batches each, activation importance where the method takes
     it, the controller's work between): no syncing op, or for top-k only inside its selection."""
     name, knobs = CASES[case]
     model = tiny_model("tiny_llama")
     method = pst_method(PSTConfig(**{"init": "magnitude", "initial_sparsity": 0.5, **knobs}), name)
     inject(model, method)
-    if checkpointed:
+    if variant == "checkpointed":
         model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
     layers = dict(iter_pst_layers(model))
@@ -98,7 +106,11 @@ def test_a_step_never_waits_for_the_device(tiny_model, case, checkpointed):
         with mode or contextlib.nullcontext():
             controller.apply(number, logged=False)
             for ids in batches:
-                model(input_ids=ids, labels=ids).loss.backward()
+                if variant == "distilled":  # the teacher pass and the KL, per token of both micro-batches
+                    batch = {"input_ids": ids, "labels": ids}
+                    distilled(model, batch, DistillConfig(weight=0.5), torch.tensor(92))[0].backward()
+                else:
+                    model(input_ids=ids, labels=ids).loss.backward()
             controller.end_step(number)
         optimizer.step()  # the optimizer's own work is torch's, not pst-ds's
         optimizer.zero_grad()

@@ -41,11 +41,11 @@ def soft_kl(
     student = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float().reshape(-1, classes) / temperature, dim=-1)
     per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
-    if counted is not None:
-        per_position = per_position[counted.reshape(-1).to(per_position.device)]
-    if num_items is None:
-        return per_position.mean()
-    return per_position.sum() / num_items
+    if counted is None:
+        counted = torch.ones_like(per_position)
+    counted = counted.reshape(-1).to(per_position)  # a weight, not an index: no host sync in a step
+    total = (per_position * counted).sum()
+    return total / (counted.sum() if num_items is None else num_items)
 
 
 def distillation_loss(
