@@ -115,7 +115,15 @@ def test_a_trainer_whose_overridden_internals_differ_is_refused_with_the_support
     class Reshaped(Trainer):
         def _save_checkpoint(self, model, trial, metrics=None): ...
 
-    with pytest.raises(ConfigError, match=r"transformers>=5.23,<5.24: .*_finalize_training differs"):
+    with pytest.raises(ConfigError, match=r"transformers>=5.22.2,<5.26: .*_finalize_training differs"):
         check_trainer_internals(Renamed)
     with pytest.raises(ConfigError, match=r"_save_checkpoint differs \(its parameters are"):
         check_trainer_internals(Reshaped)
+
+
+def test_the_supported_transformers_range_is_setup_pys():
+    from conftest import ROOT
+
+    from pst_ds.integrations.hf import SUPPORTED_TRANSFORMERS
+
+    assert f'"transformers{SUPPORTED_TRANSFORMERS}"' in (ROOT / "setup.py").read_text()
