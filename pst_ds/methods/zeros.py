@@ -42,7 +42,7 @@ class Zeros(Method):
     @classmethod
     def counts_at_start(cls, layers: dict[str, SparseLinear], pst: PSTConfig) -> dict[str, torch.Tensor]:
         counts = zero_counts(layers)
-        pruned = sum(_pruned(layer, counts[name]) for name, layer in layers.items())
+        pruned = sum(int(count.sum()) for count in counts.values())  # per row, or one per matrix
         share = pruned / sum(layer.out_features * layer.in_features for layer in layers.values())
         if abs(share - pst.final_sparsity) > SPARSITY_TOLERANCE:
             raise ConfigError(
@@ -54,8 +54,3 @@ class Zeros(Method):
 
     def build_layer(self, base: nn.Linear | Conv1D, site: LayerSite) -> nn.Module:
         return PSTLinear(base, self.pst, site)
-
-
-def _pruned(layer: SparseLinear, count: torch.Tensor) -> int:
-    """Entries a layer's mask state prunes (a count per row, or one for the matrix)."""
-    return int(count.sum()) if count.dim() else int(count)
