@@ -4,6 +4,7 @@ launching real ranks through the deepspeed launcher."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,10 +16,33 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port for a launcher's rendezvous, free now and outside the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) may be handed out again, as the source port of
+    another test's gloo connection, before the launched rank 0 binds it (EADDRINUSE, seen in CI).
+    Ports below the ephemeral range are only ever taken by an explicit bind; each xdist worker
+    draws from its own residue class so two workers never pick the same one."""
+    ephemeral = _ephemeral_ports()
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    candidates = [p for p in range(20000 + worker, 32768, workers) if p not in ephemeral]
+    for port in random.sample(candidates, len(candidates)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def ds_env() -> dict:
@@ -56,27 +80,35 @@ def tiny_run(output_dir, train_file, overrides: list[str] = ()):
     return build_run(config, load_ds_config("configs/zero2.json"))
 
 
-def launch_ranks(script_args: list[str], tmp_path, ranks: int = 2, timeout: int = 900):
-    """``deepspeed --num_gpus RANKS --master_port FREE script args...`` from the repo root on
-    CPU ranks, with its own torch-extensions folder; asserts exit 0 and that nothing was
-    JIT-compiled (a build needs a compiler, and one killed half-way leaves a lock that hangs every
-    later start). Returns the CompletedProcess."""
-    import os
-    import socket
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    extensions = Path(tmp_path) / "extensions"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-           "TORCH_EXTENSIONS_DIR": str(extensions)}  # fmt: skip
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    command = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), *script_args]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+def run_launcher(
+    command: list[str], extensions: Path, timeout: int = 900, env: dict | None = None, expect: int | None = 0
+) -> subprocess.CompletedProcess:
+    """Run a launcher command (deepspeed's or accelerate's) from the repo root on CPU ranks, with
+    its own torch-extensions folder. Asserts the exit status ``expect`` (None: any) and that
+    nothing was JIT-compiled: a build needs a compiler, and one killed half-way leaves a lock that
+    hangs every later start (DeepSpeed's CPU shared-memory op did, under accelerate)."""
+    env = {**ds_env(), **(env or {}), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect is not None:
+        assert result.returncode == expect, (result.stdout + result.stderr)[-4000:]
     built = sorted(p.name for p in extensions.glob("*")) if extensions.exists() else []
     assert built == [], f"JIT-compiled at run time: {built}"
     return result
+
+
+def deepspeed_command(script_args: list[str], ranks: int = 2) -> list[str]:
+    """``deepspeed --num_gpus RANKS --master_port FREE script args...``."""
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
+
+
+def launch_ranks(
+    script_args: list[str],
+    tmp_path: Path,
+    ranks: int = 2,
+    timeout: int = 900,
+    env: dict | None = None,
+    expect: int | None = 0,
+) -> subprocess.CompletedProcess:
+    """``script args...`` on RANKS CPU ranks through the deepspeed launcher (see run_launcher)."""
+    extensions = Path(tmp_path) / "extensions"
+    return run_launcher(deepspeed_command(script_args, ranks), extensions, timeout, env, expect)

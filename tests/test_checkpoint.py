@@ -7,7 +7,8 @@ import time
 import psutil
 import pytest
 from conftest import ROOT
-from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
+from helpers import deepspeed_command, ds_env
+from test_distributed import read_metrics, write_ds_config
 
 from pst_ds.train import checkpoint
 
@@ -48,28 +49,25 @@ def test_config_differences_are_named():
     ]
 
 
-def train_cmd(tmp_path, out, text, port):
+def train_cmd(tmp_path, out, text):
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
-    return [
-        DEEPSPEED,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        "launch/train.py",
-        "--ds_config",
-        str(ds_config),
-        "--config",
-        "configs/experiments/tiny_gpt2.yaml",
-        f"train.output_dir={out}",
-        f"data.train_files=[{text}]",
-        "train.max_steps=16",
-        "train.save_every=2",
-        "train.micro_batch_size=2",
-        "data.block_size=32",
-        "data.max_validation_blocks=4",
-        "data.validation_fraction=0.05",
-    ]
+    return deepspeed_command(
+        [
+            "launch/train.py",
+            "--ds_config",
+            str(ds_config),
+            "--config",
+            "configs/experiments/tiny_gpt2.yaml",
+            f"train.output_dir={out}",
+            f"data.train_files=[{text}]",
+            "train.max_steps=16",
+            "train.save_every=2",
+            "train.micro_batch_size=2",
+            "data.block_size=32",
+            "data.max_validation_blocks=4",
+            "data.validation_fraction=0.05",
+        ]
+    )
 
 
 def losses_by_step(run):
@@ -83,7 +81,7 @@ def test_killed_rank_then_rerun_resumes_with_identical_losses(tmp_path, small_te
     # The reference: uninterrupted. GPT-2 has dropout, so the RNG state must be restored too.
     reference = tmp_path / "reference"
     subprocess.run(
-        train_cmd(tmp_path, reference, small_text, free_port()),
+        train_cmd(tmp_path, reference, small_text),
         cwd=ROOT,
         env=ds_env(),
         check=True,
@@ -95,7 +93,7 @@ def test_killed_rank_then_rerun_resumes_with_identical_losses(tmp_path, small_te
 
     # Kill rank 1 as soon as a first checkpoint is complete.
     run = tmp_path / "run"
-    cmd = train_cmd(tmp_path, run, small_text, free_port())
+    cmd = train_cmd(tmp_path, run, small_text)
     launcher = subprocess.Popen(
         cmd, cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

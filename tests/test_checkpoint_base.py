@@ -143,14 +143,14 @@ def test_a_rewriting_start_is_written_once_and_resume_and_export_equal_a_whole_c
     """SparseGPT's start at 70% with distillation, 2 ZeRO-3 ranks: the checkpoints leave out the
     rewritten backbone and the teacher's copy, the start folder holds the backbone once, and a
     run resumed from them trains and exports exactly as one whose checkpoints hold everything."""
-    from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
+    from helpers import launch_ranks
+    from test_distributed import read_metrics, write_ds_config
 
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
-    env = {**ds_env(), "PST_DS_CACHE": str(tmp_path / "cache")}
 
     def train(out, *extra) -> subprocess.CompletedProcess:
         command = [
-            DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+            "launch/train.py",
             "--ds_config", str(ds_config), "--config", "configs/experiments/tiny_llama.yaml",
             "model.source=path", f"model.path={tiny_model_dir}", f"train.output_dir={out}",
             f"data.train_files=[{small_text}]", "data.block_size=32", "train.micro_batch_size=2",
@@ -158,9 +158,7 @@ def test_a_rewriting_start_is_written_once_and_resume_and_export_equal_a_whole_c
             "pst.init=sparsegpt", "pst.final_sparsity=0.7", "train.distill.weight=0.5",
             "oneshot.calibration_blocks=6", "oneshot.block_columns=16", "train.export=true", *extra,
         ]  # fmt: skip
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result
+        return launch_ranks(command, tmp_path, env={"PST_DS_CACHE": str(tmp_path / "cache")})
 
     lean, whole = tmp_path / "lean", tmp_path / "whole"
     train(whole, "train.save_frozen=true")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_distributed import ds_env
+from helpers import ds_env
 
 from pst_ds.experiment import load_experiment
 from pst_ds.io.data import load_classification

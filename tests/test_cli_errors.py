@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 from conftest import ROOT
-from test_distributed import DEEPSPEED, ds_env, free_port
+from helpers import launch_ranks
 
 from launch import evaluate as evaluate_script
 from launch import export as export_script
@@ -176,13 +176,9 @@ def test_two_ranks_stop_alike_on_bad_data(tmp_path, case, content, message):
     text = tmp_path / "text.txt"
     text.write_bytes(content)
     out = tmp_path / "out"
-    cmd = [
-        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-        "--config", TINY, f"train.output_dir={out}", f"data.train_files=[{text}]",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
+    cmd = ["launch/train.py", "--config", TINY, f"train.output_dir={out}", f"data.train_files=[{text}]"]
+    result = launch_ranks(cmd, tmp_path, timeout=300, expect=2)
     output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
     errors = [line for line in output.splitlines() if "pst-ds: error:" in line]
     assert len(errors) == 1 and message in errors[0], output[-3000:]
     assert "Traceback" not in output

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import DEEPSPEED, ROOT, ds_env, free_port  # noqa: F401  (other test modules import them here)
+from helpers import DEEPSPEED, ROOT, ds_env, free_port, launch_ranks
 
 from pst_ds.masks.select import num_pruned
 
@@ -40,12 +40,6 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_ppl" in r]
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 def probe_run(
     tmp_path: Path,
     report: Path,
@@ -57,13 +51,8 @@ def probe_run(
 ) -> None:
     """tests/dist_probe.py on 2 ranks with tiny_llama: trains, then writes what each rank holds."""
     ds_config = write_ds_config(tmp_path / "ds.json", stage, bf16=bf16)
-    run(
+    launch_ranks(
         [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
             "tests/dist_probe.py",
             "--report",
             str(report),
@@ -73,7 +62,9 @@ def probe_run(
             "configs/experiments/tiny_llama.yaml",
             *tiny_overrides(tmp_path, text, steps=steps),
             *extra,
-        ]
+        ],
+        tmp_path,
+        timeout=600,
     )
 
 

@@ -1,12 +1,9 @@
 """The embedded default model: converted from its GGUF once, a plain HF model, PST-injectable."""
 
-import subprocess
-
 import pytest
 import torch
-from conftest import ROOT
+from helpers import launch_ranks
 from reference_export import merge_layers
-from test_distributed import DEEPSPEED, ds_env, free_port
 from transformers import AutoModelForCausalLM
 
 from pst_ds import PSTConfig, inject_pst
@@ -36,15 +33,8 @@ def test_smollm2_converts_to_a_plain_saveable_model(tmp_path):
 
 def test_conversion_by_a_non_zero_rank_inside_zero3(tmp_path):
     cache = tmp_path / "cache"
-    result = subprocess.run(
-        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/convert_probe.py"],
-        cwd=ROOT,
-        env={**ds_env(), CACHE_ENV: str(cache)},
-        capture_output=True,
-        text=True,
-        timeout=300,  # about 50 s; converting inside the job instead deadlocks (rank 0 waits)
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # About 50 s; converting inside the job instead deadlocks (rank 0 waits).
+    result = launch_ranks(["tests/convert_probe.py"], tmp_path, timeout=300, env={CACHE_ENV: str(cache)})
     folder = cache / "models" / SMOLLM2_FOLDER
     assert f"probe: converted into {folder}" in result.stdout
     assert not folder.with_name(folder.name + ".partial").exists()

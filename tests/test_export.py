@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import ROOT
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from helpers import launch_ranks
 from reference_export import merge_layers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
+from test_distributed import read_metrics, write_ds_config
 
 from launch import export as export_cli
 from pst_ds.experiment import load_experiment
@@ -97,13 +98,8 @@ def test_export_from_two_rank_zero3(tmp_path, small_text, kind, monkeypatch, cap
     kind_overrides, share = KINDS[kind]
     overrides = OVERRIDES + kind_overrides + [f"data.train_files=[{small_text}]"]
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
-    result = subprocess.run(
+    launch_ranks(
         [
-            DEEPSPEED,
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
             "launch/train.py",
             "--ds_config",
             str(ds_config),
@@ -113,13 +109,9 @@ def test_export_from_two_rank_zero3(tmp_path, small_text, kind, monkeypatch, cap
             "train.export=true",
             *overrides,
         ],
-        cwd=ROOT,
-        env=ds_env(),
-        capture_output=True,
-        text=True,
+        tmp_path,
         timeout=600,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _, evals = read_metrics(run)
     framework_ppl = evals[-1]["eval_ppl"]
 

@@ -9,14 +9,12 @@ the same block at every step in both loops; with more, the same blocks meet in a
 and sums round differently (docs/reference.md#hf-trainer)."""
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import DEEPSPEED, free_port, launch_ranks, run_launcher
 from safetensors.torch import load_file
-from test_distributed import DEEPSPEED, ds_env, free_port
 from transformers import AutoModelForCausalLM
 
 STEPS = 10
@@ -34,25 +32,13 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
-def run_ranks(command: list[str], extensions: Path, timeout: int) -> subprocess.CompletedProcess:
-    """Run a launcher command with its own torch-extensions folder, and check that nothing was
-    JIT-compiled into it: a build needs a compiler, and one killed half-way leaves a lock that
-    hangs every later start (DeepSpeed's CPU shared-memory op did, under accelerate)."""
-    env = {**ds_env(), "TORCH_EXTENSIONS_DIR": str(extensions)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    built = sorted(p.name for p in extensions.glob("*")) if extensions.exists() else []
-    assert built == [], f"JIT-compiled at run time: {built}"
-    return result
-
-
 def probe(tmp_path, path: str, extra: list[str], launcher: str = "deepspeed") -> list[dict]:
     command = [
         *LAUNCHERS[launcher], str(free_port()), "tests/hf_trainer_probe.py",
         "--path", path, "--ds_config", "configs/zero3.json",
         "--config", "configs/experiments/tiny_llama.yaml", "--out", str(tmp_path), *SETTINGS, *extra,
     ]  # fmt: skip
-    run_ranks(command, tmp_path / f"{path}_extensions", timeout=900)
+    run_launcher(command, tmp_path / f"{path}_extensions")
     return torch.load(tmp_path / f"{path}.pt")
 
 
@@ -105,9 +91,8 @@ def test_the_example_script_prunes_the_embedded_model(tmp_path):
     """examples/hf_trainer.py as the README runs it: its defaults are the embedded model, Austen
     and configs/zero3.json; it ends with a plain HF folder whose zeros are the recorded counts."""
     out = tmp_path / "run"
-    command = [DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", "examples/hf_trainer.py",
-               "--output_dir", str(out), "--max_steps", "2"]  # fmt: skip
-    result = run_ranks(command, tmp_path / "extensions", timeout=1200)
+    command = ["examples/hf_trainer.py", "--output_dir", str(out), "--max_steps", "2"]
+    result = launch_ranks(command, tmp_path, timeout=1200)
     assert "wanda: block 30/30 pruned" in result.stdout  # the default config's warm start ran
     report = json.loads((out / "pruned" / "pst_sparsity.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out / "pruned")

@@ -8,10 +8,10 @@ import subprocess
 import pytest
 import torch
 from conftest import ROOT
-from helpers import half_kept
+from helpers import half_kept, launch_ranks
 from safetensors.torch import load_file, save_file
 from test_cli_errors import one_error_line
-from test_distributed import DEEPSPEED, ds_env, free_port, read_metrics, write_ds_config
+from test_distributed import read_metrics, write_ds_config
 from test_train_in_process import tiny_trainer
 from torch import nn
 from transformers import TrainerCallback
@@ -265,15 +265,14 @@ def test_settings_a_frozen_or_read_mask_cannot_take(overrides, message):
 
 def launch_two_zero3_ranks(tmp_path, run, overrides: list[str]) -> None:
     ds_config = write_ds_config(tmp_path / "ds.json", 3, bf16=False)
-    result = subprocess.run(
-        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-         "--ds_config", str(ds_config), "--config", TINY, f"train.output_dir={run}", "train.export=true",
+    launch_ranks(
+        ["launch/train.py", "--ds_config", str(ds_config), "--config", TINY, f"train.output_dir={run}",
+         "train.export=true",
          "train.max_steps=4", "train.micro_batch_size=2", "data.block_size=32",
          "data.max_validation_blocks=4", "oneshot.calibration_blocks=4", "oneshot.block_columns=16",
          *overrides],
-        cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600,
+        tmp_path, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.mark.slow

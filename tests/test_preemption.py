@@ -12,8 +12,9 @@ import time
 import psutil
 import pytest
 from conftest import ROOT
+from helpers import deepspeed_command, ds_env
 from test_checkpoint import losses_by_step
-from test_distributed import DEEPSPEED, ds_env, free_port, write_ds_config
+from test_distributed import write_ds_config
 
 from pst_ds.callbacks.preemption import SIGNALS, PreemptionNotice
 from pst_ds.train import checkpoint
@@ -98,14 +99,14 @@ def test_a_group_signal_and_the_end_of_the_deepspeed_command_both_checkpoint_and
     }
 
     def command(out, method):
-        return [
-            DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+        return deepspeed_command([
+            "launch/train.py",
             "--ds_config", str(ds_config), "--config", "configs/experiments/tiny_llama.yaml",
             "model.source=path", f"model.path={tiny_model_dir}", f"train.output_dir={out}",
             f"data.train_files=[{small_text}]", "train.max_steps=30", "train.micro_batch_size=2",
             "data.block_size=32", "data.max_validation_blocks=4", "data.validation_fraction=0.05",
             "oneshot.calibration_blocks=4", *method,
-        ]  # fmt: skip
+        ])  # fmt: skip
 
     for way, method in methods.items():
         reference = tmp_path / f"reference_{way}"

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 from conftest import ROOT
-from test_distributed import ds_env, free_port
+from helpers import ds_env, free_port
 from transformers import AutoModelForCausalLM
 
 from pst_ds.io.cache import CACHE_ENV

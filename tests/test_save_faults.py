@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 from conftest import ROOT
-from test_distributed import DEEPSPEED, ds_env, free_port, write_ds_config
+from helpers import launch_ranks
+from test_distributed import write_ds_config
 
 from pst_ds.train import checkpoint
 
@@ -57,16 +58,15 @@ def test_a_save_failing_on_one_rank_stops_both_ranks_with_one_error(tmp_path, sm
     left waiting in a collective), exit 1, and step 2 stays the last checkpoint."""
     root = tmp_path / "run" / "checkpoints"
     command = [
-        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/save_fault_probe.py",
+        "tests/save_fault_probe.py",
         "--ds_config", str(write_ds_config(tmp_path / "ds.json", 3, bf16=False)),
         "--config", "configs/experiments/tiny_llama.yaml", f"train.output_dir={tmp_path / 'run'}",
         "train.max_steps=4", f"data.train_files=[{small_text}]", "data.block_size=32", "train.save_every=2",
         "train.micro_batch_size=2", "data.max_validation_blocks=4", "data.validation_fraction=0.05",
     ]  # fmt: skip
-    env = {**ds_env(), "FULL_AT": checkpoint.tag_for(4), "FULL_ON_RANK": "1", "FULL_AFTER": str(after)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {"FULL_AT": checkpoint.tag_for(4), "FULL_ON_RANK": "1", "FULL_AFTER": str(after)}
+    result = launch_ranks(command, tmp_path, timeout=600, env=env, expect=1)
     output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
     errors = [line for line in output.splitlines() if "pst-ds: error:" in line]
     assert (
         len(errors) == 1

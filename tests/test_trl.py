@@ -7,10 +7,8 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_RUN
+from helpers import TINY_RUN, launch_ranks
 from safetensors.torch import load_file
-from test_distributed import DEEPSPEED, free_port
-from test_hf_trainer import run_ranks
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from pst_ds.config import ModelConfig
@@ -37,10 +35,10 @@ def chat_model_dir(tmp_path_factory):
 @pytest.mark.parametrize("method", ["pst", "masked_lora"])
 def test_trl_sft_trainer_prunes_with_the_callback(tmp_path, chat_model_dir, method):
     command = [
-        DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/trl_probe.py",
+        "tests/trl_probe.py",
         "--model", str(chat_model_dir), "--out", str(tmp_path), "--method", method,
     ]  # fmt: skip
-    run_ranks(command, tmp_path / "extensions", timeout=900)
+    launch_ranks(command, tmp_path)
     probe = json.loads((tmp_path / "probe.json").read_text())
     losses = probe["losses"]
     assert len(losses) == 6 and all(loss == loss for loss in losses)
