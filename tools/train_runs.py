@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def free_port() -> int:
+    """A port for a launcher's rendezvous, free now and outside the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) may be handed out again, as the source port of
+    another job's gloo connection, before the launched rank 0 binds it (EADDRINUSE, seen in CI).
+    Ports below the ephemeral range are only ever taken by an explicit bind; each xdist worker
+    draws from its own residue class so two workers never pick the same one."""
+    ephemeral = _ephemeral_ports()
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    candidates = [p for p in range(20000 + worker, 32768, workers) if p not in ephemeral]
+    for port in random.sample(candidates, len(candidates)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def train_once(
@@ -23,11 +54,8 @@ def train_once(
         *overrides,
     ]  # fmt: skip
     launcher = str(Path(sys.executable).with_name("deepspeed"))
-    with socket.socket() as probe:  # a free port: other jobs on this machine may hold the default
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     command = [
-        launcher, "--num_gpus", str(num_gpus), "--master_port", str(port),
+        launcher, "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
         str(ROOT / "launch/train.py"), *arguments,
     ]  # fmt: skip
     print(f"{Path(sys.argv[0]).stem}:", " ".join(command), file=sys.stderr, flush=True)
