@@ -5,6 +5,7 @@ and what prepare refuses. The launched, ZeRO-3 equality with pst-ds's loop: test
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from transformers import Trainer, TrainingArguments
 
 from pst_ds.config import ConfigError
@@ -122,8 +123,6 @@ def test_a_trainer_whose_overridden_internals_differ_is_refused_with_the_support
 
 
 def test_the_supported_transformers_range_is_setup_pys():
-    from conftest import ROOT
-
     from pst_ds.integrations.hf import SUPPORTED_TRANSFORMERS
 
     assert f'"transformers{SUPPORTED_TRANSFORMERS}"' in (ROOT / "setup.py").read_text()

@@ -26,20 +26,21 @@ def free_port() -> int:
 
     A port the kernel hands out (bind to 0) may be handed out again, as the source port of
     another job's gloo connection, before the launched rank 0 binds it (EADDRINUSE, seen in CI).
-    Ports below the ephemeral range are only ever taken by an explicit bind; each xdist worker
-    draws from its own residue class so two workers never pick the same one."""
+    Ports outside that range are only ever taken by an explicit bind; each xdist worker draws
+    from its own residue class so two workers never pick the same one. A machine whose ephemeral
+    range covers them all gets the kernel's choice."""
     ephemeral = _ephemeral_ports()
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
-    candidates = [p for p in range(20000 + worker, 32768, workers) if p not in ephemeral]
-    for port in random.sample(candidates, len(candidates)):
+    candidates = [p for p in range(20000 + worker, 65536, workers) if p not in ephemeral]
+    for port in [*random.sample(candidates, len(candidates)), 0]:
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError("no free port outside the ephemeral range")
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def train_once(
