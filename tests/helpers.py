@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from tools.train_runs import free_port  # the tools and the tests launch alike
+# The tools and the tests launch alike.
+from tools.train_runs import DEEPSPEED, deepspeed_command, free_port  # noqa: F401  (tests import them here)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def ds_env() -> dict:
@@ -65,11 +64,6 @@ def run_launcher(
     built = sorted(p.name for p in extensions.glob("*")) if extensions.exists() else []
     assert built == [], f"JIT-compiled at run time: {built}"
     return result
-
-
-def deepspeed_command(script_args: list[str], ranks: int = 2) -> list[str]:
-    """``deepspeed --num_gpus RANKS --master_port FREE script args...``."""
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
 
 
 def launch_ranks(

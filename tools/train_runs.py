@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def _ephemeral_ports() -> range:
@@ -33,7 +34,8 @@ def free_port() -> int:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
     candidates = [p for p in range(20000 + worker, 65536, workers) if p not in ephemeral]
-    for port in [*random.sample(candidates, len(candidates)), 0]:
+    random.shuffle(candidates)
+    for port in [*candidates, 0]:
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -41,6 +43,11 @@ def free_port() -> int:
                 continue
             return sock.getsockname()[1]
     raise RuntimeError("no free port")
+
+
+def deepspeed_command(script_args: list[str], ranks: int = 2) -> list[str]:
+    """``deepspeed --num_gpus RANKS --master_port FREE script args...``."""
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), *script_args]
 
 
 def train_once(
@@ -54,11 +61,7 @@ def train_once(
         "train.export=false",  # the tools read summary.json; a checkpoint and export per run is waste
         *overrides,
     ]  # fmt: skip
-    launcher = str(Path(sys.executable).with_name("deepspeed"))
-    command = [
-        launcher, "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
-        str(ROOT / "launch/train.py"), *arguments,
-    ]  # fmt: skip
+    command = deepspeed_command([str(ROOT / "launch/train.py"), *arguments], num_gpus)
     print(f"{Path(sys.argv[0]).stem}:", " ".join(command), file=sys.stderr, flush=True)
     with log.open("w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
